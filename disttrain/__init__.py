@@ -1,0 +1,3 @@
+"""disttrain: train over slow links by exchanging low-rank projections of gradients."""
+
+__version__ = "0.1.0"

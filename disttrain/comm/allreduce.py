@@ -1,0 +1,202 @@
+"""CompressedAllReduce: average a model's gradients by exchanging only compressed payloads."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+from disttrain.comm.bucket import Bucket, PendingExchange, plan_buckets
+from disttrain.comm.link import LinkEmulator, ring_wire_bytes
+from disttrain.compress.base import Compressor
+from disttrain.compress.factory import CompressionSpec, build_compressor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_CAP_BYTES = 4 * 1024 * 1024
+
+
+class CollectiveFailed(RuntimeError):
+    """A collective of this step failed; no state of the step was kept."""
+
+
+class CompressedAllReduce:
+    """Buckets parameters, encodes their gradients, runs one collective per bucket, decodes.
+
+    Per step: ``start_step(step)``, backward (with ``overlap`` the bucket collectives launch
+    from gradient hooks while backward still runs), ``finish()``, then either
+    ``write_gradients()`` for a standard optimizer or ``coefficients(p)`` for ProjectedAdamW,
+    then ``commit()`` once the update is applied, or ``rollback()`` to forget the step.
+    Buckets launch strictly in index order, so every rank issues its collectives in the
+    same order whatever order its gradients arrive in.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        spec: CompressionSpec,
+        seed: int,
+        group: dist.ProcessGroup | None = None,
+        bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
+        overlap: bool = True,
+        link: LinkEmulator | None = None,
+    ):
+        spec.validate()
+        self.params = [p for p in params if p.requires_grad]
+        self._index_of = {id(p): i for i, p in enumerate(self.params)}
+        self.spec = spec
+        self.group = group
+        self.link = link
+        self.compressors: list[Compressor] = [
+            build_compressor(spec, p.shape, index, seed) for index, p in enumerate(self.params)
+        ]
+        _check_rank_fits(spec, self.params)
+        self.buckets: list[Bucket] = plan_buckets(self.compressors, bucket_cap_bytes)
+        self._bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket.param_indices}
+        self.dense_bytes_per_step = sum(p.numel() * 4 for p in self.params)
+        self.payload_bytes_last_step = 0
+        self.step = 0
+        self._armed = False
+        self._ready = [0] * len(self.buckets)
+        self._pending: list[tuple[PendingExchange, float] | None] = [None] * len(self.buckets)
+        self._next_launch = 0
+        self._means: list[torch.Tensor | None] = [None] * len(self.params)
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._hook_for(i)) for i, p in enumerate(self.params)
+        ] if overlap else []
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def compressed_payload_bytes(self) -> int:
+        """Bytes this worker puts into collectives per step, not counting basis refreshes."""
+        return sum(bucket.payload_bytes for bucket in self.buckets)
+
+    def _hook_for(self, index: int):
+        def hook(_: torch.Tensor) -> None:
+            if self._armed:
+                bucket = self._bucket_of[index]
+                self._ready[bucket] += 1
+                self._launch_ready()
+
+        return hook
+
+    def start_step(self, step: int) -> None:
+        """Prepare step ``step`` (its index picks seeded bases and refresh times)."""
+        self.step = step
+        for compressor in self.compressors:
+            compressor.begin_step(step)
+        self._ready = [0] * len(self.buckets)
+        self._pending = [None] * len(self.buckets)
+        self._next_launch = 0
+        self._means = [None] * len(self.params)
+        self.payload_bytes_last_step = 0
+        self._armed = True
+
+    def _launch_ready(self, force: bool = False) -> None:
+        while self._next_launch < len(self.buckets):
+            bucket = self.buckets[self._next_launch]
+            if not force and self._ready[self._next_launch] < len(bucket.param_indices):
+                return
+            self._launch(self._next_launch)
+            self._next_launch += 1
+
+    def _gradient(self, index: int) -> torch.Tensor:
+        grad = self.params[index].grad
+        return torch.zeros_like(self.params[index]) if grad is None else grad
+
+    def _pace(self, kind: str, payload_bytes: int) -> float:
+        if self.link is None:
+            return 0.0
+        return self.link.reserve(ring_wire_bytes(kind, payload_bytes, self.world_size))
+
+    def _launch(self, b: int) -> None:
+        bucket = self.buckets[b]
+        grads = [self._gradient(i) for i in bucket.param_indices]
+        basis_bytes = bucket.refresh_bases(grads, self.step, self.group)
+        if basis_bytes:
+            self.payload_bytes_last_step += basis_bytes
+            if self.link is not None:
+                LinkEmulator.wait_until(self._pace("broadcast", basis_bytes))
+        pending = bucket.launch(bucket.encode(grads), self.group)
+        self.payload_bytes_last_step += pending.payload_bytes
+        self._pending[b] = (pending, self._pace(bucket.collective, pending.payload_bytes))
+
+    def finish(self) -> None:
+        """Launch what backward did not, wait for every collective, and decode the means."""
+        try:
+            self._launch_ready(force=True)
+            for bucket, entry in zip(self.buckets, self._pending):
+                assert entry is not None
+                pending, deadline = entry
+                if pending.work is not None:
+                    pending.work.wait()
+                LinkEmulator.wait_until(deadline)
+                means = bucket.mean_coefficients(pending.output, self.world_size)
+                for index, mean in zip(bucket.param_indices, means):
+                    self._means[index] = mean
+        except RuntimeError as error:
+            self.rollback()
+            raise CollectiveFailed(f"step {self.step}: a collective failed ({error}); the step was rolled back") from error
+        finally:
+            self._armed = False
+
+    def coefficients(self, param: torch.nn.Parameter) -> tuple[torch.Tensor, Compressor] | None:
+        """The averaged coefficients of ``param`` this step and the compressor that reads them."""
+        index = self._index_of.get(id(param))
+        if index is None or self._means[index] is None:
+            return None
+        return self._means[index], self.compressors[index]
+
+    def write_gradients(self) -> None:
+        """Replace every parameter's gradient with the reconstructed average."""
+        for p, compressor, mean in zip(self.params, self.compressors, self._means):
+            if mean is None:
+                raise RuntimeError("write_gradients() called before finish()")
+            p.grad = compressor.reconstruct(mean).to(p.dtype)
+
+    def commit(self) -> None:
+        for compressor in self.compressors:
+            compressor.commit()
+
+    def rollback(self) -> None:
+        for compressor in self.compressors:
+            compressor.rollback()
+        self._armed = False
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"compressors": [c.state_dict() for c in self.compressors]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["compressors"]
+        if len(saved) != len(self.compressors):
+            raise ValueError(
+                f"checkpoint has compressor state for {len(saved)} parameters, the model has "
+                f"{len(self.compressors)}: it was written for a different model"
+            )
+        for compressor, entry in zip(self.compressors, saved):
+            compressor.load_state_dict(entry)
+
+    def state_bytes(self) -> int:
+        return sum(c.state_bytes() for c in self.compressors)
+
+
+def _check_rank_fits(spec: CompressionSpec, params: list[torch.nn.Parameter]) -> None:
+    """A rank that leaves every matrix dense is a mistake worth naming."""
+    matrices = [p for p in params if p.dim() >= 2 and p.numel() >= spec.dense_threshold]
+    if spec.basis == "dense" or not matrices:
+        return
+    if not any(spec.compresses(p.shape) for p in matrices):
+        widest = max(min(p.shape[0], p[0].numel()) for p in matrices)
+        raise ValueError(
+            f"rank {spec.rank} is >= min(m, n) of every weight matrix (the largest is {widest}), "
+            f"so nothing would be compressed; choose a rank below {widest}"
+        )

@@ -1,0 +1,122 @@
+"""A bucket: the compressed payloads of several parameters, moved by one collective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from disttrain.compress.base import Compressor
+
+
+@dataclass
+class PendingExchange:
+    """A launched collective and the buffers it fills."""
+
+    work: dist.Work | None
+    output: torch.Tensor
+    payload_bytes: int
+
+
+def _group_src(group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_global_rank(group, 0)
+
+
+class Bucket:
+    """Packs payloads into one flat tensor; all_reduce when they are summable, else all_gather.
+
+    Summable buckets hold wire payloads of one dtype, laid end to end. Gather buckets hold raw
+    bytes (int8 payloads with their scales, fp32 dense payloads viewed as bytes) and every
+    worker's copy is decoded separately, in rank order, so that all workers sum identically.
+    """
+
+    def __init__(self, param_indices: list[int], compressors: list[Compressor]):
+        self.param_indices = param_indices
+        self.compressors = compressors
+        dtypes = {c.wire_dtype for c in compressors}
+        self.summable = all(c.summable for c in compressors) and len(dtypes) == 1
+        self.dtype = dtypes.pop() if self.summable else torch.uint8
+        sizes = [c.wire_numel() if self.summable else c.wire_bytes() for c in compressors]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+    @property
+    def numel(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def collective(self) -> str:
+        return "all_reduce" if self.summable else "all_gather"
+
+    def refresh_bases(self, grads: list[torch.Tensor], step: int, group: dist.ProcessGroup | None) -> int:
+        """Broadcast freshly computed data-dependent bases from rank 0; returns bytes sent."""
+        due = [i for i, c in enumerate(self.compressors) if c.needs_shared_basis(step)]
+        if not due:
+            return 0
+        sizes = [self.compressors[i].basis_numel() for i in due]
+        if dist.get_rank(group) == 0:
+            flat = torch.cat([self.compressors[i].propose_basis(grads[i]).reshape(-1) for i in due])
+        else:
+            flat = torch.empty(sum(sizes), dtype=torch.float32)
+        dist.broadcast(flat, src=_group_src(group), group=group)
+        for i, piece in zip(due, flat.split(sizes)):
+            self.compressors[i].set_basis(piece)
+        return flat.numel() * flat.element_size()
+
+    def encode(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        wires = [c.encode(g) for c, g in zip(self.compressors, grads)]
+        if not self.summable:
+            wires = [w.contiguous().view(torch.uint8).reshape(-1) for w in wires]
+        return torch.cat(wires)
+
+    def launch(self, flat: torch.Tensor, group: dist.ProcessGroup | None) -> PendingExchange:
+        """Start the one collective of this bucket (asynchronously)."""
+        world = dist.get_world_size(group)
+        if self.summable:
+            work = dist.all_reduce(flat, group=group, async_op=True)
+            return PendingExchange(work, flat, self.payload_bytes)
+        output = torch.empty(world * flat.numel(), dtype=torch.uint8)
+        work = dist.all_gather_into_tensor(output, flat, group=group, async_op=True)
+        return PendingExchange(work, output, self.payload_bytes)
+
+    def mean_coefficients(self, output: torch.Tensor, world_size: int) -> list[torch.Tensor]:
+        """The workers' average coefficients for each parameter, from the collective's output."""
+        if self.summable:
+            return [
+                c.decode(output[lo:hi]) / world_size
+                for c, lo, hi in zip(self.compressors, self.offsets, self.offsets[1:])
+            ]
+        per_worker = output.reshape(world_size, -1)
+        means = []
+        for c, lo, hi in zip(self.compressors, self.offsets, self.offsets[1:]):
+            total = c.decode(_as_wire(per_worker[0, lo:hi], c))
+            for worker in range(1, world_size):
+                total = total + c.decode(_as_wire(per_worker[worker, lo:hi], c))
+            means.append(total / world_size)
+        return means
+
+
+def _as_wire(raw: torch.Tensor, compressor: Compressor) -> torch.Tensor:
+    """Bytes of one payload back into the compressor's wire dtype."""
+    return raw.clone().view(compressor.wire_dtype)
+
+
+def plan_buckets(compressors: list[Compressor], cap_bytes: int) -> list[Bucket]:
+    """Groups parameters in reverse order (the order backward produces gradients) up to a cap."""
+    buckets: list[Bucket] = []
+    indices: list[int] = []
+    size = 0
+    for index in reversed(range(len(compressors))):
+        wire = compressors[index].wire_bytes()
+        if indices and size + wire > cap_bytes:
+            buckets.append(Bucket(indices, [compressors[i] for i in indices]))
+            indices, size = [], 0
+        indices.append(index)
+        size += wire
+    if indices:
+        buckets.append(Bucket(indices, [compressors[i] for i in indices]))
+    return buckets

@@ -1,0 +1,148 @@
+"""The Compressor protocol that the communication layer and the optimizers talk to."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+class Compressor(ABC):
+    """Encodes one parameter's gradient into a flat wire payload, and decodes it back.
+
+    Three spaces: the gradient (the parameter's shape), the coefficients (float32, e.g. the
+    r x n projection R = P^T G), and the wire (a flat tensor that one collective moves).
+    When ``summable`` is true, wire payloads of different workers may be summed elementwise
+    (all_reduce); otherwise every payload is decoded on its own (all_gather).
+    """
+
+    summable: bool = True
+
+    @property
+    @abstractmethod
+    def coeff_shape(self) -> tuple[int, ...]:
+        """Shape of the coefficients."""
+
+    @property
+    @abstractmethod
+    def wire_dtype(self) -> torch.dtype:
+        """dtype of the flat wire payload."""
+
+    @abstractmethod
+    def wire_numel(self) -> int:
+        """Number of wire elements per encoded gradient."""
+
+    @abstractmethod
+    def encode(self, grad: torch.Tensor) -> torch.Tensor:
+        """Gradient -> flat wire payload."""
+
+    @abstractmethod
+    def decode(self, wire: torch.Tensor) -> torch.Tensor:
+        """Flat wire payload (or a sum of summable payloads) -> float32 coefficients."""
+
+    @abstractmethod
+    def reconstruct(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Coefficients -> a full-size tensor in the parameter's shape."""
+
+    def coeff_numel(self) -> int:
+        numel = 1
+        for size in self.coeff_shape:
+            numel *= size
+        return numel
+
+    def wire_bytes(self) -> int:
+        return self.wire_numel() * torch.empty((), dtype=self.wire_dtype).element_size()
+
+    def round_trip(self, grad: torch.Tensor) -> torch.Tensor:
+        """What the receiver rebuilds from this worker's gradient alone."""
+        return self.reconstruct(self.decode(self.encode(grad)))
+
+    # Basis schedule. Compressors with no data-dependent basis keep these defaults.
+    def begin_step(self, step: int) -> None:
+        """Called before encoding step ``step``; seeded bases pick their refresh index here."""
+
+    def needs_shared_basis(self, step: int) -> bool:
+        """True when a data-dependent basis must be computed by one worker and broadcast."""
+        return False
+
+    def propose_basis(self, grad: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no data-dependent basis")
+
+    def basis_numel(self) -> int:
+        return 0
+
+    def set_basis(self, basis: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no data-dependent basis")
+
+    # Transactional state (error feedback): a step's state changes only land on commit().
+    def commit(self) -> None:
+        """Make the state computed by the last encode() current."""
+
+    def rollback(self) -> None:
+        """Forget the state computed by the last encode()."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict() returned."""
+
+    def state_bytes(self) -> int:
+        """Bytes of persistent state this compressor holds (bases, residuals)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values() if torch.is_tensor(t))
+
+
+class CompressorWrapper(Compressor):
+    """Delegates everything to ``inner``; subclasses override only what they change."""
+
+    def __init__(self, inner: Compressor):
+        self.inner = inner
+        self.summable = inner.summable
+
+    @property
+    def coeff_shape(self) -> tuple[int, ...]:
+        return self.inner.coeff_shape
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        return self.inner.wire_dtype
+
+    def wire_numel(self) -> int:
+        return self.inner.wire_numel()
+
+    def encode(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode(grad)
+
+    def decode(self, wire: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(wire)
+
+    def reconstruct(self, coeffs: torch.Tensor) -> torch.Tensor:
+        return self.inner.reconstruct(coeffs)
+
+    def begin_step(self, step: int) -> None:
+        self.inner.begin_step(step)
+
+    def needs_shared_basis(self, step: int) -> bool:
+        return self.inner.needs_shared_basis(step)
+
+    def propose_basis(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.inner.propose_basis(grad)
+
+    def basis_numel(self) -> int:
+        return self.inner.basis_numel()
+
+    def set_basis(self, basis: torch.Tensor) -> None:
+        self.inner.set_basis(basis)
+
+    def commit(self) -> None:
+        self.inner.commit()
+
+    def rollback(self) -> None:
+        self.inner.rollback()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)

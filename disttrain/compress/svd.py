@@ -1,0 +1,54 @@
+"""GaLore's basis: the top-r singular vectors of a gradient, refreshed every T steps.
+
+Replicas must hold the same basis bit for bit, and an SVD of different local gradients (or
+even of the same one on different hardware) does not guarantee that. So one worker (rank 0)
+computes the basis from its own gradient plus residual, and the communication layer
+broadcasts it; the compressor only proposes and accepts bases.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from disttrain import kernels
+from disttrain.compress.lowrank import Basis
+
+
+class SVDBasis(Basis):
+    """Left singular vectors U[:, :r] of the oriented (d x L) gradient."""
+
+    def __init__(self, reduced_dim: int, rank: int, refresh_every: int = 200):
+        super().__init__(reduced_dim, rank)
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+        self.refresh_every = refresh_every
+        self.matrix: torch.Tensor | None = None
+
+    def needs_shared_basis(self, step: int) -> bool:
+        return self.matrix is None or step % self.refresh_every == 0
+
+    def propose(self, oriented: torch.Tensor) -> torch.Tensor:
+        u, _, _ = torch.linalg.svd(oriented.float(), full_matrices=False)
+        return u[:, : self.rank].contiguous()
+
+    def set(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix.float().contiguous()
+
+    def _require(self) -> torch.Tensor:
+        if self.matrix is None:
+            raise RuntimeError("the SVD basis has not been set yet: call set_basis() at the first step")
+        return self.matrix
+
+    def project(self, oriented: torch.Tensor) -> torch.Tensor:
+        return kernels.project(oriented, self._require(), "left")
+
+    def reconstruct(self, coeffs: torch.Tensor) -> torch.Tensor:
+        return kernels.reconstruct(coeffs, self._require(), "left")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.matrix is None else {"matrix": self.matrix.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.matrix = state["matrix"].float().clone() if "matrix" in state else None

@@ -1,0 +1,1 @@
+"""Training: config dataclasses, the trainer loop, checkpoints, and the replica check."""

@@ -1,0 +1,140 @@
+"""Config dataclasses for a training run, and their command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from disttrain.data.corpus import DataConfig
+from disttrain.methods import DEFAULT_METHOD
+from disttrain.models.gpt import GPTConfig
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    galore_scale: float = 1.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run. Every worker must start with the same one."""
+
+    method: str = DEFAULT_METHOD
+    rank: int | None = None  # overrides the method's projection rank
+    refresh_every: int | None = None  # overrides the method's basis refresh interval
+    steps: int = 300
+    seed: int = 0
+    eval_every: int = 50
+    digest_every: int = 25
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    link_mbit: float | None = None  # emulate a slow uplink by pacing collectives
+    overlap: bool = True
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> None:
+        from disttrain.methods import get_method
+
+        get_method(self.method)
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.eval_every < 1 or self.digest_every < 1:
+            raise ValueError("eval_every and digest_every must be >= 1")
+        if self.data.block_size > self.model.block_size:
+            raise ValueError(
+                f"data.block_size ({self.data.block_size}) exceeds model.block_size ({self.model.block_size})"
+            )
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that must agree across workers."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Builds a (nested) config dataclass from a dict, naming any unknown key."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown config key {key!r} for {cls.__name__}; known keys: {', '.join(known)}")
+        default = known[key].default_factory() if known[key].default_factory is not dataclasses.MISSING else None
+        kwargs[key] = from_dict(type(default), value) if dataclasses.is_dataclass(default) else value
+    return cls(**kwargs)
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A TOML or JSON file holding (some of) TrainConfig's fields."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} not found")
+    text = file.read_text()
+    return tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
+
+
+def _flag_type(value: Any, annotation: str):
+    if isinstance(value, bool):
+        return lambda s: s.lower() in ("1", "true", "yes", "on")
+    if "float" in annotation:
+        return float
+    if "int" in annotation:
+        return int
+    return str
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig, prefix: str = "") -> None:
+    """One --flag per config field; nested dataclasses become --model.n_layer and so on."""
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            add_config_flags(parser, type(value), f"{prefix}{f.name}.")
+            continue
+        parser.add_argument(
+            f"--{prefix}{f.name}",
+            dest=f"cfg:{prefix}{f.name}",
+            metavar=f.name.upper(),
+            type=_flag_type(value, str(f.type)),
+            default=None,
+            help=f"(default: {value})",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the --config file, then explicit flags."""
+    values: dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
+    for key, value in vars(args).items():
+        if key.startswith("cfg:") and value is not None:
+            *parents, leaf = key[4:].split(".")
+            node = values
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = value
+    config = from_dict(TrainConfig, values)
+    config.validate()
+    return config

@@ -1,0 +1,166 @@
+"""Engines: how one training step's gradients are exchanged and applied.
+
+DisttrainEngine runs disttrain's CompressedAllReduce. DDPEngine wraps the model in torch DDP
+with a comm hook: torch's powerSGD_hook (the baseline) or disttrain_hook.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+from torch.nn.parallel import DistributedDataParallel
+
+from disttrain.comm.allreduce import CompressedAllReduce
+from disttrain.comm.ddp_hook import DisttrainHookState, disttrain_hook
+from disttrain.comm.link import LinkEmulator
+from disttrain.methods import Method
+from disttrain.optim.projected_adamw import ProjectedAdamW
+from disttrain.train.config import TrainConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Engine(Protocol):
+    optimizer: torch.optim.Optimizer
+    payload_bytes_last_step: int
+    dense_bytes_per_step: int
+
+    def step(self, step: int, batch: Batch) -> float:
+        """Forward, backward, exchange and update; returns this worker's training loss."""
+
+    def state_dict(self) -> dict:
+        """Per-worker exchange state (error-feedback residuals, bases)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
+
+
+def _adamw(params, config: TrainConfig) -> torch.optim.AdamW:
+    o = config.optim
+    return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+
+
+class DisttrainEngine:
+    """CompressedAllReduce feeding torch AdamW (reconstruct) or ProjectedAdamW."""
+
+    def __init__(self, model: torch.nn.Module, method: Method, config: TrainConfig, group=None):
+        self.model = model
+        link = LinkEmulator(config.link_mbit) if config.link_mbit else None
+        self.reducer = CompressedAllReduce(
+            model.parameters(), method.compression, config.seed, group, overlap=config.overlap, link=link
+        )
+        self.projected = method.optimizer == "projected_adamw"
+        if self.projected:
+            o = config.optim
+            self.optimizer: torch.optim.Optimizer = ProjectedAdamW(
+                model.parameters(),
+                lr=o.lr,
+                betas=(o.beta1, o.beta2),
+                weight_decay=o.weight_decay,
+                scale=o.galore_scale,
+                source=self.reducer,
+            )
+        else:
+            self.optimizer = _adamw(model.parameters(), config)
+        self.dense_bytes_per_step = self.reducer.dense_bytes_per_step
+
+    @property
+    def payload_bytes_last_step(self) -> int:
+        return self.reducer.payload_bytes_last_step
+
+    def step(self, step: int, batch: Batch) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.reducer.start_step(step)
+        _, loss = self.model(*batch)
+        loss.backward()
+        self.reducer.finish()
+        if not self.projected:
+            self.reducer.write_gradients()
+        self.optimizer.step()
+        self.reducer.commit()
+        return loss.item()
+
+    def state_dict(self) -> dict:
+        return self.reducer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reducer.load_state_dict(state)
+
+
+def powersgd_payload_bytes(model: torch.nn.Module, state: powersgd.PowerSGDState) -> int:
+    """Bytes powerSGD_hook puts into its collectives this step, by its own compression rule."""
+    total = 0
+    compressing = state.iter >= state.start_powerSGD_iter
+    for p in model.parameters():
+        if compressing and p.dim() >= 2:
+            rows, cols = p.shape[0], p[0].numel()
+            worth, _, compressed = powersgd._should_compress(
+                rows, cols, state.matrix_approximation_rank, state.min_compression_rate
+            )
+            if worth:
+                total += compressed * 4
+                continue
+        total += p.numel() * 4
+    return total
+
+
+class DDPEngine:
+    """torch DDP with one bucket and a comm hook: powerSGD_hook or disttrain_hook."""
+
+    def __init__(self, model: torch.nn.Module, method: Method, config: TrainConfig, group=None):
+        self.model = model
+        self.dense_bytes_per_step = sum(p.numel() * 4 for p in model.parameters())
+        # One bucket: several powerSGD buckets in flight can issue collectives in different
+        # orders on different ranks over a slow link (see DESIGN.md).
+        self.ddp = DistributedDataParallel(model, process_group=group, bucket_cap_mb=1024)
+        self.optimizer = _adamw(self.ddp.parameters(), config)
+        self.payload_bytes_last_step = 0
+        if method.engine == "ddp_powersgd":
+            self.powersgd_state = powersgd.PowerSGDState(
+                process_group=group,
+                matrix_approximation_rank=method.powersgd_rank,
+                start_powerSGD_iter=2,
+                random_seed=config.seed,
+            )
+            self.ddp.register_comm_hook(self.powersgd_state, powersgd.powerSGD_hook)
+            self.hook_state = None
+        else:
+            self.hook_state = DisttrainHookState(model.parameters(), method.compression, config.seed, group)
+            self.ddp.register_comm_hook(self.hook_state, disttrain_hook)
+
+    def step(self, step: int, batch: Batch) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.hook_state is None:
+            self.payload_bytes_last_step = powersgd_payload_bytes(self.model, self.powersgd_state)
+        else:
+            before = self.hook_state.payload_bytes
+        _, loss = self.ddp(*batch)
+        loss.backward()
+        if self.hook_state is not None:
+            self.payload_bytes_last_step = self.hook_state.payload_bytes - before
+        self.optimizer.step()
+        return loss.item()
+
+    def state_dict(self) -> dict:
+        if self.hook_state is None:
+            return {}
+        return {"compressors": [c.state_dict() for c in self.hook_state.compressors], "step": self.hook_state.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.hook_state is not None and state:
+            for compressor, entry in zip(self.hook_state.compressors, state["compressors"]):
+                compressor.load_state_dict(entry)
+            self.hook_state.step = state["step"]
+
+
+def build_engine(model: torch.nn.Module, method: Method, config: TrainConfig, group=None) -> Engine:
+    if method.engine == "disttrain":
+        return DisttrainEngine(model, method, config, group)
+    if method.engine in ("ddp_powersgd", "ddp_hook"):
+        if not dist.is_initialized():
+            raise RuntimeError(f"method {method.name!r} needs an initialised process group (torch DDP)")
+        return DDPEngine(model, method, config, group)
+    raise ValueError(f"unknown engine {method.engine!r} in method {method.name!r}")

@@ -1,0 +1,64 @@
+"""The replica check: compare a digest of the parameters across workers and repair from rank 0."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def parameter_digest(module: torch.nn.Module) -> bytes:
+    """SHA-256 over the exact bytes of every parameter, in registration order."""
+    digest = hashlib.sha256()
+    for p in module.parameters():
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.digest()
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    if optimizer is None:
+        return []
+    tensors = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            tensors.extend(state[key] for key in sorted(state) if torch.is_tensor(state[key]))
+    return tensors
+
+
+def broadcast_from_rank0(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, group: dist.ProcessGroup | None = None
+) -> None:
+    """Overwrite parameters (and optimizer state) on every worker with rank 0's."""
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for tensor in [p.data for p in module.parameters()] + _state_tensors(optimizer):
+            dist.broadcast(tensor, src=src, group=group)
+
+
+def check_replicas(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    group: dist.ProcessGroup | None = None,
+    step: int | None = None,
+) -> bool:
+    """True when every worker holds bit-identical parameters; otherwise log and repair."""
+    mine = torch.frombuffer(bytearray(parameter_digest(module)), dtype=torch.uint8)
+    world = dist.get_world_size(group)
+    gathered = torch.empty(world * mine.numel(), dtype=torch.uint8)
+    dist.all_gather_into_tensor(gathered, mine, group=group)
+    digests = gathered.reshape(world, -1)
+    diverged = [r for r in range(world) if not torch.equal(digests[r], digests[0])]
+    if not diverged:
+        return True
+    log.error(
+        "replica check at step %s: ranks %s hold parameters that differ from rank 0; repairing from rank 0",
+        step,
+        diverged,
+    )
+    broadcast_from_rank0(module, optimizer, group)
+    return False

@@ -1,0 +1,1 @@
+"""Worker entry point for torchrun (``python -m disttrain.launcher``) and a local multi-process launcher."""
