@@ -10,6 +10,10 @@ import torch.distributed as dist
 from disttrain.compress.base import Compressor
 
 
+# torch 2.13 renamed all_gather_into_tensor; keep working on the older releases users run.
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @dataclass
 class PendingExchange:
     """A launched collective and the buffers it fills."""
@@ -80,7 +84,7 @@ class Bucket:
             work = dist.all_reduce(flat, group=group, async_op=True)
             return PendingExchange(work, flat, self.payload_bytes)
         output = torch.empty(world * flat.numel(), dtype=torch.uint8)
-        work = dist.all_gather_into_tensor(output, flat, group=group, async_op=True)
+        work = all_gather_flat(output, flat, group=group, async_op=True)
         return PendingExchange(work, output, self.payload_bytes)
 
     def mean_coefficients(self, output: torch.Tensor, world_size: int) -> list[torch.Tensor]:

@@ -6,9 +6,8 @@
 Each DDP bucket costs one collective; error feedback lives in the state.
 """
 
-from __future__ import annotations
-
-from typing import Iterable
+# No `from __future__ import annotations` here: DDP checks the hook's annotations at runtime.
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,9 +23,9 @@ class DisttrainHookState:
     def __init__(
         self,
         params: Iterable[torch.nn.Parameter],
-        spec: CompressionSpec | None = None,
+        spec: Optional[CompressionSpec] = None,
         seed: int = 0,
-        process_group: dist.ProcessGroup | None = None,
+        process_group: Optional[dist.ProcessGroup] = None,
     ):
         self.spec = spec or CompressionSpec()
         self.spec.validate()

@@ -8,6 +8,8 @@ import logging
 import torch
 import torch.distributed as dist
 
+from disttrain.comm.bucket import all_gather_flat
+
 log = logging.getLogger(__name__)
 
 
@@ -50,7 +52,7 @@ def check_replicas(
     mine = torch.frombuffer(bytearray(parameter_digest(module)), dtype=torch.uint8)
     world = dist.get_world_size(group)
     gathered = torch.empty(world * mine.numel(), dtype=torch.uint8)
-    dist.all_gather_into_tensor(gathered, mine, group=group)
+    all_gather_flat(gathered, mine, group=group)
     digests = gathered.reshape(world, -1)
     diverged = [r for r in range(world) if not torch.equal(digests[r], digests[0])]
     if not diverged:
