@@ -8,6 +8,17 @@ from typing import Any
 import torch
 
 
+def check_gradient(grad: torch.Tensor, shape: torch.Size | None = None) -> None:
+    """Names the problem when a gradient cannot be compressed."""
+    if not grad.is_floating_point():
+        raise TypeError(
+            f"gradient has dtype {grad.dtype}: disttrain compresses floating-point gradients only; "
+            "keep trainable parameters in a float dtype"
+        )
+    if shape is not None and grad.shape != shape:
+        raise ValueError(f"gradient has shape {tuple(grad.shape)}, but the compressor was built for {tuple(shape)}")
+
+
 class Compressor(ABC):
     """Encodes one parameter's gradient into a flat wire payload, and decodes it back.
 

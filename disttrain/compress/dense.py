@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from disttrain.compress.base import Compressor
+from disttrain.compress.base import Compressor, check_gradient
 
 
 class DenseCompressor(Compressor):
@@ -26,6 +26,7 @@ class DenseCompressor(Compressor):
         return self.shape.numel()
 
     def encode(self, grad: torch.Tensor) -> torch.Tensor:
+        check_gradient(grad, self.shape)
         return grad.detach().reshape(-1).to(self._wire_dtype)
 
     def decode(self, wire: torch.Tensor) -> torch.Tensor:

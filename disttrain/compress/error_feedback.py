@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from disttrain.compress.base import CompressorWrapper
+from disttrain.compress.base import CompressorWrapper, check_gradient
 
 
 class ErrorFeedback(CompressorWrapper):
@@ -22,6 +22,7 @@ class ErrorFeedback(CompressorWrapper):
 
     def corrected(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient plus the committed residual."""
+        check_gradient(grad)
         grad = grad.detach().float()
         return grad if self.residual is None else grad + self.residual
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from disttrain.compress.base import Compressor
+from disttrain.compress.base import Compressor, check_gradient
 
 SideChoice = Literal["auto", "left", "right"]
 
@@ -103,6 +103,7 @@ class LowRankCompressor(Compressor):
         return matrix if self.side == "left" else matrix.t()
 
     def encode(self, grad: torch.Tensor) -> torch.Tensor:
+        check_gradient(grad, self.shape)
         return self.basis.project(self._orient(grad)).reshape(-1).to(self._wire_dtype)
 
     def decode(self, wire: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""Pieces every benchmark shares: atomic writes, the machine description, README tables."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+class ReadmeMarkersMissing(RuntimeError):
+    """The README lacks the start/end markers a generated table goes between."""
+
+
+def setup_logging() -> None:
+    """Timestamped INFO logging on stderr (a no-op if logging is already configured)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file next to ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Atomically write ``data`` as indented JSON."""
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def _cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_description() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+    }
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """One short phrase naming the machine, for captions."""
+    return f"{machine['cores']}-core {machine['cpu']} CPU, torch {machine['torch']}"
+
+
+def human_bytes(count: float | None) -> str:
+    """Decimal units (kB = 1000 B), three significant digits; '—' for None."""
+    if count is None:
+        return "—"
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.3g} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table; every cell is already a string."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _markers(marker_name: str) -> tuple[str, str]:
+    return f"<!-- {marker_name}:start -->", f"<!-- {marker_name}:end -->"
+
+
+def update_readme(path: Path, marker_name: str, table: str) -> None:
+    """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``path``."""
+    start, end = _markers(marker_name)
+    how = f"add the lines `{start}` and `{end}` where the table belongs"
+    if not path.is_file():
+        raise ReadmeMarkersMissing(f"{path} does not exist: create it and {how}")
+    text = path.read_text()
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if not pattern.search(text):
+        raise ReadmeMarkersMissing(f"{path} has no {start} ... {end} markers: {how}")
+    write_text_atomic(path, pattern.sub(lambda _: f"{start}\n{table}\n{end}", text, count=1))
+
+
+def publish_table(table: str, marker_name: str, readme: Path) -> bool:
+    """Save ``table`` as results/<marker_name>.md and put it into the README; False if the README lacks markers."""
+    write_text_atomic(RESULTS_DIR / f"{marker_name}.md", table + "\n")
+    try:
+        update_readme(readme, marker_name, table)
+    except ReadmeMarkersMissing as error:
+        logging.getLogger(__name__).error("README not updated: %s (the table is in %s)", error, RESULTS_DIR / f"{marker_name}.md")
+        return False
+    logging.getLogger(__name__).info("updated the %s table in %s", marker_name, readme)
+    return True

@@ -1,0 +1,14 @@
+"""A tiny model and data config that trains in seconds, for multi-process tests."""
+
+from disttrain.data.corpus import DataConfig
+from disttrain.models.gpt import GPTConfig
+from disttrain.train.config import TrainConfig
+
+TINY_MODEL = GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=64)
+TINY_DATA = DataConfig(batch_size=4, block_size=32, val_batches=2)
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    defaults = dict(steps=8, eval_every=4, digest_every=4, model=TINY_MODEL, data=TINY_DATA, rank=4)
+    defaults.update(overrides)
+    return TrainConfig(**defaults)
