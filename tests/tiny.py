@@ -2,13 +2,14 @@
 
 from disttrain.data.corpus import DataConfig
 from disttrain.models.gpt import GPTConfig
-from disttrain.train.config import TrainConfig
+from disttrain.train.config import OptimConfig, TrainConfig
 
 TINY_MODEL = GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=64)
 TINY_DATA = DataConfig(batch_size=4, block_size=32, val_batches=2)
+TINY_OPTIM = OptimConfig(lr=3e-3, warmup_steps=2)
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    defaults = dict(steps=8, eval_every=4, digest_every=4, model=TINY_MODEL, data=TINY_DATA, rank=4)
+    defaults = dict(steps=8, eval_every=4, digest_every=4, model=TINY_MODEL, data=TINY_DATA, optim=TINY_OPTIM, rank=4)
     defaults.update(overrides)
     return TrainConfig(**defaults)

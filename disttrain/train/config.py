@@ -33,6 +33,9 @@ class OptimConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
+RUNTIME_FIELDS = ("eval_every", "digest_every", "checkpoint_dir", "checkpoint_every", "link_mbit", "overlap")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a run. Every worker must start with the same one."""
@@ -71,9 +74,14 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        """A hash of everything that must agree across workers."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    def fingerprint(self, include_runtime: bool = True) -> str:
+        """A hash of the config. Workers must agree on all of it; a checkpoint only on the fields
+        that change the maths (not where checkpoints go, how often to evaluate, link pacing)."""
+        values = self.to_dict()
+        if not include_runtime:
+            for name in RUNTIME_FIELDS:
+                values.pop(name)
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def from_dict(cls: type, values: dict[str, Any]) -> Any:

@@ -144,7 +144,7 @@ class Trainer:
             shared = {
                 "step": step,
                 "total_bytes": self.total_bytes,
-                "fingerprint": self.config.fingerprint(),
+                "fingerprint": self.config.fingerprint(include_runtime=False),
                 "model": self.model.state_dict(),
                 "optimizer": self.engine.optimizer.state_dict(),
             }
@@ -155,7 +155,7 @@ class Trainer:
         directory = self.config.checkpoint_dir
         assert directory is not None
         shared = checkpoint.load(checkpoint.shared_path(directory))
-        if shared["fingerprint"] != self.config.fingerprint():
+        if shared["fingerprint"] != self.config.fingerprint(include_runtime=False):
             raise ConfigMismatch(
                 f"checkpoint in {directory!r} was written by a run with a different config; "
                 "resume with the same flags or use a new --checkpoint_dir"
@@ -169,22 +169,24 @@ class Trainer:
         self.total_bytes = shared["total_bytes"]
         log.info("resumed from %s at step %d", directory, self.start_step)
 
-    def run(self) -> RunSummary:
+    def run(self, stop_at: int | None = None) -> RunSummary:
+        """Train to config.steps (or stop early after step ``stop_at``) and summarise."""
         config = self.config
+        last = config.steps if stop_at is None else min(stop_at, config.steps)
         started = time.monotonic()
         bytes_at_start = self.total_bytes
         history: list[EvalPoint] = []
         identical = True
         bar = tqdm(total=config.steps, initial=self.start_step, disable=not self.progress, desc=self.method.name)
-        for step in range(self.start_step, config.steps):
+        for step in range(self.start_step, last):
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
             loss = self.engine.step(step, self.corpus.train_batch(step, self.rank, self.world_size))
             self.total_bytes += self.engine.payload_bytes_last_step
             done = step + 1
-            if done % config.digest_every == 0 or done == config.steps:
+            if done % config.digest_every == 0 or done == last:
                 identical &= check_replicas(self.model, self.engine.optimizer, self.group, step=done)
-            if done % config.eval_every == 0 or done == config.steps:
+            if done % config.eval_every == 0 or done == last:
                 history.append(EvalPoint(done, self.evaluate(), self.total_bytes, time.monotonic() - started))
                 log.info("step %d: val loss %.4f, %d bytes sent", done, history[-1].val_loss, self.total_bytes)
             if config.checkpoint_dir and config.checkpoint_every and done % config.checkpoint_every == 0:
@@ -192,11 +194,11 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}", kB_per_step=f"{self.engine.payload_bytes_last_step / 1e3:.1f}")
             bar.update(1)
         bar.close()
-        steps_run = max(1, config.steps - self.start_step)
+        steps_run = max(1, last - self.start_step)
         val_loss = history[-1].val_loss if history else self.evaluate()
         return RunSummary(
             workers=self.world_size,
-            steps=config.steps,
+            steps=last,
             method=self.method.name,
             val_loss=val_loss,
             bytes_per_step=(self.total_bytes - bytes_at_start) / steps_run,
