@@ -16,6 +16,17 @@ from disttrain import kernels
 from disttrain.compress.lowrank import Basis
 
 
+def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its largest-magnitude entry is positive.
+
+    LAPACK leaves the sign of singular vectors free; fixing it keeps consecutive bases
+    aligned, which matters because Adam moments carry over a refresh.
+    """
+    largest = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors[largest, torch.arange(vectors.shape[1])])
+    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
 class SVDBasis(Basis):
     """Left singular vectors U[:, :r] of the oriented (d x L) gradient."""
 
@@ -31,7 +42,7 @@ class SVDBasis(Basis):
 
     def propose(self, oriented: torch.Tensor) -> torch.Tensor:
         u, _, _ = torch.linalg.svd(oriented.float(), full_matrices=False)
-        return u[:, : self.rank].contiguous()
+        return canonical_signs(u[:, : self.rank]).contiguous()
 
     def set(self, matrix: torch.Tensor) -> None:
         self.matrix = matrix.float().contiguous()
