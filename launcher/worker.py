@@ -31,10 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class NotLaunched(RuntimeError):
+    """The process was started without the variables torchrun sets."""
+
+
 def init_process_group(backend: str, timeout_s: float) -> None:
     missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
     if missing:
-        raise RuntimeError(
+        raise NotLaunched(
             f"environment variables {', '.join(missing)} are not set: start workers with "
             "`torchrun --nproc-per-node N -m disttrain.launcher ...` or `disttrain train --nproc N`"
         )
@@ -52,13 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     try:
         config = config_from_args(args)
-    except (ValueError, FileNotFoundError) as error:
-        log.error("bad config: %s", error)
+        init_process_group(args.backend, args.timeout_s)
+    except (ValueError, FileNotFoundError, NotLaunched) as error:
+        log.error("%s", error)
         return 2
-    init_process_group(args.backend, args.timeout_s)
     try:
         summary = Trainer(config).run()
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         log.error("%s", error)
         return 2
     finally:

@@ -35,6 +35,15 @@ class DataConfig:
             raise ValueError(f"unknown sharding {self.sharding!r}; use 'iid' or 'contiguous' (non-IID)")
         if self.batch_size < 1 or self.val_batches < 1:
             raise ValueError("batch_size and val_batches must be >= 1")
+        if self.corpus != BUNDLED_CORPUS and not Path(self.corpus).is_file():
+            raise corpus_not_found(self.corpus)
+
+
+def corpus_not_found(name: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"corpus {name!r} not found: pass --data.corpus {BUNDLED_CORPUS} for the bundled text, "
+        f"or the path of an existing .txt or .txt.gz file"
+    )
 
 
 def load_corpus(name: str) -> bytes:
@@ -43,10 +52,7 @@ def load_corpus(name: str) -> bytes:
         return gzip.decompress(resources.files("disttrain.data").joinpath("kjv.txt.gz").read_bytes())
     path = Path(name)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"corpus {name!r} not found: pass --corpus {BUNDLED_CORPUS} for the bundled text, "
-            f"or the path of an existing .txt or .txt.gz file"
-        )
+        raise corpus_not_found(name)
     raw = path.read_bytes()
     return gzip.decompress(raw) if path.suffix == ".gz" else raw
 
