@@ -1,6 +1,7 @@
 """Convergence benchmark: every method trains the small GPT with 4 local workers on the same
 seed, data and steps; records val loss against steps, payload bytes and wall-clock, plots it,
-and regenerates the README table from the JSON.
+and regenerates the README table from the JSON. Re-running some methods replaces their rows
+in the results file (if it was measured with the same settings on this machine) and keeps the rest.
 
     python benchmarks/convergence.py                 # all methods, 300 steps
     python benchmarks/convergence.py --small         # 100 steps, ~15 min on 2 cores
@@ -186,36 +187,52 @@ def add_derived_fields(record: dict[str, Any], target: float | None) -> dict[str
     return record
 
 
-def target_loss(records: list[dict[str, Any]], previous: Path) -> tuple[float | None, str]:
-    """The dense run's final val loss (from this run, else from ``previous``) and where it came from."""
+def earlier_records(path: Path, settings: dict[str, Any], machine: dict[str, Any]) -> list[dict[str, Any]]:
+    """Method records of the results file at ``path`` if it was measured the same way on this machine."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    if earlier.get("settings") != settings or earlier.get("machine") != machine:
+        log.info("%s was measured with other settings or on another machine: not merging it", path)
+        return []
+    return earlier["methods"]
+
+
+def merge_records(earlier: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fresh records replace earlier ones of the same method; dense first, then the earlier order."""
+    fresh_by_name = {record["method"]: record for record in fresh}
+    merged = [fresh_by_name.pop(record["method"], record) for record in earlier] + list(fresh_by_name.values())
+    return sorted(merged, key=lambda record: record["method"] != "dense")
+
+
+def target_loss(records: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """The dense run's final val loss and a note saying so, or None and a note saying why not."""
     dense = next((r for r in records if r["method"] == "dense" and "final_val_loss" in r), None)
-    if dense is not None:
-        return dense["final_val_loss"], "final val loss of dense in this run"
-    if previous.is_file():
-        earlier = json.loads(previous.read_text()).get("target_val_loss")
-        if earlier is not None:
-            return earlier, f"dense's final val loss, read from the earlier {previous.name}"
-    return None, "no dense run in this selection or in an earlier results file: targets not computed"
+    if dense is None:
+        return None, "no dense run with these settings, in this selection or in the earlier results file: no target"
+    return dense["final_val_loss"], "final val loss of dense"
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the selected methods one after another and assemble the results document."""
-    settings = run_settings(args)
+    """Run the selected methods one after another, merged into the earlier results measured the same way."""
+    settings, machine = run_settings(args), common.machine_description()
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
     LOGS_DIR.mkdir(parents=True, exist_ok=True)
-    records = []
+    fresh = []
     with logging_redirect_tqdm():
         for name in (bar := tqdm(selected_methods(args.methods), desc="methods", unit="method")):
             bar.set_postfix_str(name)
-            records.append(run_method(name, settings, args.timeout_s))
-            log.info("%s: %s", name, outcome(records[-1]))
-    target, target_note = target_loss(records, args.out)
+            fresh.append({**run_method(name, settings, args.timeout_s), "command": command})
+            log.info("%s: %s", name, outcome(fresh[-1]))
+    records = merge_records(earlier_records(args.out, settings, machine), fresh)
+    target, target_note = target_loss(records)
     return {
-        "machine": common.machine_description(),
+        "machine": machine,
         "method_note": method_note(settings),
         "settings": settings,
         "target_val_loss": target,
         "target_note": target_note,
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": command,
         "methods": [add_derived_fields(record, target) for record in records],
     }
 
@@ -243,13 +260,15 @@ def plot(results: dict[str, Any], x_key: str, xlabel: str, path: Path, log_x: bo
     for record in results["methods"]:
         if record.get("history"):
             xs = [point[x_key] for point in record["history"]]
-            ax.plot(xs, [point["val_loss"] for point in record["history"]], marker="o", markersize=3, label=record["method"])
+            style = "--" if get_method(record["method"]).compression.payload == "int8" else "-"
+            losses = [point["val_loss"] for point in record["history"]]
+            ax.plot(xs, losses, style, marker="o", markersize=3, label=record["method"])
     if results["target_val_loss"] is not None:
         ax.axhline(results["target_val_loss"], color="grey", linestyle=":", linewidth=1, label="target (dense final)")
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_ylabel("validation loss (nats/byte); dashed = int8 payload")
     ax.set_title(f"Small GPT: validation loss vs {xlabel.split(' (')[0]}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -289,12 +308,13 @@ def render_table(results: dict[str, Any]) -> str:
     headers = ["method", "bytes/step", "x smaller than dense", "final val loss", "steps to target", "bytes to target", "wall s"]
     table = common.markdown_table(headers, [table_row(record) for record in results["methods"]])
     target = results["target_val_loss"]
+    commands = "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in results["methods"]))
     target_text = f"target = {target:.4f} ({results['target_note']})" if target is not None else results["target_note"]
     return (
         f"{table}\n\n"
         f"Measured on {common.machine_line(results['machine'])}: {results['method_note']}. "
         f"Steps/bytes to target are the first eval at or below the {target_text}. "
-        f"Generated by `{results['command']}`."
+        f"Generated by {commands}."
     )
 
 

@@ -136,3 +136,11 @@ def test_rank_that_compresses_nothing_is_refused():
     params = [torch.nn.Parameter(torch.zeros(64, 16))]
     with pytest.raises(ValueError, match="rank 16 is >= min\\(m, n\\) of every weight matrix"):
         CompressedAllReduce(params, CompressionSpec(basis="seeded", rank=16, dense_threshold=1), seed=0)
+
+
+def test_bf16_payloads_all_reduce_close_to_the_dense_mean():
+    spec = CompressionSpec(basis="svd", rank=3, payload="bf16", error_feedback=False, dense_threshold=100)
+    results = run_workers(reduce_once, 2, spec, 1 << 30)
+    for reduced, dense_mean, _ in results:
+        assert torch.allclose(torch.cat(reduced), dense_mean, atol=0.02 * dense_mean.abs().max().item())
+    assert torch.equal(torch.cat(results[0][0]), torch.cat(results[1][0]))

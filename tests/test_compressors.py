@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from disttrain.compress import (
@@ -15,9 +15,6 @@ from disttrain.compress import (
     SVDBasis,
     build_compressor,
 )
-
-settings.register_profile("disttrain", deadline=None, max_examples=25)
-settings.load_profile("disttrain")
 
 shapes = st.tuples(st.integers(6, 48), st.integers(6, 48))
 seeds = st.integers(0, 2**31 - 1)
