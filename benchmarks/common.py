@@ -103,13 +103,14 @@ def update_readme(path: Path, marker_name: str, table: str) -> None:
     write_text_atomic(path, pattern.sub(lambda _: f"{start}\n{table}\n{end}", text, count=1))
 
 
-def publish_table(table: str, marker_name: str, readme: Path) -> bool:
-    """Save ``table`` as results/<marker_name>.md and put it into the README; False if the README lacks markers."""
-    write_text_atomic(RESULTS_DIR / f"{marker_name}.md", table + "\n")
+def publish_table(table: str, marker_name: str, readme: Path, out_dir: Path = RESULTS_DIR) -> bool:
+    """Save ``table`` as <out_dir>/<marker_name>.md and put it into the README; False if the README lacks markers."""
+    copy = out_dir / f"{marker_name}.md"
+    write_text_atomic(copy, table + "\n")
     try:
         update_readme(readme, marker_name, table)
     except ReadmeMarkersMissing as error:
-        logging.getLogger(__name__).error("README not updated: %s (the table is in %s)", error, RESULTS_DIR / f"{marker_name}.md")
+        logging.getLogger(__name__).error("README not updated: %s (the table is in %s)", error, copy)
         return False
     logging.getLogger(__name__).info("updated the %s table in %s", marker_name, readme)
     return True

@@ -254,7 +254,7 @@ def caption(results: dict[str, Any]) -> str:
     )
 
 
-def plot(results: dict[str, Any], x_key: str, xlabel: str, path: Path, log_x: bool) -> None:
+def plot(results: dict[str, Any], x_key: str, x_name: str, path: Path, log_x: bool) -> None:
     """One line per method: val loss against ``x_key`` of the history."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for record in results["methods"]:
@@ -267,11 +267,11 @@ def plot(results: dict[str, Any], x_key: str, xlabel: str, path: Path, log_x: bo
         ax.axhline(results["target_val_loss"], color="grey", linestyle=":", linewidth=1, label="target (dense final)")
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation loss (nats/byte); dashed = int8 payload")
-    ax.set_title(f"Small GPT: validation loss vs {xlabel.split(' (')[0]}")
+    ax.set_xlabel(f"{x_name} (log scale)" if log_x else x_name)
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(f"Small GPT: validation loss vs {x_name}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="dashed: int8 payload", title_fontsize=8)
     fig.text(0.5, 0.01, caption(results), ha="center", fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
@@ -281,7 +281,7 @@ def plot(results: dict[str, Any], x_key: str, xlabel: str, path: Path, log_x: bo
 def plot_all(results: dict[str, Any], out_dir: Path) -> None:
     """Write the loss-vs-bytes and loss-vs-steps PNGs."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot(results, "total_bytes", "cumulative payload bytes per worker (log scale)", out_dir / "convergence_loss_vs_bytes.png", log_x=True)
+    plot(results, "total_bytes", "cumulative payload bytes per worker", out_dir / "convergence_loss_vs_bytes.png", log_x=True)
     plot(results, "step", "training step", out_dir / "convergence_loss_vs_steps.png", log_x=False)
     log.info("plots written to %s", out_dir)
 
@@ -318,22 +318,25 @@ def render_table(results: dict[str, Any]) -> str:
     )
 
 
-def render(results: dict[str, Any], readme: Path) -> bool:
-    """Plots and the README table from a results document; False if the README was not updated."""
-    plot_all(results, common.RESULTS_DIR)
-    return common.publish_table(render_table(results), MARKER, readme)
+def render(results: dict[str, Any], readme: Path, out_dir: Path) -> bool:
+    """Plots and the table (in ``out_dir`` and the README) from a results document; False if the README was not updated."""
+    plot_all(results, out_dir)
+    return common.publish_table(render_table(results), MARKER, readme, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     args = parse_args(argv)
     if args.render_only:
+        if not args.out.is_file():
+            log.error("no results at %s to render: run without --render-only first", args.out)
+            return 2
         results = json.loads(args.out.read_text())
     else:
         results = run_all(args)
         common.write_json_atomic(args.out, results)
         log.info("results written to %s", args.out)
-    return 0 if render(results, args.readme) else 1
+    return 0 if render(results, args.readme, args.out.parent) else 1
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     common.write_json_atomic(args.out, results)
     log.info("results written to %s", args.out)
-    return 0 if common.publish_table(render_table(results), MARKER, args.readme) else 1
+    return 0 if common.publish_table(render_table(results), MARKER, args.readme, args.out.parent) else 1
 
 
 if __name__ == "__main__":
