@@ -144,3 +144,12 @@ def test_bf16_payloads_all_reduce_close_to_the_dense_mean():
     for reduced, dense_mean, _ in results:
         assert torch.allclose(torch.cat(reduced), dense_mean, atol=0.02 * dense_mean.abs().max().item())
     assert torch.equal(torch.cat(results[0][0]), torch.cat(results[1][0]))
+
+
+def test_int8_is_kept_while_its_all_gather_moves_fewer_bytes_than_fp32_all_reduce():
+    from disttrain.comm.allreduce import cheaper_payload
+
+    spec = CompressionSpec(basis="seeded", rank=8, payload="int8", dense_threshold=1)
+    shapes = [torch.Size((1024, 256))] * 4
+    assert cheaper_payload(spec, shapes, 4).payload == "int8"  # 3 x 2.1 kB vs 1.5 x 8.2 kB
+    assert cheaper_payload(spec, shapes, 16).payload == "fp32"  # 15 x 2.1 kB vs 1.9 x 8.2 kB

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Iterable
 
 import torch
@@ -46,13 +47,13 @@ class CompressedAllReduce:
         spec.validate()
         self.params = [p for p in params if p.requires_grad]
         self._index_of = {id(p): i for i, p in enumerate(self.params)}
-        self.spec = spec
         self.group = group
         self.link = link
-        self.compressors: list[Compressor] = [
-            build_compressor(spec, p.shape, index, seed) for index, p in enumerate(self.params)
-        ]
         _check_rank_fits(spec, self.params)
+        self.spec = cheaper_payload(spec, [p.shape for p in self.params], dist.get_world_size(group))
+        self.compressors: list[Compressor] = [
+            build_compressor(self.spec, p.shape, index, seed) for index, p in enumerate(self.params)
+        ]
         self.buckets: list[Bucket] = plan_buckets(self.compressors, bucket_cap_bytes)
         self._bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket.param_indices}
         self.dense_bytes_per_step = sum(p.numel() * 4 for p in self.params)
@@ -187,6 +188,23 @@ class CompressedAllReduce:
 
     def state_bytes(self) -> int:
         return sum(c.state_bytes() for c in self.compressors)
+
+
+def cheaper_payload(spec: CompressionSpec, shapes: list[torch.Size], world_size: int) -> CompressionSpec:
+    """int8 payloads travel by all_gather, whose traffic grows with the number of workers; keep
+    int8 only while it moves fewer bytes than an fp32 all_reduce of the same coefficients."""
+    if spec.payload != "int8":
+        return spec
+    fp32 = replace(spec, payload="fp32")
+
+    def wire(candidate: CompressionSpec, kind: str) -> int:
+        payload = sum(build_compressor(candidate, shape, i, 0).wire_bytes() for i, shape in enumerate(shapes))
+        return ring_wire_bytes(kind, payload, world_size)
+
+    if wire(spec, "all_gather") <= wire(fp32, "all_reduce"):
+        return spec
+    log.info("with %d workers an fp32 all_reduce moves fewer bytes than int8 all_gather: sending fp32", world_size)
+    return fp32
 
 
 def _check_rank_fits(spec: CompressionSpec, params: list[torch.nn.Parameter]) -> None:
