@@ -1,4 +1,4 @@
-"""The ``disttrain`` command: demo, train, methods, bench."""
+"""The ``disttrain`` command: demo, train, coordinator, methods, bench."""
 
 from __future__ import annotations
 
@@ -6,11 +6,16 @@ import argparse
 import logging
 import os
 import runpy
+import secrets
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from disttrain.elastic.coordinator import Coordinator, CoordinatorConfig
+from disttrain.elastic.protocol import SECRET_ENV, load_secret
 from disttrain.launcher import worker
-from disttrain.launcher.local import launch_local
+from disttrain.launcher.local import free_port, launch_local
 from disttrain.methods import DEFAULT_METHOD, METHODS
 
 DEMO_WORKERS = 4
@@ -20,17 +25,53 @@ BENCHMARKS = ("convergence", "memory")
 
 
 def _demo(args: argparse.Namespace) -> int:
+    os.environ.setdefault(SECRET_ENV, secrets.token_hex(32))
+    config = CoordinatorConfig(
+        bind=f"tcp://127.0.0.1:{free_port()}", start_workers=args.workers, store_port=free_port()
+    )
+    stop = threading.Event()
+    coordinator = threading.Thread(
+        target=Coordinator(config, load_secret()).serve, args=(stop,), name="coordinator", daemon=True
+    )
+    coordinator.start()
     flags = [
+        "--coordinator", config.bind,
         "--method", args.method,
         "--steps", str(args.steps),
         "--eval_every", str(max(1, args.steps // 4)),
         "--link_mbit", str(args.link_mbit),
     ]
     logging.info(
-        "demo: %d workers on localhost, method %s, %d steps, uplink paced to %.0f Mbit/s",
-        args.workers, args.method, args.steps, args.link_mbit,
+        "demo: coordinator on %s, %d workers on localhost, method %s, %d steps, uplink paced to %.0f Mbit/s",
+        config.bind, args.workers, args.method, args.steps, args.link_mbit,
     )
-    return launch_local(args.workers, flags)
+    try:
+        return launch_local(args.workers, flags)
+    finally:
+        stop.set()
+        coordinator.join(timeout=5)
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    config = CoordinatorConfig(
+        bind=args.bind,
+        job=args.job,
+        min_workers=args.min_workers,
+        max_workers=args.max_workers,
+        start_workers=args.start_workers,
+        heartbeat_timeout_s=args.heartbeat_timeout_s,
+        store_port=args.store_port,
+    )
+    try:
+        coordinator = Coordinator(config, load_secret(args.secret_file))
+    except (ValueError, FileNotFoundError) as error:
+        logging.error("%s", error)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    coordinator.serve(stop)
+    return 0
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -73,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--nproc", type=int, default=1, help="local workers to start when not under torchrun")
 
+    coordinator = commands.add_parser("coordinator", help="run the coordinator: membership, generations, rendezvous")
+    coordinator.add_argument("--bind", default="tcp://0.0.0.0:29400", help="tcp://HOST:PORT to listen on")
+    coordinator.add_argument("--job", default="disttrain", help="job id the workers must name")
+    coordinator.add_argument("--secret-file", help=f"file holding the job secret (default: ${SECRET_ENV})")
+    coordinator.add_argument("--min-workers", type=int, default=1, help="quorum: no generation with fewer")
+    coordinator.add_argument("--max-workers", type=int, default=64)
+    coordinator.add_argument("--start-workers", type=int, default=0, help="the first generation waits for this many")
+    coordinator.add_argument("--heartbeat-timeout-s", type=float, default=3.0)
+    coordinator.add_argument("--store-port", type=int, default=0, help="rendezvous store port (default: bind port + 1)")
+
     commands.add_parser("methods", help="list the registered methods (* marks the default)")
 
     bench = commands.add_parser("bench", help="run a benchmark from benchmarks/")
@@ -91,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         logging.error("unrecognised arguments: %s", " ".join(extra))
         return 2
-    return {"demo": _demo, "methods": _methods}[args.command](args)
+    return {"demo": _demo, "methods": _methods, "coordinator": _coordinator}[args.command](args)
 
 
 if __name__ == "__main__":

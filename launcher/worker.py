@@ -13,8 +13,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from disttrain.train.config import add_config_flags, config_from_args
-from disttrain.train.trainer import Trainer
+from disttrain.elastic.agent import Agent, CoordinatorUnreachable, WorkerRefused
+from disttrain.elastic.membership import ElasticConfig, ElasticMembership
+from disttrain.elastic.protocol import SECRET_ENV, load_secret
+from disttrain.train.config import TrainConfig, add_config_flags, config_from_args
+from disttrain.train.trainer import RunSummary, Trainer
 
 log = logging.getLogger("disttrain.worker")
 
@@ -25,14 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m disttrain.launcher", description=__doc__)
     parser.add_argument("--config", help="TOML or JSON file with config fields; flags override it")
     parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
-    parser.add_argument("--summary-file", help="also write the summary (with history) as JSON here")
+    parser.add_argument(
+        "--summary-file", help="rank 0 also writes the summary (with history) here; with {pid} in the name, every worker does"
+    )
     parser.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout")
+    elastic = parser.add_argument_group("elastic membership (ranks come from the coordinator, not torchrun)")
+    elastic.add_argument("--coordinator", help="tcp://HOST:PORT of a running `disttrain coordinator`")
+    elastic.add_argument("--job", default="disttrain", help="job id; must match the coordinator's")
+    elastic.add_argument("--secret-file", help=f"file holding the job secret (default: ${SECRET_ENV})")
+    elastic.add_argument("--heartbeat-s", type=float, default=0.25)
+    elastic.add_argument("--sync-every", type=int, default=5, help="steps between membership checks")
     add_config_flags(parser)
     return parser
 
 
 class NotLaunched(RuntimeError):
     """The process was started without the variables torchrun sets."""
+
+
+def resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return backend
 
 
 def init_process_group(backend: str, timeout_s: float) -> None:
@@ -42,37 +59,60 @@ def init_process_group(backend: str, timeout_s: float) -> None:
             f"environment variables {', '.join(missing)} are not set: start workers with "
             "`torchrun --nproc-per-node N -m disttrain.launcher ...` or `disttrain train --nproc N`"
         )
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def start_membership(args: argparse.Namespace, config: TrainConfig, backend: str) -> ElasticMembership:
+    agent = Agent(args.coordinator, load_secret(args.secret_file), args.job, config.fingerprint(), args.heartbeat_s)
+    agent.start()
+    settings = ElasticConfig(
+        coordinator=args.coordinator,
+        job=args.job,
+        heartbeat_s=args.heartbeat_s,
+        sync_every=args.sync_every,
+        collective_timeout_s=args.timeout_s,
+        backend=backend,
+    )
+    return ElasticMembership(agent, settings)
+
+
+def write_summary(path: str, config: TrainConfig, summary: RunSummary) -> None:
+    record = {"config": config.to_dict(), **summary.headline(), "history": [vars(p) for p in summary.history]}
+    with open(path, "w") as handle:
+        json.dump(record, handle, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Under a coordinator ranks change over time: every worker logs, tagged with its pid.
+    tag = f"pid {os.getpid()}" if args.coordinator else f"rank {os.environ.get('RANK', '?')}"
     logging.basicConfig(
-        level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-        format=f"[rank {os.environ.get('RANK', '?')}] %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if args.coordinator or os.environ.get("RANK", "0") == "0" else logging.WARNING,
+        format=f"[{tag}] %(levelname)s %(name)s: %(message)s",
     )
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    membership = None
     try:
         config = config_from_args(args)
-        init_process_group(args.backend, args.timeout_s)
-    except (ValueError, FileNotFoundError, NotLaunched) as error:
-        log.error("%s", error)
-        return 2
-    try:
-        summary = Trainer(config).run()
-    except (ValueError, FileNotFoundError) as error:
+        backend = resolve_backend(args.backend)
+        if args.coordinator:
+            membership = start_membership(args, config, backend)
+        else:
+            init_process_group(backend, args.timeout_s)
+        trainer = Trainer(config, membership=membership)
+        summary = trainer.run()
+    except (ValueError, FileNotFoundError, NotLaunched, WorkerRefused, CoordinatorUnreachable) as error:
         log.error("%s", error)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if os.environ["RANK"] == "0":
-        if args.summary_file:
-            with open(args.summary_file, "w") as handle:
-                json.dump({"config": config.to_dict(), **summary.headline(), "history": [vars(p) for p in summary.history]}, handle, indent=1)
+        if membership is not None:
+            membership.agent.stop(leave=True)
+    if args.summary_file and (trainer.rank == 0 or "{pid}" in args.summary_file):
+        write_summary(args.summary_file.replace("{pid}", str(os.getpid())), config, summary)
+    if trainer.rank == 0:
         print(json.dumps(summary.headline()), flush=True)
+    if membership is None:
+        dist.destroy_process_group()
     return 0 if summary.replicas_identical else 1
 
 

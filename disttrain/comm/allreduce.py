@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from disttrain.comm.bucket import Bucket, PendingExchange, plan_buckets
 from disttrain.comm.link import LinkEmulator, ring_wire_bytes
+from disttrain.comm.waiting import AbortCheck, wait_work
 from disttrain.compress.base import Compressor
 from disttrain.compress.factory import CompressionSpec, build_compressor
 
@@ -50,6 +51,7 @@ class CompressedAllReduce:
         self.group = group
         self.link = link
         _check_rank_fits(spec, self.params)
+        self.abort_check: AbortCheck | None = None  # set by elastic training: give up on a broken generation
         self.spec = cheaper_payload(spec, [p.shape for p in self.params], dist.get_world_size(group))
         self.compressors: list[Compressor] = [
             build_compressor(self.spec, p.shape, index, seed) for index, p in enumerate(self.params)
@@ -60,6 +62,7 @@ class CompressedAllReduce:
         self.payload_bytes_last_step = 0
         self.step = 0
         self._armed = False
+        self._hook_failure: RuntimeError | None = None
         self._ready = [0] * len(self.buckets)
         self._pending: list[tuple[PendingExchange, float] | None] = [None] * len(self.buckets)
         self._next_launch = 0
@@ -78,10 +81,12 @@ class CompressedAllReduce:
 
     def _hook_for(self, index: int):
         def hook(_: torch.Tensor) -> None:
-            if self._armed:
-                bucket = self._bucket_of[index]
-                self._ready[bucket] += 1
-                self._launch_ready()
+            if self._armed and self._hook_failure is None:
+                self._ready[self._bucket_of[index]] += 1
+                try:
+                    self._launch_ready()
+                except RuntimeError as error:  # raised inside backward: report it from finish()
+                    self._hook_failure = error
 
         return hook
 
@@ -95,6 +100,7 @@ class CompressedAllReduce:
         self._next_launch = 0
         self._means = [None] * len(self.params)
         self.payload_bytes_last_step = 0
+        self._hook_failure = None
         self._armed = True
 
     def _launch_ready(self, force: bool = False) -> None:
@@ -117,7 +123,7 @@ class CompressedAllReduce:
     def _launch(self, b: int) -> None:
         bucket = self.buckets[b]
         grads = [self._gradient(i) for i in bucket.param_indices]
-        basis_bytes = bucket.refresh_bases(grads, self.step, self.group)
+        basis_bytes = bucket.refresh_bases(grads, self.step, self.group, self.abort_check)
         if basis_bytes:
             self.payload_bytes_last_step += basis_bytes
             if self.link is not None:
@@ -129,12 +135,14 @@ class CompressedAllReduce:
     def finish(self) -> None:
         """Launch what backward did not, wait for every collective, and decode the means."""
         try:
+            if self._hook_failure is not None:
+                raise self._hook_failure
             self._launch_ready(force=True)
             for bucket, entry in zip(self.buckets, self._pending):
                 assert entry is not None
                 pending, deadline = entry
                 if pending.work is not None:
-                    pending.work.wait()
+                    wait_work(pending.work, self.abort_check)
                 LinkEmulator.wait_until(deadline)
                 means = bucket.mean_coefficients(pending.output, self.world_size)
                 for index, mean in zip(bucket.param_indices, means):
@@ -175,6 +183,10 @@ class CompressedAllReduce:
 
     def state_dict(self) -> dict[str, Any]:
         return {"compressors": [c.state_dict() for c in self.compressors]}
+
+    def shared_state_dict(self) -> dict[str, Any]:
+        """What a joiner needs to match the others: bases, not this worker's residuals."""
+        return {"compressors": [c.shared_state_dict() for c in self.compressors]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["compressors"]

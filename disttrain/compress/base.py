@@ -97,7 +97,11 @@ class Compressor(ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what state_dict() returned."""
+        """Restore what state_dict() returned (or shared_state_dict())."""
+
+    def shared_state_dict(self) -> dict[str, Any]:
+        """The part of the state every worker holds identically (bases), for joiners."""
+        return self.state_dict()
 
     def state_bytes(self) -> int:
         """Bytes of persistent state this compressor holds (bases, residuals)."""
@@ -154,6 +158,9 @@ class CompressorWrapper(Compressor):
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
+
+    def shared_state_dict(self) -> dict[str, Any]:
+        return self.inner.shared_state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state)

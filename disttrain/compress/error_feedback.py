@@ -50,6 +50,10 @@ class ErrorFeedback(CompressorWrapper):
             state["residual"] = self.residual.clone()
         return state
 
+    def shared_state_dict(self) -> dict[str, Any]:
+        """The inner compressor's shared state; the residual belongs to this worker alone."""
+        return {f"inner.{k}": v for k, v in self.inner.shared_state_dict().items()}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         residual = state.get("residual")
         self.residual = None if residual is None else residual.float().clone()

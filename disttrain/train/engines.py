@@ -34,8 +34,11 @@ class Engine(Protocol):
     def state_dict(self) -> dict:
         """Per-worker exchange state (error-feedback residuals, bases)."""
 
+    def shared_state_dict(self) -> dict:
+        """The exchange state every worker holds identically (bases), for joiners."""
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() returned."""
+        """Restore what state_dict() or shared_state_dict() returned."""
 
 
 def _adamw(params, config: TrainConfig) -> torch.optim.AdamW:
@@ -85,6 +88,9 @@ class DisttrainEngine:
 
     def state_dict(self) -> dict:
         return self.reducer.state_dict()
+
+    def shared_state_dict(self) -> dict:
+        return self.reducer.shared_state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.reducer.load_state_dict(state)
@@ -148,6 +154,9 @@ class DDPEngine:
         if self.hook_state is None:
             return {}
         return {"compressors": [c.state_dict() for c in self.hook_state.compressors], "step": self.hook_state.step}
+
+    def shared_state_dict(self) -> dict:
+        return self.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if self.hook_state is not None and state:

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.bucket import all_gather_flat
+from disttrain.comm.waiting import AbortCheck, wait_work
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,16 @@ def _state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor
 
 
 def broadcast_from_rank0(
-    module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, group: dist.ProcessGroup | None = None
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    group: dist.ProcessGroup | None = None,
+    abort_check: AbortCheck | None = None,
 ) -> None:
     """Overwrite parameters (and optimizer state) on every worker with rank 0's."""
     src = 0 if group is None else dist.get_global_rank(group, 0)
     with torch.no_grad():
         for tensor in [p.data for p in module.parameters()] + _state_tensors(optimizer):
-            dist.broadcast(tensor, src=src, group=group)
+            wait_work(dist.broadcast(tensor, src=src, group=group, async_op=True), abort_check)
 
 
 def check_replicas(
@@ -47,12 +51,13 @@ def check_replicas(
     optimizer: torch.optim.Optimizer | None = None,
     group: dist.ProcessGroup | None = None,
     step: int | None = None,
+    abort_check: AbortCheck | None = None,
 ) -> bool:
     """True when every worker holds bit-identical parameters; otherwise log and repair."""
     mine = torch.frombuffer(bytearray(parameter_digest(module)), dtype=torch.uint8)
     world = dist.get_world_size(group)
     gathered = torch.empty(world * mine.numel(), dtype=torch.uint8)
-    all_gather_flat(gathered, mine, group=group)
+    wait_work(all_gather_flat(gathered, mine, group=group, async_op=True), abort_check)
     digests = gathered.reshape(world, -1)
     diverged = [r for r in range(world) if not torch.equal(digests[r], digests[0])]
     if not diverged:
@@ -62,5 +67,5 @@ def check_replicas(
         step,
         diverged,
     )
-    broadcast_from_rank0(module, optimizer, group)
+    broadcast_from_rank0(module, optimizer, group, abort_check)
     return False

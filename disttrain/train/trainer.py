@@ -12,13 +12,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from disttrain.comm.waiting import wait_work
 from disttrain.data.corpus import ByteCorpus
+from disttrain.elastic.membership import ElasticMembership
+from disttrain.elastic.transfer import synchronise
 from disttrain.methods import get_method, with_overrides
 from disttrain.models.gpt import GPT
 from disttrain.train import checkpoint
 from disttrain.train.config import TrainConfig
 from disttrain.train.engines import build_engine
-from disttrain.train.replica import broadcast_from_rank0, check_replicas
+from disttrain.train.replica import broadcast_from_rank0, check_replicas, parameter_digest
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class RunSummary:
     total_bytes: int
     wall_s: float
     replicas_identical: bool
+    parameter_digest: str = ""
     history: list[EvalPoint] = field(default_factory=list)
 
     def headline(self) -> dict[str, Any]:
@@ -100,27 +104,61 @@ def check_same_config(config: TrainConfig, group: dist.ProcessGroup | None = Non
     )
 
 
-class Trainer:
-    """Trains the small GPT on this worker's shard; all workers run it in lockstep."""
+MAX_CONSECUTIVE_FAILURES = 5
 
-    def __init__(self, config: TrainConfig, group: dist.ProcessGroup | None = None, progress: bool = True):
+
+class Trainer:
+    """Trains the small GPT on this worker's shard; all workers run it in lockstep.
+
+    With a ``membership`` the trainer is elastic: it forms its process group through the
+    coordinator, and a failed collective rolls the step back, regroups and redoes it.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        group: dist.ProcessGroup | None = None,
+        progress: bool = True,
+        membership: ElasticMembership | None = None,
+    ):
         config.validate()
         self.config = config
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        check_same_config(config, group)
+        self.membership = membership
         self.method = with_overrides(get_method(config.method), rank=config.rank, refresh_every=config.refresh_every)
+        if membership is not None and self.method.engine != "disttrain":
+            raise ValueError(
+                f"method {self.method.name!r} runs on torch DDP, which cannot change membership: "
+                "pick a disttrain method for elastic training (see `disttrain methods`)"
+            )
         torch.manual_seed(config.seed)
         self.model = GPT(config.model)
-        broadcast_from_rank0(self.model, group=group)
         self.corpus = ByteCorpus(config.data, config.seed)
-        self.engine = build_engine(self.model, self.method, config, group)
-        self.start_step = 0
+        self.step = 0
+        self.start_step = 0  # where this process started or resumed
+        self.steps_run = 0
         self.total_bytes = 0
+        if membership is not None:
+            membership.enter()
+        else:
+            check_same_config(config, group)
+            broadcast_from_rank0(self.model, group=group)
+        self._refresh_rank()
         self.progress = progress and self.rank == 0
+        self.engine = build_engine(self.model, self.method, config, group)
+        if membership is not None:
+            self.engine.reducer.abort_check = membership.abort_check
         if config.checkpoint_dir and checkpoint.shared_path(config.checkpoint_dir).is_file():
             self._resume()
+        if membership is not None:
+            self._synchronise()
+
+    def _refresh_rank(self) -> None:
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+
+    def _wait(self, work: dist.Work) -> None:
+        wait_work(work, self.membership.abort_check if self.membership else None)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -131,25 +169,67 @@ class Trainer:
         for index in range(self.rank, len(batches), self.world_size):
             _, loss = self.model(*batches[index])
             totals += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-        dist.all_reduce(totals, group=self.group)
+        self._wait(dist.all_reduce(totals, group=self.group, async_op=True))
         self.model.train()
         return (totals[0] / totals[1]).item()
 
-    def _save(self, step: int) -> None:
+    # --- replica state: what a joiner receives from a donor -----------------------------
+    def export_replica(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.engine.optimizer.state_dict(),
+            "engine": self.engine.shared_state_dict(),
+        }
+
+    def load_replica(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.engine.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load_state_dict(state["engine"])
+        self.step = state["step"]
+
+    def _synchronise(self) -> None:
+        assert self.membership is not None
+        plan = synchronise(
+            self.step,
+            self.membership.fresh,
+            parameter_digest(self.model),
+            self.export_replica,
+            self.load_replica,
+            self.membership.abort_check,
+        )
+        self.membership.fresh = False
+        if plan.receivers:
+            log.info("state from rank %d at step %d sent to ranks %s", plan.donor, plan.step, list(plan.receivers))
+
+    def _regroup(self) -> None:
+        """Enter the next generation and bring every member to the same state."""
+        assert self.membership is not None
+        while True:
+            self.membership.enter()
+            self._refresh_rank()
+            try:
+                self._synchronise()
+                return
+            except RuntimeError as error:
+                log.warning("state transfer failed (%s); regrouping again", error)
+                self.membership.report_failure(self.step)
+
+    # --- checkpoints --------------------------------------------------------------------
+    def _save(self) -> None:
         directory = self.config.checkpoint_dir
         assert directory is not None
         checkpoint.save_atomic({"engine": self.engine.state_dict()}, checkpoint.worker_path(directory, self.rank))
-        dist.barrier(group=self.group)
+        self._wait(dist.barrier(group=self.group, async_op=True))
         if self.rank == 0:
             shared = {
-                "step": step,
-                "total_bytes": self.total_bytes,
+                "step": self.step,
                 "fingerprint": self.config.fingerprint(include_runtime=False),
                 "model": self.model.state_dict(),
                 "optimizer": self.engine.optimizer.state_dict(),
             }
             checkpoint.save_atomic(shared, checkpoint.shared_path(directory))
-        dist.barrier(group=self.group)
+        self._wait(dist.barrier(group=self.group, async_op=True))
 
     def _resume(self) -> None:
         directory = self.config.checkpoint_dir
@@ -165,46 +245,82 @@ class Trainer:
         worker = checkpoint.worker_path(directory, self.rank)
         if worker.is_file():
             self.engine.load_state_dict(checkpoint.load(worker)["engine"])
-        self.start_step = shared["step"]
-        self.total_bytes = shared["total_bytes"]
-        log.info("resumed from %s at step %d", directory, self.start_step)
+        self.step = self.start_step = shared["step"]
+        log.info("resumed from %s at step %d", directory, self.step)
+
+    # --- the loop -----------------------------------------------------------------------
+    def _after_step(self, history: list[EvalPoint], last: int, started: float) -> bool:
+        """Replica check, evaluation and checkpoint due after the step just committed."""
+        config, done = self.config, self.step
+        identical = True
+        if done % config.digest_every == 0 or done == last:
+            abort = self.membership.abort_check if self.membership else None
+            identical = check_replicas(self.model, self.engine.optimizer, self.group, step=done, abort_check=abort)
+        if done % config.eval_every == 0 or done == last:
+            history.append(EvalPoint(done, self.evaluate(), self.total_bytes, time.monotonic() - started))
+            log.info("step %d: val loss %.4f, %d bytes sent", done, history[-1].val_loss, self.total_bytes)
+        if config.checkpoint_dir and config.checkpoint_every and done % config.checkpoint_every == 0:
+            self._save()
+        return identical
+
+    def _finish_together(self) -> None:
+        """Wait for every member to finish before anyone leaves, so that no leave breaks a
+        generation whose members still have collectives to run."""
+        try:
+            self._wait(dist.barrier(async_op=True))
+        except RuntimeError as error:
+            log.warning("members finished apart (%s); training itself is complete", error)
 
     def run(self, stop_at: int | None = None) -> RunSummary:
         """Train to config.steps (or stop early after step ``stop_at``) and summarise."""
         config = self.config
         last = config.steps if stop_at is None else min(stop_at, config.steps)
         started = time.monotonic()
-        bytes_at_start = self.total_bytes
         history: list[EvalPoint] = []
         identical = True
-        bar = tqdm(total=config.steps, initial=self.start_step, disable=not self.progress, desc=self.method.name)
-        for step in range(self.start_step, last):
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = learning_rate(step, config)
-            loss = self.engine.step(step, self.corpus.train_batch(step, self.rank, self.world_size))
-            self.total_bytes += self.engine.payload_bytes_last_step
-            done = step + 1
-            if done % config.digest_every == 0 or done == last:
-                identical &= check_replicas(self.model, self.engine.optimizer, self.group, step=done)
-            if done % config.eval_every == 0 or done == last:
-                history.append(EvalPoint(done, self.evaluate(), self.total_bytes, time.monotonic() - started))
-                log.info("step %d: val loss %.4f, %d bytes sent", done, history[-1].val_loss, self.total_bytes)
-            if config.checkpoint_dir and config.checkpoint_every and done % config.checkpoint_every == 0:
-                self._save(done)
+        failures = 0
+        bar = tqdm(total=last, initial=self.step, disable=not self.progress, desc=self.method.name)
+        while self.step < last:
+            try:
+                if self.membership is not None and self.membership.switch_due(self.step):
+                    self._regroup()
+                    continue
+                for group in self.engine.optimizer.param_groups:
+                    group["lr"] = learning_rate(self.step, config)
+                batch = self.corpus.train_batch(self.step, self.rank, self.world_size)
+                loss = self.engine.step(self.step, batch)
+                self.step += 1
+                self.steps_run += 1
+                self.total_bytes += self.engine.payload_bytes_last_step
+                if self.membership is not None:
+                    self.membership.agent.step = self.step
+                identical &= self._after_step(history, last, started)
+                failures = 0
+            except RuntimeError as error:
+                failures += 1
+                if self.membership is None or failures > MAX_CONSECUTIVE_FAILURES:
+                    raise
+                log.warning("step %d failed (%s); regrouping", self.step, error)
+                self.membership.report_failure(self.step)
+                self._regroup()
+                continue
+            bar.n = self.step
             bar.set_postfix(loss=f"{loss:.3f}", kB_per_step=f"{self.engine.payload_bytes_last_step / 1e3:.1f}")
-            bar.update(1)
+            bar.refresh()
         bar.close()
-        steps_run = max(1, last - self.start_step)
         val_loss = history[-1].val_loss if history else self.evaluate()
+        if self.membership is not None:
+            self._finish_together()
         return RunSummary(
             workers=self.world_size,
-            steps=last,
+            steps=self.step,
             method=self.method.name,
             val_loss=val_loss,
-            bytes_per_step=(self.total_bytes - bytes_at_start) / steps_run,
+            bytes_per_step=self.total_bytes / max(1, self.steps_run),
             dense_bytes_per_step=self.engine.dense_bytes_per_step,
             total_bytes=self.total_bytes,
             wall_s=time.monotonic() - started,
             replicas_identical=identical,
+            parameter_digest=parameter_digest(self.model).hex()[:16],
             history=history,
         )

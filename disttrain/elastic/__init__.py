@@ -1,0 +1,1 @@
+"""Elastic membership: the coordinator (control plane), the worker agent, and group rebuilds."""

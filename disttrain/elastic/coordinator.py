@@ -1,0 +1,237 @@
+"""The coordinator: membership, generations and the rendezvous store. Tensors never pass here.
+
+One ROUTER socket. Workers send join, heartbeat, failed and leave messages; every reply is a
+"view": the current generation, its roster (worker ids in rank order), the port of the c10d
+TCPStore this process hosts, and the worker's status in it (active, waiting, evicted).
+
+A generation changes when a roster member leaves, falls silent past the heartbeat timeout, or
+when a failed collective is reported (then every member must confirm the failure or fall
+silent for ``suspect_after_s``), and when new workers are waiting to join. Survivors keep
+their order, so rank 0 stays rank 0 while it lives; joiners are appended.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+import zmq
+
+from disttrain.elastic import protocol
+from disttrain.elastic.protocol import Message, ProtocolError, ReplayGuard
+
+log = logging.getLogger(__name__)
+COORDINATOR_ID = "coordinator"
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    bind: str = "tcp://127.0.0.1:29400"
+    job: str = "disttrain"
+    min_workers: int = 1
+    max_workers: int = 64
+    start_workers: int = 0  # the first generation waits for this many (0: min_workers)
+    heartbeat_timeout_s: float = 3.0
+    suspect_after_s: float = 1.0
+    join_grace_s: float = 0.5
+    store_port: int = 0  # 0: the bind port + 1
+
+    def validate(self) -> None:
+        if not self.bind.startswith("tcp://") or ":" not in self.bind[6:]:
+            raise ValueError(f"--bind must look like tcp://HOST:PORT, got {self.bind!r}")
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise ValueError(f"need 1 <= min_workers <= max_workers, got {self.min_workers} and {self.max_workers}")
+        if self.start_workers and not self.min_workers <= self.start_workers <= self.max_workers:
+            raise ValueError(f"start_workers ({self.start_workers}) must lie between min_workers and max_workers")
+        if self.suspect_after_s >= self.heartbeat_timeout_s:
+            raise ValueError("suspect_after_s must be shorter than heartbeat_timeout_s")
+
+    @property
+    def port(self) -> int:
+        return int(self.bind.rsplit(":", 1)[1])
+
+
+@dataclass
+class Member:
+    worker_id: str
+    identity: bytes | None
+    last_seen: float
+    step: int = 0
+    failed_gen: int = -1
+
+
+class Coordinator:
+    """Membership state machine; ``handle`` never raises, whatever arrives."""
+
+    def __init__(self, config: CoordinatorConfig, secret: bytes):
+        config.validate()
+        self.config = config
+        self.secret = secret
+        self.replays = ReplayGuard()
+        self.members: dict[str, Member] = {}
+        self.roster: list[str] = []
+        self.gen = 0
+        self.broken = False
+        self.last_break = 0
+        self.last_join = 0.0
+        self.refusals = 0
+        self.job_config: str | None = None  # the fingerprint every worker's config must match
+
+    # --- message handling -------------------------------------------------------------
+    def handle(self, identity: bytes, frame: bytes, now: float | None = None) -> bytes:
+        """One reply frame for one request frame."""
+        now = time.monotonic() if now is None else now
+        try:
+            message = protocol.decode(frame, self.secret, self.config.job)
+            self.replays.check(message)
+            if message.type not in ("join", "heartbeat", "failed", "leave"):
+                raise ProtocolError(f"workers may not send {message.type!r} messages")
+        except ProtocolError as error:
+            self.refusals += 1
+            log.warning("refused a message from %r: %s", identity[:16], error)
+            return self._reply("refused", {"reason": str(error)})
+        if message.type == "join":
+            if self.job_config not in (None, message.body["config"]):
+                self.refusals += 1
+                log.warning("refused worker %s: its config differs from the running job's", message.sender)
+                return self._reply(
+                    "refused",
+                    {"reason": "this worker's config differs from the running job's: start it with the same flags and config file"},
+                )
+            self.job_config = message.body["config"]
+            self._on_join(identity, message, now)
+        member = self.members.get(message.sender)
+        if member is not None:
+            member.identity, member.last_seen = identity, now
+            if message.type == "heartbeat":
+                member.step = message.body["step"]
+            elif message.type == "failed":
+                self._on_failed(member, message)
+            elif message.type == "leave":
+                self._remove(message.sender, "left")
+        self.tick(now)
+        return self._view_for(message.sender)
+
+    def _on_join(self, identity: bytes, message: Message, now: float) -> None:
+        sender, body = message.sender, message.body
+        claim_gen, claim_roster = body["claim_gen"], body["claim_roster"]
+        if claim_gen > self.gen and sender in claim_roster and all(isinstance(w, str) for w in claim_roster):
+            # This coordinator restarted: adopt the generation the workers are still running.
+            log.info("adopting generation %d (%d workers) reported by %s", claim_gen, len(claim_roster), sender)
+            self.gen, self.roster, self.broken, self.last_break = claim_gen, list(claim_roster), False, 0
+            for worker in claim_roster:
+                self.members.setdefault(worker, Member(worker, None, now))
+        if sender not in self.members:
+            log.info("worker %s (%s, pid %d) asks to join", sender, body["host"], body["pid"])
+            self.members[sender] = Member(sender, identity, now)
+            self.last_join = now
+
+    def _on_failed(self, member: Member, message: Message) -> None:
+        if message.gen != self.gen or member.worker_id not in self.roster:
+            return  # a report about an older generation: that one is already replaced
+        member.failed_gen = message.gen
+        if not self.broken:
+            log.info("generation %d broken: %s reports a failed collective at step %d", self.gen, member.worker_id, message.body["step"])
+        self._break()
+
+    def _remove(self, worker_id: str, why: str) -> None:
+        self.members.pop(worker_id, None)
+        if worker_id in self.roster:
+            log.info("worker %s %s; generation %d must be replaced", worker_id, why, self.gen)
+            self._break()
+
+    def _break(self) -> None:
+        """The current generation can no longer complete a collective: its members must regroup."""
+        self.broken = True
+        self.last_break = self.gen
+
+    # --- the state machine ------------------------------------------------------------
+    def tick(self, now: float | None = None) -> None:
+        """Time-outs, failure resolution and new generations."""
+        now = time.monotonic() if now is None else now
+        for worker_id, member in list(self.members.items()):
+            if now - member.last_seen > self.config.heartbeat_timeout_s:
+                self._remove(worker_id, f"silent for {now - member.last_seen:.1f} s")
+        if self.broken:
+            for worker_id in self.roster:
+                member = self.members.get(worker_id)
+                if member and member.failed_gen != self.gen and now - member.last_seen > self.config.suspect_after_s:
+                    self._remove(worker_id, "silent after a failed collective")
+            unresolved = [w for w in self.roster if w in self.members and self.members[w].failed_gen != self.gen]
+            if not unresolved:
+                self._new_generation(now)
+        elif self._waiting() and (self.gen > 0 or self._first_generation_ready(now)):
+            if now - self.last_join >= self.config.join_grace_s or len(self._candidates()) >= self.config.max_workers:
+                self._new_generation(now)
+
+    def _waiting(self) -> list[str]:
+        return [w for w in self.members if w not in self.roster]
+
+    def _candidates(self) -> list[str]:
+        survivors = [w for w in self.roster if w in self.members]
+        return (survivors + self._waiting())[: self.config.max_workers]
+
+    def _first_generation_ready(self, now: float) -> bool:
+        return len(self._candidates()) >= (self.config.start_workers or self.config.min_workers)
+
+    def _new_generation(self, now: float) -> None:
+        candidates = self._candidates()
+        if len(candidates) < self.config.min_workers:
+            return  # below quorum: wait for joiners
+        self.gen += 1
+        self.roster = candidates
+        self.broken = False
+        log.info("generation %d: %d workers %s", self.gen, len(self.roster), self.roster)
+
+    # --- replies ----------------------------------------------------------------------
+    def status_of(self, worker_id: str) -> str:
+        if worker_id not in self.members:
+            return "evicted"
+        return "active" if worker_id in self.roster and not self.broken else "waiting"
+
+    def _view_for(self, worker_id: str) -> bytes:
+        body = {
+            "gen": self.gen,
+            "roster": list(self.roster),
+            "store_port": self.store_port,
+            "status": self.status_of(worker_id),
+            "last_break": self.last_break,
+        }
+        return self._reply("view", body)
+
+    def _reply(self, kind: str, body: dict) -> bytes:
+        return protocol.encode(Message(kind, self.config.job, COORDINATOR_ID, self.gen, body), self.secret)
+
+    @property
+    def store_port(self) -> int:
+        return self.config.store_port or self.config.port + 1
+
+    # --- serving ----------------------------------------------------------------------
+    def serve(self, stop: threading.Event | None = None, tick_s: float = 0.05) -> None:
+        """Host the rendezvous store and answer workers until ``stop`` is set."""
+        stop = stop or threading.Event()
+        store = dist.TCPStore(  # noqa: F841  (kept alive for the workers' process groups)
+            "0.0.0.0", self.store_port, None, True, timeout=timedelta(seconds=60), wait_for_workers=False
+        )
+        context = zmq.Context.instance()
+        socket = context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES + 1024)
+        socket.bind(self.config.bind)
+        log.info("coordinator for job %r on %s, rendezvous store on port %d", self.config.job, self.config.bind, self.store_port)
+        try:
+            while not stop.is_set():
+                if socket.poll(int(tick_s * 1000)):
+                    parts = socket.recv_multipart()
+                    if len(parts) != 2:
+                        log.warning("refused a message with %d frames", len(parts) - 1)
+                        continue
+                    socket.send_multipart([parts[0], self.handle(parts[0], parts[1])])
+                else:
+                    self.tick()
+        finally:
+            socket.close(0)

@@ -1,0 +1,107 @@
+"""Elastic membership inside the training process: enter generations, regroup after failures.
+
+The trainer calls ``enter`` before training and after any failed step, and ``switch_due`` at
+step boundaries. Every ``sync_every`` steps the members agree (one 8-byte all_reduce) on the
+newest generation any of them has heard of, so that all switch at the same step when workers
+join. A broken generation (a member died, stopped or left) is abandoned at once: waits on its
+collectives poll the agent and give up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from disttrain.comm.waiting import wait_work
+from disttrain.elastic.agent import Agent, View
+
+log = logging.getLogger(__name__)
+
+# Process groups abandoned mid-collective. Destroying one blocks until its silent peers answer,
+# so they are kept here instead; each holds a few sockets and threads.
+_ABANDONED: list[object] = []
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    coordinator: str
+    job: str = "disttrain"
+    heartbeat_s: float = 0.25
+    sync_every: int = 5
+    rendezvous_timeout_s: float = 60.0
+    collective_timeout_s: float = 300.0
+    backend: str = "gloo"
+
+
+class ElasticMembership:
+    """This worker's place in the job: its agent, its generation, and whether it holds state."""
+
+    def __init__(self, agent: Agent, config: ElasticConfig):
+        self.agent = agent
+        self.config = config
+        self.fresh = True  # holds no state that others need (a new or evicted worker)
+        self.entered_at: float | None = None
+
+    def abort_check(self) -> bool:
+        return self.agent.generation_broken()
+
+    def _wanted(self, view: View) -> bool:
+        if view.status == "evicted":
+            return True
+        return view.status == "active" and view.gen > self.agent.gen and self.agent.worker_id in view.roster
+
+    def enter(self) -> View:
+        """Block until a generation includes this worker, then join its process group."""
+        while True:
+            view = self.agent.wait_for_view(self._wanted, self.config.rendezvous_timeout_s)
+            if view.status == "evicted":
+                log.warning("this worker was evicted; joining again with fresh state")
+                self.agent.rejoin()
+                self.fresh = True
+                continue
+            try:
+                self._rebuild_group(view)
+            except RuntimeError as error:
+                log.warning("could not form generation %d (%s); waiting for the next", view.gen, error)
+                self.agent.entered(view)
+                self.agent.report_failure(self.agent.step)
+                continue
+            self.agent.entered(view)
+            self.entered_at = time.monotonic()
+            return view
+
+    def _rebuild_group(self, view: View) -> None:
+        if dist.is_initialized():
+            _ABANDONED.append(dist.group.WORLD)
+            dist.destroy_process_group()
+        store = dist.TCPStore(
+            self.agent.host,
+            view.store_port,
+            is_master=False,
+            timeout=timedelta(seconds=self.config.rendezvous_timeout_s),
+        )
+        dist.init_process_group(
+            self.config.backend,
+            store=dist.PrefixStore(f"gen{view.gen}", store),
+            rank=view.rank_of(self.agent.worker_id),
+            world_size=len(view.roster),
+            timeout=timedelta(seconds=self.config.collective_timeout_s),
+        )
+        log.info("entered generation %d as rank %d of %d", view.gen, dist.get_rank(), dist.get_world_size())
+
+    def switch_due(self, step: int) -> bool:
+        """At every sync_every-th step: has any member heard of a newer generation?"""
+        if step % self.config.sync_every:
+            return False
+        view = self.agent.view
+        newest = torch.tensor([view.gen if view is not None else 0], dtype=torch.int64)
+        wait_work(dist.all_reduce(newest, op=dist.ReduceOp.MAX, async_op=True), self.abort_check)
+        return int(newest.item()) > self.agent.gen
+
+    def report_failure(self, step: int) -> None:
+        self.agent.report_failure(step)

@@ -1,0 +1,79 @@
+"""State transfer at the start of a generation: one donor brings every stale worker up to date.
+
+All workers share (committed step, fresh?, parameter digest) in one small all_gather. The donor
+is the lowest rank among the non-fresh workers with the highest committed step (or rank 0 when
+all are fresh, as at the very start, where identical seeded initialisations need no transfer).
+Fresh workers (joiners) and any worker whose step or digest differs receive the donor's replica
+state point to point; the others receive nothing.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from disttrain.comm.bucket import all_gather_flat
+from disttrain.comm.waiting import AbortCheck, wait_work
+
+_DIGEST_BYTES = 32
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    donor: int
+    receivers: tuple[int, ...]
+    step: int
+
+
+def plan_sync(table: torch.Tensor) -> SyncPlan:
+    """Rows are [step, fresh, digest bytes...], one per rank."""
+    steps, fresh, digests = table[:, 0], table[:, 1], table[:, 2:]
+    candidates = [r for r in range(len(table)) if not fresh[r]] or list(range(len(table)))
+    best = max(int(steps[r]) for r in candidates)
+    donor = min(r for r in candidates if int(steps[r]) == best)
+    stale = [
+        bool(fresh[r] and not fresh[donor]) or int(steps[r]) != best or not torch.equal(digests[r], digests[donor])
+        for r in range(len(table))
+    ]
+    receivers = tuple(r for r in range(len(table)) if r != donor and stale[r])
+    return SyncPlan(donor, receivers, best)
+
+
+def _serialise(state: dict[str, Any]) -> torch.Tensor:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def synchronise(
+    step: int,
+    fresh: bool,
+    digest: bytes,
+    export: Callable[[], dict[str, Any]],
+    load: Callable[[dict[str, Any]], None],
+    abort_check: AbortCheck | None = None,
+) -> SyncPlan:
+    """Bring every stale worker of the current process group to the donor's state."""
+    mine = torch.tensor([step, int(fresh), *digest], dtype=torch.int64)
+    world = dist.get_world_size()
+    gathered = torch.empty(world * mine.numel(), dtype=torch.int64)
+    wait_work(all_gather_flat(gathered, mine, async_op=True), abort_check)
+    plan = plan_sync(gathered.reshape(world, -1))
+    rank = dist.get_rank()
+    if rank == plan.donor and plan.receivers:
+        payload = _serialise(export())
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        for receiver in plan.receivers:
+            wait_work(dist.isend(size, receiver), abort_check)
+            wait_work(dist.isend(payload, receiver), abort_check)
+    elif rank in plan.receivers:
+        size = torch.empty(1, dtype=torch.int64)
+        wait_work(dist.irecv(size, plan.donor), abort_check)
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        wait_work(dist.irecv(payload, plan.donor), abort_check)
+        load(torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=False))
+    return plan

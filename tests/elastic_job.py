@@ -1,0 +1,109 @@
+"""A real elastic job for tests: a coordinator process and worker processes on localhost."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from disttrain.launcher.local import free_port
+
+SECRET = "elastic-test-secret-0123456789abcdef"
+TINY_FLAGS = [
+    "--model.n_layer", "1", "--model.n_embd", "64", "--model.n_head", "2", "--model.block_size", "32",
+    "--data.block_size", "32", "--data.batch_size", "4", "--data.val_batches", "2", "--rank", "4",
+    "--optim.warmup_steps", "2",
+]
+STEP_LINE = re.compile(rb"step (\d+): val loss")
+
+
+class ElasticJob:
+    """Start, disturb and inspect a coordinator and its workers."""
+
+    def __init__(self, workdir: Path, steps: int = 300, link_mbit: float = 2.0, heartbeat_timeout_s: float = 2.0):
+        self.workdir = workdir
+        self.port, self.store_port = free_port(), free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "DISTTRAIN_SECRET": SECRET, "OMP_NUM_THREADS": "1"}
+        for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            self.env.pop(name, None)
+        self.steps = steps
+        self.link_mbit = link_mbit
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.workers: list[subprocess.Popen] = []
+        self.coordinator: subprocess.Popen | None = None
+        self._coordinators_started = 0
+
+    def start_coordinator(self, start_workers: int = 1) -> None:
+        self._coordinators_started += 1
+        log = open(self.workdir / f"coordinator-{self._coordinators_started}.log", "wb")
+        self.coordinator = subprocess.Popen(
+            [
+                sys.executable, "-m", "disttrain.cli", "coordinator", "--bind", self.address,
+                "--store-port", str(self.store_port), "--start-workers", str(start_workers),
+                "--heartbeat-timeout-s", str(self.heartbeat_timeout_s),
+            ],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+    def start_worker(self, secret: str | None = None, extra: list[str] | None = None) -> subprocess.Popen:
+        index = len(self.workers)
+        env = self.env if secret is None else {**self.env, "DISTTRAIN_SECRET": secret}
+        log = open(self.workdir / f"worker-{index}.log", "wb")
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "disttrain.launcher", "--coordinator", self.address,
+                "--summary-file", str(self.workdir / "summary-{pid}.json"),
+                "--steps", str(self.steps), "--eval_every", "10", "--digest_every", "10",
+                "--link_mbit", str(self.link_mbit), "--timeout-s", "60", *TINY_FLAGS, *(extra or []),
+            ],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.workers.append(proc)
+        return proc
+
+    def log(self, index: int) -> bytes:
+        return (self.workdir / f"worker-{index}.log").read_bytes()
+
+    def latest_step(self, index: int) -> int:
+        steps = [int(m) for m in STEP_LINE.findall(self.log(index))]
+        return max(steps, default=0)
+
+    def wait_for_step(self, index: int, step: int, timeout_s: float = 120) -> float:
+        """Block until worker ``index`` logged an evaluation at ``step`` or later; returns when."""
+        deadline = time.monotonic() + timeout_s
+        while self.latest_step(index) < step:
+            if self.workers[index].poll() is not None:
+                raise AssertionError(f"worker {index} exited early:\n{self.log(index).decode()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker {index} did not reach step {step}:\n{self.log(index).decode()[-3000:]}")
+            time.sleep(0.05)
+        return time.monotonic()
+
+    def wait_for_exit(self, indices: list[int], timeout_s: float = 180) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        codes = []
+        for index in indices:
+            try:
+                codes.append(self.workers[index].wait(timeout=max(1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"worker {index} still running:\n{self.log(index).decode()[-3000:]}") from None
+        return codes
+
+    def summary(self, index: int) -> dict:
+        return json.loads((self.workdir / f"summary-{self.workers[index].pid}.json").read_text())
+
+    def signal(self, index: int, sig: int) -> None:
+        os.kill(self.workers[index].pid, sig)
+
+    def close(self) -> None:
+        for proc in [*self.workers, self.coordinator]:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,78 @@
+"""Elastic membership with real processes, real sockets and the real coordinator."""
+
+import signal
+
+import pytest
+from elastic_job import ElasticJob
+
+
+@pytest.fixture
+def job(tmp_path):
+    job = ElasticJob(tmp_path)
+    yield job
+    job.close()
+
+
+def start(job: ElasticJob, workers: int = 3) -> None:
+    job.start_coordinator(start_workers=workers)
+    for _ in range(workers):
+        job.start_worker()
+
+
+def assert_identical_and_complete(job: ElasticJob, indices: list[int]) -> list[dict]:
+    summaries = [job.summary(i) for i in indices]
+    assert {s["parameter_digest"] for s in summaries} == {summaries[0]["parameter_digest"]}
+    assert all(s["steps"] == job.steps for s in summaries)
+    return summaries
+
+
+def test_survivors_of_a_kill_9_continue_in_the_same_processes_with_identical_parameters(job):
+    start(job)
+    job.wait_for_step(0, 40)
+    job.signal(2, signal.SIGKILL)
+    assert job.wait_for_exit([0, 1]) == [0, 0]
+    summaries = assert_identical_and_complete(job, [0, 1])
+    assert summaries[0]["workers"] == 2
+    assert b"regrouping" in job.log(0) or b"regrouping" in job.log(1)
+
+
+def test_a_worker_joining_mid_run_ends_with_identical_parameters(job):
+    start(job)
+    job.wait_for_step(0, 40)
+    job.start_worker()
+    assert job.wait_for_exit([0, 1, 2, 3]) == [0, 0, 0, 0]
+    summaries = assert_identical_and_complete(job, [0, 1, 2, 3])
+    assert summaries[0]["workers"] == 4
+    assert b"sent to ranks [3]" in job.log(0)
+
+
+def test_a_stopped_worker_is_evicted_and_rejoins_with_fresh_state_after_sigcont(job):
+    start(job)
+    job.wait_for_step(0, 40)
+    job.signal(2, signal.SIGSTOP)
+    stopped_at = job.latest_step(0)
+    job.wait_for_step(0, stopped_at + 40)  # the others went on without it
+    job.signal(2, signal.SIGCONT)
+    assert job.wait_for_exit([0, 1, 2]) == [0, 0, 0]
+    assert_identical_and_complete(job, [0, 1, 2])
+    assert b"evicted" in job.log(2)
+
+
+def test_workers_keep_training_while_the_coordinator_restarts(job):
+    start(job)
+    job.wait_for_step(0, 40)
+    job.coordinator.kill()
+    job.coordinator.wait()
+    down_at = job.latest_step(0)
+    job.wait_for_step(0, down_at + 20)  # progress with no coordinator
+    job.start_coordinator(start_workers=3)
+    assert job.wait_for_exit([0, 1, 2]) == [0, 0, 0]
+    assert_identical_and_complete(job, [0, 1, 2])
+
+
+def test_a_worker_without_the_job_secret_is_refused_and_the_coordinator_survives(job):
+    job.start_coordinator()
+    intruder = job.start_worker(secret="wrong-secret-wrong-secret-wrong")
+    assert intruder.wait(timeout=120) == 2
+    assert b"bad signature" in job.log(0)
+    assert job.coordinator.poll() is None

@@ -1,0 +1,192 @@
+"""The control-plane protocol and the coordinator's handling of bad input."""
+
+import hashlib
+import hmac
+import time
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from disttrain.elastic import protocol
+from disttrain.elastic.coordinator import Coordinator, CoordinatorConfig
+from disttrain.elastic.protocol import Message, ProtocolError, ReplayGuard
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+JOB = "job-under-test"
+
+
+def join(sender: str = "w1", **body) -> Message:
+    fields = {"host": "h", "pid": 1, "config": "cfg", "claim_gen": 0, "claim_roster": []}
+    fields.update(body)
+    return Message("join", JOB, sender, 0, fields)
+
+
+def coordinator(**overrides) -> Coordinator:
+    settings = {"job": JOB, "min_workers": 1, "join_grace_s": 0.0, **overrides}
+    return Coordinator(CoordinatorConfig(**settings), SECRET)
+
+
+def reply(coord: Coordinator, message: Message, secret: bytes = SECRET, now: float = 0.0) -> Message:
+    return protocol.decode(coord.handle(b"id", protocol.encode(message, secret), now=now), SECRET, JOB)
+
+
+def test_a_signed_message_round_trips():
+    message = join()
+    decoded = protocol.decode(protocol.encode(message, SECRET), SECRET, JOB)
+    assert (decoded.type, decoded.sender, decoded.body) == ("join", "w1", message.body)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda f: f[:-1] + bytes([f[-1] ^ 1]), "bad signature"),
+        (lambda f: b"\x00" * (protocol.MAX_FRAME_BYTES + 1), "exceeds"),
+        (lambda f: b"\xc1garbage", "malformed frame"),
+        (lambda f: msgpack.packb([b"x"]), "expected \\[payload, mac\\]"),
+    ],
+    ids=["tampered", "oversized", "garbage", "wrong-shape"],
+)
+def test_damaged_frames_are_refused_with_the_reason(mutate, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        protocol.decode(mutate(protocol.encode(join(), SECRET)), SECRET, JOB)
+
+
+def test_a_message_signed_with_another_secret_is_refused():
+    with pytest.raises(ProtocolError, match="bad signature"):
+        protocol.decode(protocol.encode(join(), b"another-secret-of-some-length"), SECRET, JOB)
+
+
+def test_a_message_for_another_job_is_refused():
+    message = join()
+    message.job = "other-job"
+    with pytest.raises(ProtocolError, match="for job 'other-job'"):
+        protocol.decode(protocol.encode(message, SECRET), SECRET, JOB)
+
+
+def test_a_stale_message_is_refused():
+    message = join()
+    message.ts = time.time() - 3600
+    with pytest.raises(ProtocolError, match="stale or future timestamp"):
+        protocol.decode(protocol.encode(message, SECRET), SECRET, JOB)
+
+
+def test_unknown_types_and_missing_fields_are_refused():
+    with pytest.raises(ProtocolError, match="unknown message type 'reboot'"):
+        protocol.decode(protocol.encode(Message("reboot", JOB, "w", 0, {}), SECRET), SECRET, JOB)
+    with pytest.raises(ProtocolError, match="join body lacks field 'pid'"):
+        protocol.decode(protocol.encode(Message("join", JOB, "w", 0, {"host": "h"}), SECRET), SECRET, JOB)
+
+
+def test_a_replayed_message_is_refused():
+    guard = ReplayGuard()
+    message = protocol.decode(protocol.encode(join(), SECRET), SECRET, JOB)
+    guard.check(message)
+    with pytest.raises(ProtocolError, match="replayed"):
+        guard.check(message)
+
+
+def test_coordinator_admits_a_signed_join_and_refuses_an_unsigned_one():
+    coord = coordinator()
+    assert reply(coord, join("good")).body["status"] == "active"
+    refused = reply(coord, join("intruder"), secret=b"not-the-job-secret-at-all")
+    assert refused.type == "refused" and "bad signature" in refused.body["reason"]
+    assert set(coord.members) == {"good"}
+
+
+def test_coordinator_refuses_a_replayed_join():
+    coord = coordinator()
+    frame = protocol.encode(join("w1"), SECRET)
+    coord.handle(b"id", frame, now=0.0)
+    coord.members.clear()
+    answer = protocol.decode(coord.handle(b"id", frame, now=0.1), SECRET, JOB)
+    assert answer.type == "refused" and "replayed" in answer.body["reason"]
+    assert not coord.members
+
+
+def test_coordinator_refuses_a_worker_with_a_different_config():
+    coord = coordinator()
+    reply(coord, join("a", config="one"))
+    answer = reply(coord, join("b", config="two"))
+    assert answer.type == "refused" and "config differs" in answer.body["reason"]
+
+
+def test_workers_may_not_send_coordinator_messages():
+    coord = coordinator()
+    fake = Message("view", JOB, "w", 0, {"gen": 9, "roster": [], "store_port": 1, "status": "active", "last_break": 0})
+    assert reply(coord, fake).type == "refused"
+
+
+@given(st.binary(max_size=512))
+def test_fuzzed_frames_never_crash_the_coordinator_and_are_never_accepted(frame):
+    coord = coordinator()
+    answer = protocol.decode(coord.handle(b"fuzz", frame, now=0.0), SECRET, JOB)
+    assert answer.type == "refused"
+    assert not coord.members and coord.gen == 0
+
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20) | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.sampled_from(["v", "type", "job", "sender", "gen", "nonce", "ts", "body", "x"]), values))
+def test_fuzzed_signed_payloads_are_refused_unless_well_formed(fields):
+    """Even with a valid signature, a payload that breaks the schema is refused, never a crash."""
+    coord = coordinator()
+    payload = msgpack.packb(fields, use_bin_type=True)
+    frame = msgpack.packb([payload, hmac.new(SECRET, payload, hashlib.sha256).digest()], use_bin_type=True)
+    answer = protocol.decode(coord.handle(b"fuzz", frame, now=0.0), SECRET, JOB)
+    assert answer.type == "refused"
+    assert not coord.members
+
+
+def started(workers: list[str], **overrides) -> Coordinator:
+    """A coordinator whose first generation holds ``workers`` (they join within the grace period)."""
+    coord = coordinator(join_grace_s=0.5, **overrides)
+    for worker in workers:
+        reply(coord, join(worker), now=0.0)
+    coord.tick(now=0.6)
+    assert coord.gen == 1 and coord.roster == workers
+    return coord
+
+
+def test_a_silent_member_is_evicted_and_a_new_generation_formed():
+    coord = started(["a", "b"], heartbeat_timeout_s=3.0)
+    view = reply(coord, Message("heartbeat", JOB, "a", 1, {"step": 5}), now=3.5)
+    assert view.body["last_break"] == 1 and view.body["status"] == "waiting"  # a must abandon generation 1
+    reply(coord, Message("failed", JOB, "a", 1, {"step": 5}), now=3.6)  # a confirms it stopped
+    assert coord.gen == 2 and coord.roster == ["a"]
+
+
+def test_no_generation_forms_below_the_quorum():
+    coord = started(["a", "b"], heartbeat_timeout_s=3.0, min_workers=2)
+    reply(coord, Message("heartbeat", JOB, "a", 1, {"step": 5}), now=3.5)
+    assert coord.gen == 1 and coord.broken
+    assert reply(coord, Message("heartbeat", JOB, "a", 1, {"step": 5}), now=3.6).body["status"] == "waiting"
+
+
+def test_a_failure_report_regroups_once_every_member_confirms_or_falls_silent():
+    coord = started(["a", "b", "c"], heartbeat_timeout_s=3.0, suspect_after_s=1.0)
+    reply(coord, Message("failed", JOB, "a", 1, {"step": 7}), now=0.7)
+    reply(coord, Message("failed", JOB, "b", 1, {"step": 7}), now=0.8)
+    assert coord.broken and coord.gen == 1  # c has neither confirmed nor been silent for long
+    coord.tick(now=1.1)  # c silent for 1.1 s > suspect_after_s
+    assert coord.gen == 2 and coord.roster == ["a", "b"]
+
+
+def test_a_joiner_is_added_to_the_running_generation_without_breaking_it():
+    coord = started(["a", "b"])
+    reply(coord, join("c"), now=1.0)
+    coord.tick(now=1.6)
+    assert coord.gen == 2 and coord.roster == ["a", "b", "c"] and coord.last_break == 0
+
+
+def test_a_restarted_coordinator_adopts_the_generation_workers_still_run():
+    coord = coordinator()
+    claim = reply(coord, join("b", claim_gen=7, claim_roster=["a", "b"]))
+    assert coord.gen == 7 and coord.roster == ["a", "b"]
+    assert claim.body["status"] == "active"
