@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     elastic.add_argument("--secret-file", help=f"file holding the job secret (default: ${SECRET_ENV})")
     elastic.add_argument("--heartbeat-s", type=float, default=0.25)
     elastic.add_argument("--sync-every", type=int, default=5, help="steps between membership checks")
+    elastic.add_argument("--log-all-ranks", action="store_true", help="INFO logs from every worker, not only rank 0")
     add_config_flags(parser)
     return parser
 
@@ -64,6 +65,7 @@ def init_process_group(backend: str, timeout_s: float) -> None:
 
 def start_membership(args: argparse.Namespace, config: TrainConfig, backend: str) -> ElasticMembership:
     agent = Agent(args.coordinator, load_secret(args.secret_file), args.job, config.fingerprint(), args.heartbeat_s)
+    log.info("asking the coordinator at %s to join job %r", args.coordinator, args.job)
     agent.start()
     settings = ElasticConfig(
         coordinator=args.coordinator,
@@ -84,11 +86,11 @@ def write_summary(path: str, config: TrainConfig, summary: RunSummary) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Under a coordinator ranks change over time: every worker logs, tagged with its pid.
+    # Under a coordinator, ranks are known only once a generation forms, and change over time.
     tag = f"pid {os.getpid()}" if args.coordinator else f"rank {os.environ.get('RANK', '?')}"
     logging.basicConfig(
         level=logging.INFO if args.coordinator or os.environ.get("RANK", "0") == "0" else logging.WARNING,
-        format=f"[{tag}] %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s [{tag}] %(levelname)s %(name)s: %(message)s",
     )
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     membership = None
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             init_process_group(backend, args.timeout_s)
         trainer = Trainer(config, membership=membership)
+        if trainer.rank != 0 and not args.log_all_ranks:
+            logging.getLogger().setLevel(logging.WARNING)
         summary = trainer.run()
     except (ValueError, FileNotFoundError, NotLaunched, WorkerRefused, CoordinatorUnreachable) as error:
         log.error("%s", error)

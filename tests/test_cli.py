@@ -7,15 +7,12 @@ import sys
 
 import pytest
 from distributed import run_workers
+from tiny import TINY_FLAGS
 
 from disttrain.comm import CompressedAllReduce
 from disttrain.methods import DEFAULT_METHOD, get_method
 from disttrain.models import GPT, GPTConfig
 
-TINY_FLAGS = [
-    "--model.n_layer", "1", "--model.n_embd", "64", "--model.n_head", "2", "--model.block_size", "32",
-    "--data.block_size", "32", "--data.batch_size", "4", "--data.val_batches", "2", "--rank", "4",
-]
 
 
 def run(*command: str, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,14 +1,18 @@
 """Elastic membership with real processes, real sockets and the real coordinator."""
 
 import signal
+import subprocess
+import sys
 
 import pytest
-from elastic_job import ElasticJob
+from tiny import TINY_FLAGS
+
+from disttrain.launcher.elastic_job import ElasticJob
 
 
 @pytest.fixture
 def job(tmp_path):
-    job = ElasticJob(tmp_path)
+    job = ElasticJob(tmp_path, TINY_FLAGS)
     yield job
     job.close()
 
@@ -76,3 +80,17 @@ def test_a_worker_without_the_job_secret_is_refused_and_the_coordinator_survives
     assert intruder.wait(timeout=120) == 2
     assert b"bad signature" in job.log(0)
     assert job.coordinator.poll() is None
+
+
+def test_torchrun_processes_join_through_the_coordinator(job):
+    job.start_coordinator(start_workers=2)
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "disttrain.launcher", "--coordinator", job.address, "--steps", "6", "--eval_every", "3",
+            *TINY_FLAGS,
+        ],
+        env=job.env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"workers": 2' in result.stdout

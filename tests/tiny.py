@@ -13,3 +13,10 @@ def tiny_config(**overrides) -> TrainConfig:
     defaults = dict(steps=8, eval_every=4, digest_every=4, model=TINY_MODEL, data=TINY_DATA, optim=TINY_OPTIM, rank=4)
     defaults.update(overrides)
     return TrainConfig(**defaults)
+
+# The same tiny setup as command-line flags, for tests that start real worker processes.
+TINY_FLAGS = [
+    "--model.n_layer", "1", "--model.n_embd", "64", "--model.n_head", "2", "--model.block_size", "32",
+    "--data.block_size", "32", "--data.batch_size", "4", "--data.val_batches", "2", "--rank", "4",
+    "--optim.warmup_steps", "2",
+]

@@ -10,7 +10,6 @@ collectives poll the agent and give up.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -45,7 +44,7 @@ class ElasticMembership:
         self.agent = agent
         self.config = config
         self.fresh = True  # holds no state that others need (a new or evicted worker)
-        self.entered_at: float | None = None
+        self.awaiting_first_step = False  # set on entering a generation, cleared by its first step
 
     def abort_check(self) -> bool:
         return self.agent.generation_broken()
@@ -72,7 +71,7 @@ class ElasticMembership:
                 self.agent.report_failure(self.agent.step)
                 continue
             self.agent.entered(view)
-            self.entered_at = time.monotonic()
+            self.awaiting_first_step = True
             return view
 
     def _rebuild_group(self, view: View) -> None:

@@ -256,6 +256,8 @@ class Trainer:
         if done % config.digest_every == 0 or done == last:
             abort = self.membership.abort_check if self.membership else None
             identical = check_replicas(self.model, self.engine.optimizer, self.group, step=done, abort_check=abort)
+            if identical and self.membership is not None:
+                log.info("replicas identical at step %d (digest %s)", done, parameter_digest(self.model).hex()[:16])
         if done % config.eval_every == 0 or done == last:
             history.append(EvalPoint(done, self.evaluate(), self.total_bytes, time.monotonic() - started))
             log.info("step %d: val loss %.4f, %d bytes sent", done, history[-1].val_loss, self.total_bytes)
@@ -294,6 +296,9 @@ class Trainer:
                 self.total_bytes += self.engine.payload_bytes_last_step
                 if self.membership is not None:
                     self.membership.agent.step = self.step
+                    if self.membership.awaiting_first_step:
+                        log.info("first step of generation %d committed (step %d)", self.membership.agent.gen, self.step)
+                        self.membership.awaiting_first_step = False
                 identical &= self._after_step(history, last, started)
                 failures = 0
             except RuntimeError as error:

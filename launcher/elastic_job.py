@@ -1,35 +1,41 @@
-"""A real elastic job for tests: a coordinator process and worker processes on localhost."""
+"""A local elastic job: a coordinator process and worker processes on this machine.
+
+Tests and the chaos benchmark use it to start, disturb and inspect real jobs."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from disttrain.elastic.protocol import SECRET_ENV
 from disttrain.launcher.local import free_port
 
-SECRET = "elastic-test-secret-0123456789abcdef"
-TINY_FLAGS = [
-    "--model.n_layer", "1", "--model.n_embd", "64", "--model.n_head", "2", "--model.block_size", "32",
-    "--data.block_size", "32", "--data.batch_size", "4", "--data.val_batches", "2", "--rank", "4",
-    "--optim.warmup_steps", "2",
-]
 STEP_LINE = re.compile(rb"step (\d+): val loss")
 
 
 class ElasticJob:
     """Start, disturb and inspect a coordinator and its workers."""
 
-    def __init__(self, workdir: Path, steps: int = 300, link_mbit: float = 2.0, heartbeat_timeout_s: float = 2.0):
+    def __init__(
+        self,
+        workdir: Path,
+        worker_flags: list[str],
+        steps: int = 300,
+        link_mbit: float = 2.0,
+        heartbeat_timeout_s: float = 2.0,
+    ):
         self.workdir = workdir
+        self.worker_flags = worker_flags
         self.port, self.store_port = free_port(), free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "DISTTRAIN_SECRET": SECRET, "OMP_NUM_THREADS": "1"}
+        self.env = {**os.environ, SECRET_ENV: secrets.token_hex(32), "OMP_NUM_THREADS": "1"}
         for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             self.env.pop(name, None)
         self.steps = steps
@@ -53,14 +59,14 @@ class ElasticJob:
 
     def start_worker(self, secret: str | None = None, extra: list[str] | None = None) -> subprocess.Popen:
         index = len(self.workers)
-        env = self.env if secret is None else {**self.env, "DISTTRAIN_SECRET": secret}
+        env = self.env if secret is None else {**self.env, SECRET_ENV: secret}
         log = open(self.workdir / f"worker-{index}.log", "wb")
         proc = subprocess.Popen(
             [
                 sys.executable, "-m", "disttrain.launcher", "--coordinator", self.address,
                 "--summary-file", str(self.workdir / "summary-{pid}.json"),
                 "--steps", str(self.steps), "--eval_every", "10", "--digest_every", "10",
-                "--link_mbit", str(self.link_mbit), "--timeout-s", "60", *TINY_FLAGS, *(extra or []),
+                "--link_mbit", str(self.link_mbit), "--timeout-s", "60", "--log-all-ranks", *self.worker_flags, *(extra or []),
             ],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )
