@@ -31,7 +31,7 @@ def test_demo_trains_several_workers_and_prints_one_json_summary():
     assert {"workers", "steps", "method", "val_loss", "bytes_per_step", "dense_bytes_per_step"} <= summary.keys()
     assert summary["workers"] == 2 and summary["steps"] == 4 and summary["method"] == DEFAULT_METHOD
     assert summary["replicas_identical"] is True
-    assert "demo: 2 workers" in result.stderr
+    assert "2 workers on localhost" in result.stderr
 
 
 def steady_state_ratio(rank: int, world: int) -> float:

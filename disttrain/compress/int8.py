@@ -5,21 +5,9 @@ from __future__ import annotations
 import torch
 
 from disttrain.compress.base import Compressor, CompressorWrapper
+from disttrain.kernels import dequantize_rows, quantize_rows
 
 _SCALE_BYTES = 4
-
-
-def quantize_rows(coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 quantisation of each row: returns (int8 values, fp32 scales)."""
-    rows = coeffs.float().reshape(coeffs.shape[0], -1)
-    scales = rows.abs().amax(dim=1) / 127.0
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    values = torch.round(rows / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-    return values, scales
-
-
-def dequantize_rows(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return values.float() * scales[:, None]
 
 
 class Int8Payload(CompressorWrapper):

@@ -43,15 +43,19 @@ class SeededBasis(Basis):
     def begin_step(self, step: int) -> None:
         self.refresh_index = step // self.refresh_every
 
+    @property
+    def seeded(self) -> kernels.SeededMatrix:
+        """The current P as the kernels take it: generated where it is used, never stored."""
+        return kernels.SeededMatrix(self.key, self.reduced_dim, self.rank, self.distribution)
+
     def matrix(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return kernels.seeded_matrix(self.key, self.reduced_dim, self.rank, self.distribution, device=device)
 
     def project(self, oriented: torch.Tensor) -> torch.Tensor:
-        return kernels.seeded_project(oriented, self.key, self.rank, "left", self.distribution)
+        return kernels.project(oriented, self.seeded, "left")
 
     def reconstruct(self, coeffs: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.reduced_dim, coeffs.shape[1], dtype=torch.float32, device=coeffs.device)
-        return kernels.seeded_reconstruct_add_(out, coeffs, self.key, 1.0, "left", self.distribution)
+        return kernels.reconstruct(coeffs, self.seeded, "left")
 
     def state_dict(self) -> dict[str, Any]:
         return {"refresh_index": self.refresh_index}
