@@ -114,7 +114,7 @@ def test_coordinator_refuses_a_worker_with_a_different_config():
 
 def test_workers_may_not_send_coordinator_messages():
     coord = coordinator()
-    fake = Message("view", JOB, "w", 0, {"gen": 9, "roster": [], "store_port": 1, "status": "active", "last_break": 0})
+    fake = Message("view", JOB, "w", 0, {"you": "w", "gen": 9, "roster": [], "store_port": 1, "status": "active", "last_break": 0})
     assert reply(coord, fake).type == "refused"
 
 

@@ -64,9 +64,12 @@ class Agent:
         self.gen = 0
         self.roster: tuple[str, ...] = ()
         self._claim = False
+        self._joined_id: str | None = None
         self._view: View | None = None
         self._changed = threading.Condition()
-        self._outbox: queue.Queue[tuple[str, dict]] = queue.Queue()
+        self._outbox: queue.Queue[tuple[str, str, dict]] = queue.Queue()
+        # Guards the worker id: switching it, signing with it, and accepting views addressed to it.
+        self._id_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="disttrain-agent", daemon=True)
 
@@ -77,11 +80,12 @@ class Agent:
 
     def rejoin(self) -> None:
         """Join again as a new worker: whatever this process held is stale."""
-        self.worker_id = uuid.uuid4().hex
-        self.gen, self.roster, self._claim = 0, (), False
-        with self._changed:
-            self._view = None
-        self._send("join", self._join_body())
+        with self._id_lock:
+            self.worker_id = uuid.uuid4().hex
+            self.gen, self.roster, self._claim, self._joined_id = 0, (), False, None
+            with self._changed:
+                self._view = None
+            self._send("join", self._join_body())
 
     def report_failure(self, step: int) -> None:
         self._send("failed", {"step": step})
@@ -135,10 +139,19 @@ class Agent:
         }
 
     def _send(self, kind: str, body: dict) -> None:
-        self._outbox.put((kind, body))
+        self._outbox.put((self.worker_id, kind, body))
 
-    def _message(self, kind: str, body: dict) -> bytes:
-        return protocol.encode(Message(kind, self.job, self.worker_id, self.gen, body), self.secret)
+    def _message(self, sender: str, kind: str, body: dict) -> bytes:
+        if kind == "join":
+            self._joined_id = sender
+        return protocol.encode(Message(kind, self.job, sender, self.gen, body), self.secret)
+
+    def _heartbeat(self) -> bytes | None:
+        """A heartbeat, unless this id's join has not gone out yet (it would read as evicted)."""
+        with self._id_lock:
+            if self._joined_id != self.worker_id:
+                return None
+            return self._message(self.worker_id, "heartbeat", {"step": self.step})
 
     def _connect(self, context: zmq.Context) -> zmq.Socket:
         sock = context.socket(zmq.DEALER)
@@ -158,8 +171,10 @@ class Agent:
                 while not self._outbox.empty():
                     sock.send(self._message(*self._outbox.get_nowait()))
                 if now >= next_beat:
-                    sock.send(self._message("heartbeat", {"step": self.step}))
-                    next_beat = now + self.heartbeat_s
+                    beat = self._heartbeat()
+                    if beat is not None:
+                        sock.send(beat)
+                        next_beat = now + self.heartbeat_s
                 if sock.poll(int(self.heartbeat_s * 1000 / 2)):
                     self._receive(sock.recv())
                     last_reply = time.monotonic()
@@ -171,21 +186,30 @@ class Agent:
         finally:
             sock.close(0)
 
+    def _refuse(self, reason: str) -> None:
+        log.error("the coordinator refused this worker: %s", reason)
+        with self._changed:
+            self.refused = reason
+            self._changed.notify_all()
+
     def _receive(self, frame: bytes) -> None:
         try:
             message = protocol.decode(frame, self.secret, self.job)
         except ProtocolError as error:
+            if "bad signature" in str(error):
+                self._refuse("the coordinator signs with another secret: give this worker the job's secret")
             log.warning("ignored a coordinator message: %s", error)
             return
         if message.type == "refused":
-            log.error("the coordinator refused this worker: %s", message.body["reason"])
-            with self._changed:
-                self.refused = message.body["reason"]
-                self._changed.notify_all()
+            self._refuse(message.body["reason"])
             return
-        if message.type != "view":
-            return
-        body = message.body
+        if message.type == "view":
+            with self._id_lock:
+                if message.body["you"] == self.worker_id:  # else: an answer to this worker's previous id
+                    self._accept(message.body)
+
+    def _accept(self, body: dict) -> None:
+        """Take a view addressed to this worker (called with the id lock held)."""
         view = View(body["gen"], tuple(body["roster"]), body["store_port"], body["status"], body["last_break"])
         if view.status == "evicted" and self.gen > 0 and not self._claim and view.gen < self.gen:
             # The coordinator restarted and forgot us: re-register, claiming our running generation.

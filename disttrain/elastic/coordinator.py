@@ -195,6 +195,7 @@ class Coordinator:
 
     def _view_for(self, worker_id: str) -> bytes:
         body = {
+            "you": worker_id,
             "gen": self.gen,
             "roster": list(self.roster),
             "store_port": self.store_port,

@@ -32,7 +32,8 @@ class ElasticConfig:
     job: str = "disttrain"
     heartbeat_s: float = 0.25
     sync_every: int = 5
-    rendezvous_timeout_s: float = 60.0
+    generation_wait_s: float = 600.0  # how long to wait for a generation (e.g. below quorum)
+    rendezvous_timeout_s: float = 15.0  # how long forming a process group may take
     collective_timeout_s: float = 300.0
     backend: str = "gloo"
 
@@ -57,7 +58,7 @@ class ElasticMembership:
     def enter(self) -> View:
         """Block until a generation includes this worker, then join its process group."""
         while True:
-            view = self.agent.wait_for_view(self._wanted, self.config.rendezvous_timeout_s)
+            view = self.agent.wait_for_view(self._wanted, self.config.generation_wait_s)
             if view.status == "evicted":
                 log.warning("this worker was evicted; joining again with fresh state")
                 self.agent.rejoin()
@@ -89,8 +90,12 @@ class ElasticMembership:
             store=dist.PrefixStore(f"gen{view.gen}", store),
             rank=view.rank_of(self.agent.worker_id),
             world_size=len(view.roster),
-            timeout=timedelta(seconds=self.config.collective_timeout_s),
+            timeout=timedelta(seconds=self.config.rendezvous_timeout_s),  # a ghost member fails fast
         )
+        # Collectives (a dense all-reduce over a slow link) may legitimately take much longer.
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        if set_timeout is not None:
+            set_timeout(timedelta(seconds=self.config.collective_timeout_s))
         log.info("entered generation %d as rank %d of %d", view.gen, dist.get_rank(), dist.get_world_size())
 
     def switch_due(self, step: int) -> bool:

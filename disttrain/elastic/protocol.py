@@ -32,7 +32,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "heartbeat": {"step": int},
     "leave": {},
     "failed": {"step": int},
-    "view": {"gen": int, "roster": list, "store_port": int, "status": str, "last_break": int},
+    "view": {"you": str, "gen": int, "roster": list, "store_port": int, "status": str, "last_break": int},
     "refused": {"reason": str},
 }
 
