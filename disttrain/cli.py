@@ -61,6 +61,8 @@ def _coordinator(args: argparse.Namespace) -> int:
         start_workers=args.start_workers,
         heartbeat_timeout_s=args.heartbeat_timeout_s,
         store_port=args.store_port,
+        refresh=args.refresh,
+        energy_threshold=args.energy_threshold,
     )
     try:
         coordinator = Coordinator(config, load_secret(args.secret_file))
@@ -123,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--start-workers", type=int, default=0, help="the first generation waits for this many")
     coordinator.add_argument("--heartbeat-timeout-s", type=float, default=3.0)
     coordinator.add_argument("--store-port", type=int, default=0, help="rendezvous store port (default: bind port + 1)")
+    coordinator.add_argument(
+        "--refresh", choices=["fixed", "adaptive"], default="fixed",
+        help="adaptive: also refresh SVD bases whenever rank 0 reports captured energy below --energy-threshold",
+    )
+    coordinator.add_argument("--energy-threshold", type=float, default=0.5)
 
     commands.add_parser("methods", help="list the registered methods (* marks the default)")
 

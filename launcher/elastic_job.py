@@ -45,14 +45,14 @@ class ElasticJob:
         self.coordinator: subprocess.Popen | None = None
         self._coordinators_started = 0
 
-    def start_coordinator(self, start_workers: int = 1) -> None:
+    def start_coordinator(self, start_workers: int = 1, extra: list[str] | None = None) -> None:
         self._coordinators_started += 1
         log = open(self.workdir / f"coordinator-{self._coordinators_started}.log", "wb")
         self.coordinator = subprocess.Popen(
             [
                 sys.executable, "-m", "disttrain.cli", "coordinator", "--bind", self.address,
                 "--store-port", str(self.store_port), "--start-workers", str(start_workers),
-                "--heartbeat-timeout-s", str(self.heartbeat_timeout_s),
+                "--heartbeat-timeout-s", str(self.heartbeat_timeout_s), *(extra or []),
             ],
             env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )

@@ -1,5 +1,6 @@
 """Elastic membership with real processes, real sockets and the real coordinator."""
 
+import re
 import signal
 import subprocess
 import sys
@@ -94,3 +95,18 @@ def test_torchrun_processes_join_through_the_coordinator(job):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert '"workers": 2' in result.stdout
+
+
+def test_adaptive_refresh_renews_svd_bases_on_every_worker_at_the_same_step(tmp_path):
+    job = ElasticJob(tmp_path, TINY_FLAGS, steps=60, link_mbit=2.0)
+    try:
+        job.start_coordinator(start_workers=2, extra=["--refresh", "adaptive", "--energy-threshold", "0.999"])
+        job.start_worker()
+        job.start_worker()
+        assert job.wait_for_exit([0, 1]) == [0, 0]
+        assert_identical_and_complete(job, [0, 1])
+        refresh_steps = [re.findall(rb"refreshing the SVD bases at step (\d+)", job.log(i)) for i in (0, 1)]
+        assert refresh_steps[0] and refresh_steps[0] == refresh_steps[1]
+        assert b"refresh 1 requested" in (tmp_path / "coordinator-1.log").read_bytes()
+    finally:
+        job.close()

@@ -18,7 +18,7 @@ JOB = "job-under-test"
 
 
 def join(sender: str = "w1", **body) -> Message:
-    fields = {"host": "h", "pid": 1, "config": "cfg", "claim_gen": 0, "claim_roster": []}
+    fields = {"host": "h", "pid": 1, "config": "cfg", "claim_gen": 0, "claim_roster": [], "refresh_epoch": 0}
     fields.update(body)
     return Message("join", JOB, sender, 0, fields)
 
@@ -114,7 +114,7 @@ def test_coordinator_refuses_a_worker_with_a_different_config():
 
 def test_workers_may_not_send_coordinator_messages():
     coord = coordinator()
-    fake = Message("view", JOB, "w", 0, {"you": "w", "gen": 9, "roster": [], "store_port": 1, "status": "active", "last_break": 0})
+    fake = Message("view", JOB, "w", 0, {"you": "w", "gen": 9, "roster": [], "store_port": 1, "status": "active", "last_break": 0, "refresh_epoch": 0})
     assert reply(coord, fake).type == "refused"
 
 
@@ -190,3 +190,19 @@ def test_a_restarted_coordinator_adopts_the_generation_workers_still_run():
     claim = reply(coord, join("b", claim_gen=7, claim_roster=["a", "b"]))
     assert coord.gen == 7 and coord.roster == ["a", "b"]
     assert claim.body["status"] == "active"
+
+
+def test_adaptive_refresh_is_requested_when_captured_energy_drops():
+    coord = started(["a"], refresh="adaptive", energy_threshold=0.5)
+    reply(coord, Message("energy", JOB, "a", 1, {"step": 10, "energy": 0.9}), now=0.7)
+    assert coord.refresh_epoch == 0
+    view = reply(coord, Message("energy", JOB, "a", 1, {"step": 15, "energy": 0.3}), now=0.8)
+    assert coord.refresh_epoch == 1 and view.body["refresh_epoch"] == 1
+    reply(coord, Message("energy", JOB, "a", 1, {"step": 15, "energy": 0.2}), now=0.9)  # same step: once
+    assert coord.refresh_epoch == 1
+
+
+def test_the_fixed_schedule_ignores_energy_reports():
+    coord = started(["a"])
+    reply(coord, Message("energy", JOB, "a", 1, {"step": 10, "energy": 0.01}), now=0.7)
+    assert coord.refresh_epoch == 0

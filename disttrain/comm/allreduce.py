@@ -52,6 +52,8 @@ class CompressedAllReduce:
         self.link = link
         _check_rank_fits(spec, self.params)
         self.abort_check: AbortCheck | None = None  # set by elastic training: give up on a broken generation
+        self.measure_energy = False  # measure captured energy while encoding (adaptive refresh)
+        self._energy = (0.0, 0.0)
         self.spec = cheaper_payload(spec, [p.shape for p in self.params], dist.get_world_size(group))
         self.compressors: list[Compressor] = [
             build_compressor(self.spec, p.shape, index, seed) for index, p in enumerate(self.params)
@@ -101,6 +103,8 @@ class CompressedAllReduce:
         self._means = [None] * len(self.params)
         self.payload_bytes_last_step = 0
         self._hook_failure = None
+        if self.measure_energy:
+            self._energy = (0.0, 0.0)
         self._armed = True
 
     def _launch_ready(self, force: bool = False) -> None:
@@ -124,6 +128,10 @@ class CompressedAllReduce:
         bucket = self.buckets[b]
         grads = [self._gradient(i) for i in bucket.param_indices]
         basis_bytes = bucket.refresh_bases(grads, self.step, self.group, self.abort_check)
+        if self.measure_energy:
+            for compressor, grad in zip(bucket.compressors, grads):
+                part, whole = compressor.captured_energy(grad)
+                self._energy = (self._energy[0] + part, self._energy[1] + whole)
         if basis_bytes:
             self.payload_bytes_last_step += basis_bytes
             if self.link is not None:
@@ -166,6 +174,17 @@ class CompressedAllReduce:
             if mean is None:
                 raise RuntimeError("write_gradients() called before finish()")
             p.grad = compressor.reconstruct(mean).to(p.dtype)
+
+    def captured_energy(self) -> float | None:
+        """||P^T G||^2 / ||G||^2 of this worker's projected gradients in the last step that had
+        ``measure_energy`` set (None if nothing was measured or projected)."""
+        captured, total = self._energy
+        return captured / total if total > 0 else None
+
+    def request_refresh(self) -> None:
+        """Recompute every data-dependent basis at the next step."""
+        for compressor in self.compressors:
+            compressor.request_refresh()
 
     def commit(self) -> None:
         for compressor in self.compressors:

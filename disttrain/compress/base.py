@@ -80,6 +80,13 @@ class Compressor(ABC):
     def propose_basis(self, grad: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no data-dependent basis")
 
+    def request_refresh(self) -> None:
+        """Recompute a data-dependent basis at the next step (the adaptive schedule)."""
+
+    def captured_energy(self, grad: torch.Tensor) -> tuple[float, float]:
+        """(||P^T G||^2, ||G||^2) for a projected gradient; (0, 0) when nothing is projected."""
+        return 0.0, 0.0
+
     def basis_numel(self) -> int:
         return 0
 
@@ -143,6 +150,12 @@ class CompressorWrapper(Compressor):
 
     def propose_basis(self, grad: torch.Tensor) -> torch.Tensor:
         return self.inner.propose_basis(grad)
+
+    def request_refresh(self) -> None:
+        self.inner.request_refresh()
+
+    def captured_energy(self, grad: torch.Tensor) -> tuple[float, float]:
+        return self.inner.captured_energy(grad)
 
     def basis_numel(self) -> int:
         return self.inner.basis_numel()

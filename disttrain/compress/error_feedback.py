@@ -44,6 +44,9 @@ class ErrorFeedback(CompressorWrapper):
     def propose_basis(self, grad: torch.Tensor) -> torch.Tensor:
         return self.inner.propose_basis(self.corrected(grad))
 
+    def captured_energy(self, grad: torch.Tensor) -> tuple[float, float]:
+        return self.inner.captured_energy(self.corrected(grad))
+
     def state_dict(self) -> dict[str, Any]:
         state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
         if self.residual is not None:

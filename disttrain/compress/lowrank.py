@@ -33,6 +33,9 @@ class Basis(ABC):
     def needs_shared_basis(self, step: int) -> bool:
         return False
 
+    def request_refresh(self) -> None:
+        """Only data-dependent bases refresh on request; seeded ones follow their schedule."""
+
     def propose(self, oriented: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} is not data-dependent")
 
@@ -122,6 +125,13 @@ class LowRankCompressor(Compressor):
 
     def propose_basis(self, grad: torch.Tensor) -> torch.Tensor:
         return self.basis.propose(self._orient(grad).float())
+
+    def request_refresh(self) -> None:
+        self.basis.request_refresh()
+
+    def captured_energy(self, grad: torch.Tensor) -> tuple[float, float]:
+        oriented = self._orient(grad).float()
+        return self.basis.project(oriented).square().sum().item(), oriented.square().sum().item()
 
     def basis_numel(self) -> int:
         return self.basis.reduced_dim * self.basis.rank

@@ -36,9 +36,13 @@ class SVDBasis(Basis):
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
         self.refresh_every = refresh_every
         self.matrix: torch.Tensor | None = None
+        self.refresh_requested = False
 
     def needs_shared_basis(self, step: int) -> bool:
-        return self.matrix is None or step % self.refresh_every == 0
+        return self.matrix is None or self.refresh_requested or step % self.refresh_every == 0
+
+    def request_refresh(self) -> None:
+        self.refresh_requested = True
 
     def propose(self, oriented: torch.Tensor) -> torch.Tensor:
         u, _, _ = torch.linalg.svd(oriented.float(), full_matrices=False)
@@ -46,6 +50,7 @@ class SVDBasis(Basis):
 
     def set(self, matrix: torch.Tensor) -> None:
         self.matrix = matrix.float().contiguous()
+        self.refresh_requested = False
 
     def _require(self) -> torch.Tensor:
         if self.matrix is None:
@@ -59,7 +64,11 @@ class SVDBasis(Basis):
         return kernels.reconstruct(coeffs, self._require(), "left")
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.matrix is None else {"matrix": self.matrix.clone()}
+        state: dict[str, Any] = {"refresh_requested": self.refresh_requested}
+        if self.matrix is not None:
+            state["matrix"] = self.matrix.clone()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.matrix = state["matrix"].float().clone() if "matrix" in state else None
+        self.refresh_requested = bool(state.get("refresh_requested", False))

@@ -34,6 +34,7 @@ class View:
     store_port: int
     status: str
     last_break: int
+    refresh_epoch: int
     received_at: float = field(default_factory=time.monotonic)
 
     def rank_of(self, worker_id: str) -> int | None:
@@ -61,6 +62,7 @@ class Agent:
         self.heartbeat_s = heartbeat_s
         self.worker_id = uuid.uuid4().hex
         self.step = 0
+        self.refresh_epoch = 0  # the last basis refresh this worker applied
         self.gen = 0
         self.roster: tuple[str, ...] = ()
         self._claim = False
@@ -89,6 +91,10 @@ class Agent:
 
     def report_failure(self, step: int) -> None:
         self._send("failed", {"step": step})
+
+    def report_energy(self, step: int, energy: float) -> None:
+        """The share of the gradient's energy the current bases capture (for adaptive refresh)."""
+        self._send("energy", {"step": step, "energy": float(energy)})
 
     def leave(self) -> None:
         self._send("leave", {})
@@ -136,6 +142,7 @@ class Agent:
             "config": self.config,
             "claim_gen": self.gen if self._claim else 0,
             "claim_roster": list(self.roster) if self._claim else [],
+            "refresh_epoch": self.refresh_epoch,
         }
 
     def _send(self, kind: str, body: dict) -> None:
@@ -210,7 +217,9 @@ class Agent:
 
     def _accept(self, body: dict) -> None:
         """Take a view addressed to this worker (called with the id lock held)."""
-        view = View(body["gen"], tuple(body["roster"]), body["store_port"], body["status"], body["last_break"])
+        view = View(
+            body["gen"], tuple(body["roster"]), body["store_port"], body["status"], body["last_break"], body["refresh_epoch"]
+        )
         if view.status == "evicted" and self.gen > 0 and not self._claim and view.gen < self.gen:
             # The coordinator restarted and forgot us: re-register, claiming our running generation.
             self._claim = True

@@ -39,6 +39,8 @@ class CoordinatorConfig:
     suspect_after_s: float = 1.0
     join_grace_s: float = 0.5
     store_port: int = 0  # 0: the bind port + 1
+    refresh: str = "fixed"  # "adaptive": also refresh SVD bases when captured energy drops
+    energy_threshold: float = 0.5
 
     def validate(self) -> None:
         if not self.bind.startswith("tcp://") or ":" not in self.bind[6:]:
@@ -47,6 +49,10 @@ class CoordinatorConfig:
             raise ValueError(f"need 1 <= min_workers <= max_workers, got {self.min_workers} and {self.max_workers}")
         if self.start_workers and not self.min_workers <= self.start_workers <= self.max_workers:
             raise ValueError(f"start_workers ({self.start_workers}) must lie between min_workers and max_workers")
+        if self.refresh not in ("fixed", "adaptive"):
+            raise ValueError(f"refresh must be 'fixed' or 'adaptive', got {self.refresh!r}")
+        if not 0 < self.energy_threshold < 1:
+            raise ValueError(f"energy_threshold must lie in (0, 1), got {self.energy_threshold}")
         if self.suspect_after_s >= self.heartbeat_timeout_s:
             raise ValueError("suspect_after_s must be shorter than heartbeat_timeout_s")
 
@@ -80,6 +86,8 @@ class Coordinator:
         self.last_join = 0.0
         self.refusals = 0
         self.job_config: str | None = None  # the fingerprint every worker's config must match
+        self.refresh_epoch = 0  # bumped to ask every worker for a fresh SVD basis
+        self._refresh_step = -1
 
     # --- message handling -------------------------------------------------------------
     def handle(self, identity: bytes, frame: bytes, now: float | None = None) -> bytes:
@@ -88,7 +96,7 @@ class Coordinator:
         try:
             message = protocol.decode(frame, self.secret, self.config.job)
             self.replays.check(message)
-            if message.type not in ("join", "heartbeat", "failed", "leave"):
+            if message.type not in ("join", "heartbeat", "failed", "leave", "energy"):
                 raise ProtocolError(f"workers may not send {message.type!r} messages")
         except ProtocolError as error:
             self.refusals += 1
@@ -113,6 +121,8 @@ class Coordinator:
                 self._on_failed(member, message)
             elif message.type == "leave":
                 self._remove(message.sender, "left")
+            elif message.type == "energy":
+                self._on_energy(message.body["step"], message.body["energy"])
         self.tick(now)
         return self._view_for(message.sender)
 
@@ -123,6 +133,7 @@ class Coordinator:
             # This coordinator restarted: adopt the generation the workers are still running.
             log.info("adopting generation %d (%d workers) reported by %s", claim_gen, len(claim_roster), sender)
             self.gen, self.roster, self.broken, self.last_break = claim_gen, list(claim_roster), False, 0
+            self.refresh_epoch = max(self.refresh_epoch, body["refresh_epoch"])
             for worker in claim_roster:
                 self.members.setdefault(worker, Member(worker, None, now))
         if sender not in self.members:
@@ -137,6 +148,13 @@ class Coordinator:
         if not self.broken:
             log.info("generation %d broken: %s reports a failed collective at step %d", self.gen, member.worker_id, message.body["step"])
         self._break()
+
+    def _on_energy(self, step: int, energy: float) -> None:
+        """The adaptive schedule: a basis that captures too little of the gradient is replaced."""
+        if self.config.refresh == "adaptive" and energy < self.config.energy_threshold and step > self._refresh_step:
+            self.refresh_epoch += 1
+            self._refresh_step = step
+            log.info("captured energy %.3f < %.3f at step %d: refresh %d requested", energy, self.config.energy_threshold, step, self.refresh_epoch)
 
     def _remove(self, worker_id: str, why: str) -> None:
         self.members.pop(worker_id, None)
@@ -201,6 +219,7 @@ class Coordinator:
             "store_port": self.store_port,
             "status": self.status_of(worker_id),
             "last_break": self.last_break,
+            "refresh_epoch": self.refresh_epoch,
         }
         return self._reply("view", body)
 

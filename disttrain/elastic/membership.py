@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -98,14 +99,20 @@ class ElasticMembership:
             set_timeout(timedelta(seconds=self.config.collective_timeout_s))
         log.info("entered generation %d as rank %d of %d", view.gen, dist.get_rank(), dist.get_world_size())
 
-    def switch_due(self, step: int) -> bool:
-        """At every sync_every-th step: has any member heard of a newer generation?"""
+    def switch_due(self, step: int, request_refresh: Callable[[], None]) -> bool:
+        """At every sync_every-th step: has any member heard of a newer generation? Also applies
+        a basis refresh the coordinator asked for, on every member at this same step."""
         if step % self.config.sync_every:
             return False
         view = self.agent.view
-        newest = torch.tensor([view.gen if view is not None else 0], dtype=torch.int64)
+        newest = torch.tensor([view.gen, view.refresh_epoch] if view is not None else [0, 0], dtype=torch.int64)
         wait_work(dist.all_reduce(newest, op=dist.ReduceOp.MAX, async_op=True), self.abort_check)
-        return int(newest.item()) > self.agent.gen
+        gen, epoch = (int(v) for v in newest)
+        if epoch > self.agent.refresh_epoch:
+            log.info("refreshing the SVD bases at step %d (refresh %d)", step, epoch)
+            request_refresh()
+            self.agent.refresh_epoch = epoch
+        return gen > self.agent.gen
 
     def report_failure(self, step: int) -> None:
         self.agent.report_failure(step)

@@ -28,11 +28,20 @@ SECRET_ENV = "DISTTRAIN_SECRET"
 
 # Message type -> the body fields it must carry and their types.
 SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "join": {"host": str, "pid": int, "config": str, "claim_gen": int, "claim_roster": list},
+    "join": {"host": str, "pid": int, "config": str, "claim_gen": int, "claim_roster": list, "refresh_epoch": int},
     "heartbeat": {"step": int},
     "leave": {},
     "failed": {"step": int},
-    "view": {"you": str, "gen": int, "roster": list, "store_port": int, "status": str, "last_break": int},
+    "energy": {"step": int, "energy": float},
+    "view": {
+        "you": str,
+        "gen": int,
+        "roster": list,
+        "store_port": int,
+        "status": str,
+        "last_break": int,
+        "refresh_epoch": int,
+    },
     "refused": {"reason": str},
 }
 

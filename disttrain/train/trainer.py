@@ -180,6 +180,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.engine.optimizer.state_dict(),
             "engine": self.engine.shared_state_dict(),
+            "refresh_epoch": self.membership.agent.refresh_epoch if self.membership else 0,
         }
 
     def load_replica(self, state: dict[str, Any]) -> None:
@@ -187,6 +188,8 @@ class Trainer:
         self.engine.optimizer.load_state_dict(state["optimizer"])
         self.engine.load_state_dict(state["engine"])
         self.step = state["step"]
+        if self.membership is not None:
+            self.membership.agent.refresh_epoch = state["refresh_epoch"]
 
     def _synchronise(self) -> None:
         assert self.membership is not None
@@ -265,6 +268,23 @@ class Trainer:
             self._save()
         return identical
 
+    def _energy_due(self, step: int) -> bool:
+        """Rank 0 measures the captured energy for the coordinator every sync_every steps."""
+        return self.membership is not None and self.rank == 0 and step % self.membership.config.sync_every == 0
+
+    def _report_progress(self) -> None:
+        """Tell the coordinator the committed step and, now and then, the captured energy."""
+        assert self.membership is not None
+        agent = self.membership.agent
+        agent.step = self.step
+        if self.membership.awaiting_first_step:
+            log.info("first step of generation %d committed (step %d)", agent.gen, self.step)
+            self.membership.awaiting_first_step = False
+        if self._energy_due(self.step):
+            energy = self.engine.reducer.captured_energy()
+            if energy is not None:
+                agent.report_energy(self.step, energy)
+
     def _finish_together(self) -> None:
         """Wait for every member to finish before anyone leaves, so that no leave breaks a
         generation whose members still have collectives to run."""
@@ -284,21 +304,20 @@ class Trainer:
         bar = tqdm(total=last, initial=self.step, disable=not self.progress, desc=self.method.name)
         while self.step < last:
             try:
-                if self.membership is not None and self.membership.switch_due(self.step):
+                if self.membership is not None and self.membership.switch_due(self.step, self.engine.reducer.request_refresh):
                     self._regroup()
                     continue
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = learning_rate(self.step, config)
                 batch = self.corpus.train_batch(self.step, self.rank, self.world_size)
+                if self.membership is not None:
+                    self.engine.reducer.measure_energy = self._energy_due(self.step + 1)
                 loss = self.engine.step(self.step, batch)
                 self.step += 1
                 self.steps_run += 1
                 self.total_bytes += self.engine.payload_bytes_last_step
                 if self.membership is not None:
-                    self.membership.agent.step = self.step
-                    if self.membership.awaiting_first_step:
-                        log.info("first step of generation %d committed (step %d)", self.membership.agent.gen, self.step)
-                        self.membership.awaiting_first_step = False
+                    self._report_progress()
                 identical &= self._after_step(history, last, started)
                 failures = 0
             except RuntimeError as error:
