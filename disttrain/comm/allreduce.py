@@ -32,7 +32,8 @@ class CompressedAllReduce:
     ``write_gradients()`` for a standard optimizer or ``coefficients(p)`` for ProjectedAdamW,
     then ``commit()`` once the update is applied, or ``rollback()`` to forget the step.
     Buckets launch strictly in index order, so every rank issues its collectives in the
-    same order whatever order its gradients arrive in.
+    same order whatever order its gradients arrive in. With ``fixed_membership``, int8
+    payloads fall back to fp32 when that moves fewer bytes for this world size.
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class CompressedAllReduce:
         bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
         overlap: bool = True,
         link: LinkEmulator | None = None,
+        fixed_membership: bool = True,
     ):
         spec.validate()
         self.params = [p for p in params if p.requires_grad]
@@ -54,7 +56,10 @@ class CompressedAllReduce:
         self.abort_check: AbortCheck | None = None  # set by elastic training: give up on a broken generation
         self.measure_energy = False  # measure captured energy while encoding (adaptive refresh)
         self._energy = (0.0, 0.0)
-        self.spec = cheaper_payload(spec, [p.shape for p in self.params], dist.get_world_size(group))
+        # With elastic membership the world size changes, and every member, joiners included,
+        # must encode alike: keep the configured payload there.
+        shapes = [p.shape for p in self.params]
+        self.spec = cheaper_payload(spec, shapes, dist.get_world_size(group)) if fixed_membership else spec
         self.compressors: list[Compressor] = [
             build_compressor(self.spec, p.shape, index, seed) for index, p in enumerate(self.params)
         ]

@@ -49,11 +49,17 @@ def _adamw(params, config: TrainConfig) -> torch.optim.AdamW:
 class DisttrainEngine:
     """CompressedAllReduce feeding torch AdamW (reconstruct) or ProjectedAdamW."""
 
-    def __init__(self, model: torch.nn.Module, method: Method, config: TrainConfig, group=None):
+    def __init__(self, model: torch.nn.Module, method: Method, config: TrainConfig, group=None, elastic: bool = False):
         self.model = model
         link = LinkEmulator(config.link_mbit) if config.link_mbit else None
         self.reducer = CompressedAllReduce(
-            model.parameters(), method.compression, config.seed, group, overlap=config.overlap, link=link
+            model.parameters(),
+            method.compression,
+            config.seed,
+            group,
+            overlap=config.overlap,
+            link=link,
+            fixed_membership=not elastic,
         )
         self.projected = method.optimizer == "projected_adamw"
         if self.projected:
@@ -165,9 +171,11 @@ class DDPEngine:
             self.hook_state.step = state["step"]
 
 
-def build_engine(model: torch.nn.Module, method: Method, config: TrainConfig, group=None) -> Engine:
+def build_engine(
+    model: torch.nn.Module, method: Method, config: TrainConfig, group=None, elastic: bool = False
+) -> Engine:
     if method.engine == "disttrain":
-        return DisttrainEngine(model, method, config, group)
+        return DisttrainEngine(model, method, config, group, elastic)
     if method.engine in ("ddp_powersgd", "ddp_hook"):
         if not dist.is_initialized():
             raise RuntimeError(f"method {method.name!r} needs an initialised process group (torch DDP)")

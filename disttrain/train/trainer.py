@@ -145,7 +145,7 @@ class Trainer:
             broadcast_from_rank0(self.model, group=group)
         self._refresh_rank()
         self.progress = progress and self.rank == 0
-        self.engine = build_engine(self.model, self.method, config, group)
+        self.engine = build_engine(self.model, self.method, config, group, elastic=membership is not None)
         if membership is not None:
             self.engine.reducer.abort_check = membership.abort_check
         if config.checkpoint_dir and checkpoint.shared_path(config.checkpoint_dir).is_file():
