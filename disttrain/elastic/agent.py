@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 import zmq
 
@@ -119,7 +120,7 @@ class Agent:
         view = self._view
         return view is not None and (view.last_break >= self.gen or view.status == "evicted")
 
-    def wait_for_view(self, accept, timeout_s: float) -> View:
+    def wait_for_view(self, accept: Callable[[View], bool], timeout_s: float) -> View:
         """Block until a view satisfies ``accept(view)``."""
         deadline = time.monotonic() + timeout_s
         with self._changed:

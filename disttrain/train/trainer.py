@@ -151,7 +151,12 @@ class Trainer:
         if config.checkpoint_dir and checkpoint.shared_path(config.checkpoint_dir).is_file():
             self._resume()
         if membership is not None:
-            self._synchronise()
+            try:
+                self._synchronise()
+            except RuntimeError as error:
+                log.warning("state transfer failed (%s); regrouping", error)
+                membership.report_failure(self.step)
+                self._regroup()
 
     def _refresh_rank(self) -> None:
         self.rank = dist.get_rank(self.group)
