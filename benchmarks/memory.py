@@ -25,7 +25,7 @@ from disttrain.comm.allreduce import CompressedAllReduce
 from disttrain.data.corpus import ByteCorpus
 from disttrain.launcher.local import free_port
 from disttrain.methods import METHODS
-from disttrain.models.gpt import GPT, GPTConfig
+from disttrain.models.gpt import GPT
 from disttrain.optim import optimizer_state_bytes
 from disttrain.train.config import TrainConfig
 from disttrain.train.engines import build_engine

@@ -48,9 +48,8 @@ class NotLaunched(RuntimeError):
 
 
 def resolve_backend(backend: str) -> str:
-    if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    return backend
+    # The trainer keeps tensors on the CPU for now, which only Gloo can move.
+    return "gloo" if backend == "auto" else backend
 
 
 def init_process_group(backend: str, timeout_s: float) -> None:

@@ -234,7 +234,8 @@ class Coordinator:
     def serve(self, stop: threading.Event | None = None, tick_s: float = 0.05) -> None:
         """Host the rendezvous store and answer workers until ``stop`` is set."""
         stop = stop or threading.Event()
-        store = dist.TCPStore(  # noqa: F841  (kept alive for the workers' process groups)
+        # The rendezvous store lives as long as this loop: workers form each generation's group on it.
+        self._store = dist.TCPStore(
             "0.0.0.0", self.store_port, None, True, timeout=timedelta(seconds=60), wait_for_workers=False
         )
         context = zmq.Context.instance()
