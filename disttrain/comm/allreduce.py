@@ -12,7 +12,7 @@ import torch.distributed as dist
 from disttrain.comm.bucket import Bucket, PendingExchange, plan_buckets
 from disttrain.comm.link import LinkEmulator, ring_wire_bytes
 from disttrain.comm.waiting import AbortCheck, wait_work
-from disttrain.compress.base import Compressor
+from disttrain.compress.base import Compressor, load_compressor_states
 from disttrain.compress.factory import CompressionSpec, build_compressor
 
 log = logging.getLogger(__name__)
@@ -213,14 +213,7 @@ class CompressedAllReduce:
         return {"compressors": [c.shared_state_dict() for c in self.compressors]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state["compressors"]
-        if len(saved) != len(self.compressors):
-            raise ValueError(
-                f"checkpoint has compressor state for {len(saved)} parameters, the model has "
-                f"{len(self.compressors)}: it was written for a different model"
-            )
-        for compressor, entry in zip(self.compressors, saved):
-            compressor.load_state_dict(entry)
+        load_compressor_states(self.compressors, state["compressors"])
 
     def state_bytes(self) -> int:
         return sum(c.state_bytes() for c in self.compressors)

@@ -177,3 +177,14 @@ class CompressorWrapper(Compressor):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state)
+
+
+def load_compressor_states(compressors: list[Compressor], saved: list[dict[str, Any]]) -> None:
+    """Restore one state per compressor, refusing state written for a different model."""
+    if len(saved) != len(compressors):
+        raise ValueError(
+            f"checkpoint has compressor state for {len(saved)} parameters, the model has "
+            f"{len(compressors)}: it was written for a different model"
+        )
+    for compressor, entry in zip(compressors, saved):
+        compressor.load_state_dict(entry)

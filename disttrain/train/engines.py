@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from disttrain.comm.allreduce import CompressedAllReduce
 from disttrain.comm.ddp_hook import DisttrainHookState, disttrain_hook
 from disttrain.comm.link import LinkEmulator
+from disttrain.compress.base import load_compressor_states
 from disttrain.methods import Method
 from disttrain.optim.projected_adamw import ProjectedAdamW
 from disttrain.train.config import TrainConfig
@@ -166,8 +167,7 @@ class DDPEngine:
 
     def load_state_dict(self, state: dict) -> None:
         if self.hook_state is not None and state:
-            for compressor, entry in zip(self.hook_state.compressors, state["compressors"]):
-                compressor.load_state_dict(entry)
+            load_compressor_states(self.hook_state.compressors, state["compressors"])
             self.hook_state.step = state["step"]
 
 
