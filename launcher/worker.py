@@ -67,9 +67,6 @@ def start_membership(args: argparse.Namespace, config: TrainConfig, backend: str
     log.info("asking the coordinator at %s to join job %r", args.coordinator, args.job)
     agent.start()
     settings = ElasticConfig(
-        coordinator=args.coordinator,
-        job=args.job,
-        heartbeat_s=args.heartbeat_s,
         sync_every=args.sync_every,
         collective_timeout_s=args.timeout_s,
         backend=backend,

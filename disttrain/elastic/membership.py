@@ -29,9 +29,8 @@ _ABANDONED: list[object] = []
 
 @dataclass(frozen=True)
 class ElasticConfig:
-    coordinator: str
-    job: str = "disttrain"
-    heartbeat_s: float = 0.25
+    """How this worker takes part in generations (the agent holds the coordinator's address)."""
+
     sync_every: int = 5
     generation_wait_s: float = 600.0  # how long to wait for a generation (e.g. below quorum)
     rendezvous_timeout_s: float = 15.0  # how long forming a process group may take
