@@ -11,7 +11,7 @@ from typing import Literal
 
 from disttrain.compress.factory import CompressionSpec
 
-Engine = Literal["disttrain", "ddp_powersgd", "ddp_hook"]
+Engine = Literal["disttrain", "local_steps", "ddp_powersgd", "ddp_hook"]
 OptimizerKind = Literal["adamw", "projected_adamw"]
 
 
@@ -20,7 +20,9 @@ class Method:
     """How gradients are exchanged and applied.
 
     engine "disttrain" uses CompressedAllReduce; "ddp_powersgd" is torch DDP with torch's
-    powerSGD_hook (the baseline); "ddp_hook" is torch DDP with disttrain_hook.
+    powerSGD_hook (the baseline); "ddp_hook" is torch DDP with disttrain_hook. "local_steps" runs
+    DiLoCo rounds: ``local_steps`` inner AdamW steps, then one compressed exchange of the
+    pseudo-gradient and an outer Nesterov SGD step (``outer_lr``, ``outer_momentum``).
     optimizer "adamw" reconstructs the averaged gradient for torch AdamW; "projected_adamw"
     keeps Adam moments in the projected space (GaLore).
     """
@@ -31,6 +33,9 @@ class Method:
     optimizer: OptimizerKind = "adamw"
     engine: Engine = "disttrain"
     powersgd_rank: int = 4
+    local_steps: int = 1
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
 
 
 METHODS: dict[str, Method] = {}
@@ -70,6 +75,11 @@ register(Method("seeded-projected", "seeded Gaussian basis r=8 every 200 steps, 
 register(Method("seeded-reconstruct", "seeded Gaussian basis r=8 redrawn every step, error feedback, AdamW", _SEEDED))
 register(Method("seeded-int8-projected", "seeded basis r=8 every 200 steps, int8 payload, Adam moments in the subspace", replace(_SEEDED_FIXED, payload="int8"), "projected_adamw"))
 register(Method("seeded-int8-reconstruct", "seeded basis r=8 redrawn every step, int8, error feedback, AdamW", replace(_SEEDED, payload="int8")))
+_PSEUDO_INT8 = CompressionSpec(basis="dense", payload="int8", error_feedback=True)
+
+register(Method("diloco-h10", "DiLoCo: 10 local AdamW steps, fp32 pseudo-gradient, outer Nesterov", CompressionSpec(basis="dense"), engine="local_steps", local_steps=10))
+register(Method("diloco-int8-h30", "DiLoCo: 30 local steps, int8 pseudo-gradient with error feedback", _PSEUDO_INT8, engine="local_steps", local_steps=30))
+register(Method("diloco-svd-int8-h10", "DiLoCo: 10 local steps, pseudo-gradient in an SVD basis r=8, int8, error feedback", replace(_SVD, payload="int8", refresh_every=10), engine="local_steps", local_steps=10))
 register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8, error feedback)", replace(_SEEDED, payload="int8"), engine="ddp_hook"))
 
 DEFAULT_METHOD = "svd-int8-reconstruct"

@@ -58,15 +58,20 @@ def build_compressor(spec: CompressionSpec, shape: torch.Size, param_id: int, se
     """The compressor for parameter number ``param_id`` (its index in the model's parameters)."""
     shape = torch.Size(shape)
     wire_dtype = _WIRE_DTYPES[spec.payload]
-    if not spec.compresses(shape):
-        return DenseCompressor(shape, wire_dtype)
-    side = choose_side(as_matrix_shape(shape), spec.side)
-    reduced = as_matrix_shape(shape)[0 if side == "left" else 1]
-    if spec.basis == "svd":
-        basis = SVDBasis(reduced, spec.rank, spec.refresh_every)
+    compressor: Compressor
+    if spec.compresses(shape):
+        side = choose_side(as_matrix_shape(shape), spec.side)
+        reduced = as_matrix_shape(shape)[0 if side == "left" else 1]
+        if spec.basis == "svd":
+            basis = SVDBasis(reduced, spec.rank, spec.refresh_every)
+        else:
+            basis = SeededBasis(reduced, spec.rank, seed, param_id, spec.refresh_every, spec.distribution)
+        compressor = LowRankCompressor(shape, basis, side, wire_dtype)
+    elif spec.basis == "dense" and spec.payload == "int8" and len(shape) >= 2:
+        # A dense int8 payload (e.g. DiLoCo's pseudo-gradients): one scale per row of the matrix.
+        compressor = DenseCompressor(shape, wire_dtype)
     else:
-        basis = SeededBasis(reduced, spec.rank, seed, param_id, spec.refresh_every, spec.distribution)
-    compressor: Compressor = LowRankCompressor(shape, basis, side, wire_dtype)
+        return DenseCompressor(shape, wire_dtype)
     if spec.payload == "int8":
         compressor = Int8Payload(compressor)
     if spec.error_feedback:

@@ -43,6 +43,7 @@ class TrainConfig:
     method: str = DEFAULT_METHOD
     rank: int | None = None  # overrides the method's projection rank
     refresh_every: int | None = None  # overrides the method's basis refresh interval
+    local_steps: int | None = None  # overrides a local-step method's round length H
     steps: int = 300
     seed: int = 0
     eval_every: int = 50
@@ -59,6 +60,13 @@ class TrainConfig:
         from disttrain.methods import get_method
 
         get_method(self.method)
+        if self.local_steps is not None and get_method(self.method).engine != "local_steps":
+            raise ValueError(
+                f"local_steps applies to local-step methods only, and {self.method!r} exchanges every step; "
+                "drop --local_steps or pick a diloco-* method (see `disttrain methods`)"
+            )
+        if self.local_steps is not None and self.local_steps < 1:
+            raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.eval_every < 1 or self.digest_every < 1:

@@ -25,9 +25,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class Engine(Protocol):
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # the optimizer whose learning rate follows the schedule
     payload_bytes_last_step: int
     dense_bytes_per_step: int
+    in_sync: bool  # whether every replica holds the same weights after the last step
 
     def step(self, step: int, batch: Batch) -> float:
         """Forward, backward, exchange and update; returns this worker's training loss."""
@@ -49,6 +50,8 @@ def _adamw(params, config: TrainConfig) -> torch.optim.AdamW:
 
 class DisttrainEngine:
     """CompressedAllReduce feeding torch AdamW (reconstruct) or ProjectedAdamW."""
+
+    in_sync = True
 
     def __init__(self, model: torch.nn.Module, method: Method, config: TrainConfig, group=None, elastic: bool = False):
         self.model = model
@@ -123,6 +126,8 @@ def powersgd_payload_bytes(model: torch.nn.Module, state: powersgd.PowerSGDState
 class DDPEngine:
     """torch DDP with one bucket and a comm hook: powerSGD_hook or disttrain_hook."""
 
+    in_sync = True
+
     def __init__(self, model: torch.nn.Module, method: Method, config: TrainConfig, group=None):
         self.model = model
         self.dense_bytes_per_step = sum(p.numel() * 4 for p in model.parameters())
@@ -176,6 +181,10 @@ def build_engine(
 ) -> Engine:
     if method.engine == "disttrain":
         return DisttrainEngine(model, method, config, group, elastic)
+    if method.engine == "local_steps":
+        from disttrain.train.local_steps import LocalStepsEngine
+
+        return LocalStepsEngine(model, method, config, group)
     if method.engine in ("ddp_powersgd", "ddp_hook"):
         if not dist.is_initialized():
             raise RuntimeError(f"method {method.name!r} needs an initialised process group (torch DDP)")

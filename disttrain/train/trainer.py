@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -107,6 +107,15 @@ def check_same_config(config: TrainConfig, group: dist.ProcessGroup | None = Non
 MAX_CONSECUTIVE_FAILURES = 5
 
 
+@dataclass
+class DueWork:
+    """Periodic work that has fallen due and waits for the replicas to agree."""
+
+    digest: bool = False
+    eval: bool = False
+    checkpoint: bool = False
+
+
 class Trainer:
     """Trains the small GPT on this worker's shard; all workers run it in lockstep.
 
@@ -126,10 +135,13 @@ class Trainer:
         self.group = group
         self.membership = membership
         self.method = with_overrides(get_method(config.method), rank=config.rank, refresh_every=config.refresh_every)
+        if config.local_steps is not None:
+            self.method = replace(self.method, local_steps=config.local_steps)
         if membership is not None and self.method.engine != "disttrain":
+            why = "local-step rounds, which" if self.method.engine == "local_steps" else "torch DDP, which"
             raise ValueError(
-                f"method {self.method.name!r} runs on torch DDP, which cannot change membership: "
-                "pick a disttrain method for elastic training (see `disttrain methods`)"
+                f"method {self.method.name!r} runs on {why} cannot change membership yet: "
+                "pick a per-step disttrain method for elastic training (see `disttrain methods`)"
             )
         torch.manual_seed(config.seed)
         self.model = GPT(config.model)
@@ -138,6 +150,7 @@ class Trainer:
         self.start_step = 0  # where this process started or resumed
         self.steps_run = 0
         self.total_bytes = 0
+        self._due = DueWork()
         if membership is not None:
             membership.enter()
         else:
@@ -258,19 +271,29 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------
     def _after_step(self, history: list[EvalPoint], last: int, started: float) -> bool:
-        """Replica check, evaluation and checkpoint due after the step just committed."""
-        config, done = self.config, self.step
+        """Replica check, evaluation and checkpoint due after the step just committed.
+
+        With local-step rounds the replicas agree only at round ends, so what falls due
+        mid-round waits for the next one.
+        """
+        config, done, due = self.config, self.step, self._due
+        due.digest |= done % config.digest_every == 0 or done == last
+        due.eval |= done % config.eval_every == 0 or done == last
+        due.checkpoint |= bool(config.checkpoint_dir and config.checkpoint_every and done % config.checkpoint_every == 0)
+        if not self.engine.in_sync:
+            return True
         identical = True
-        if done % config.digest_every == 0 or done == last:
+        if due.digest:
             abort = self.membership.abort_check if self.membership else None
             identical = check_replicas(self.model, self.engine.optimizer, self.group, step=done, abort_check=abort)
             if identical and self.membership is not None:
                 log.info("replicas identical at step %d (digest %s)", done, parameter_digest(self.model).hex()[:16])
-        if done % config.eval_every == 0 or done == last:
+        if due.eval:
             history.append(EvalPoint(done, self.evaluate(), self.total_bytes, time.monotonic() - started))
             log.info("step %d: val loss %.4f, %d bytes sent", done, history[-1].val_loss, self.total_bytes)
-        if config.checkpoint_dir and config.checkpoint_every and done % config.checkpoint_every == 0:
+        if due.checkpoint:
             self._save()
+        self._due = DueWork()
         return identical
 
     def _energy_due(self, step: int) -> bool:

@@ -1,0 +1,78 @@
+"""Local-step rounds (DiLoCo): replicas agree at every round end, bytes move only there, resume is exact."""
+
+import pytest
+from distributed import run_workers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_training import train_and_digest
+from tiny import tiny_config
+
+import torch
+
+from disttrain.compress.factory import CompressionSpec, build_compressor
+from disttrain.train.config import TrainConfig
+from disttrain.train.replica import parameter_digest
+from disttrain.train.trainer import Trainer
+
+DILOCO_METHODS = ["diloco-h10", "diloco-int8-h30", "diloco-svd-int8-h10"]
+
+
+@pytest.mark.parametrize("method", DILOCO_METHODS)
+def test_workers_hold_bit_identical_parameters_after_local_step_rounds(method):
+    results = run_workers(train_and_digest, 3, {"method": method, "steps": 7, "local_steps": 3, "digest_every": 2})
+    assert len({r["digest"] for r in results}) == 1
+    assert all(r["summary"].replicas_identical for r in results)
+
+
+def test_validation_loss_falls_with_local_step_rounds():
+    overrides = {"method": "diloco-int8-h30", "steps": 24, "local_steps": 4, "eval_every": 4}
+    summary = run_workers(train_and_digest, 2, overrides)[0]["summary"]
+    assert summary.history[-1].val_loss < summary.history[0].val_loss - 0.2
+
+
+def test_bytes_move_only_at_round_ends():
+    overrides = {"method": "diloco-h10", "steps": 9, "local_steps": 3, "eval_every": 100}
+    summary = run_workers(train_and_digest, 2, overrides)[0]["summary"]
+    # three rounds of one fp32 pseudo-gradient each, spread over nine steps
+    assert summary.total_bytes == 3 * summary.dense_bytes_per_step
+    assert summary.bytes_per_step == pytest.approx(summary.dense_bytes_per_step / 3)
+
+
+def test_evaluation_waits_for_the_round_end():
+    overrides = {"method": "diloco-h10", "steps": 8, "local_steps": 4, "eval_every": 3}
+    summary = run_workers(train_and_digest, 2, overrides)[0]["summary"]
+    assert [point.step for point in summary.history] == [4, 8]
+
+
+def interrupted_and_resumed(rank: int, world: int, directory: str) -> tuple[bytes, bytes, int]:
+    common = dict(method="diloco-int8-h30", steps=8, local_steps=2)
+    straight = Trainer(tiny_config(**common), progress=False)
+    straight.run()
+    config = tiny_config(**common, checkpoint_dir=directory, checkpoint_every=2)
+    Trainer(config, progress=False).run(stop_at=5)  # "crashes" mid-round after step 5; last round end at 4
+    resumed = Trainer(config, progress=False)
+    start = resumed.start_step
+    resumed.run()
+    return parameter_digest(straight.model), parameter_digest(resumed.model), start
+
+
+def test_a_resumed_local_step_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
+    for straight, resumed, start in run_workers(interrupted_and_resumed, 2, str(tmp_path)):
+        assert start == 4
+        assert straight == resumed
+
+
+def test_local_steps_on_a_per_step_method_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="local_steps applies to local-step methods only.*diloco"):
+        TrainConfig(method="svd-int8-reconstruct", local_steps=4).validate()
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 40), scale=st.floats(1e-4, 1e3), seed=st.integers(0, 2**16))
+def test_dense_int8_payload_is_within_half_a_step_of_each_row(rows, cols, scale, seed):
+    grad = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * scale
+    spec = CompressionSpec(basis="dense", payload="int8", error_feedback=False)
+    compressor = build_compressor(spec, grad.shape, 0, 0)
+    assert compressor.wire_bytes() == rows * 4 + rows * cols
+    step = grad.abs().amax(dim=1, keepdim=True) / 127
+    assert torch.all((compressor.round_trip(grad) - grad).abs() <= step / 2 + 1e-6 * step)
