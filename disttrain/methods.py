@@ -11,7 +11,7 @@ from typing import Literal
 
 from disttrain.compress.factory import CompressionSpec
 
-Engine = Literal["disttrain", "local_steps", "ddp_powersgd", "ddp_hook"]
+Engine = Literal["disttrain", "local_steps", "ddp", "ddp_powersgd", "ddp_hook"]
 OptimizerKind = Literal["adamw", "projected_adamw"]
 
 
@@ -19,7 +19,7 @@ OptimizerKind = Literal["adamw", "projected_adamw"]
 class Method:
     """How gradients are exchanged and applied.
 
-    engine "disttrain" uses CompressedAllReduce; "ddp_powersgd" is torch DDP with torch's
+    engine "disttrain" uses CompressedAllReduce; "ddp" is plain torch DDP; "ddp_powersgd" is torch DDP with torch's
     powerSGD_hook (the baseline); "ddp_hook" is torch DDP with disttrain_hook. "local_steps" runs
     DiLoCo rounds: ``local_steps`` inner AdamW steps, then one compressed exchange of the
     pseudo-gradient and an outer Nesterov SGD step (``outer_lr``, ``outer_momentum``).
@@ -67,7 +67,9 @@ _SEEDED = CompressionSpec(basis="seeded", rank=8, refresh_every=1, error_feedbac
 _SEEDED_FIXED = CompressionSpec(basis="seeded", rank=8, refresh_every=200, error_feedback=False)
 
 register(Method("dense", "fp32 all-reduce of full gradients + AdamW (what DDP sends)", CompressionSpec(basis="dense")))
-register(Method("powersgd-r4", "torch DDP + powerSGD_hook rank 4, one bucket (the baseline)", engine="ddp_powersgd"))
+register(Method("ddp", "plain torch DDP: fp32 all-reduce of full gradients + AdamW", CompressionSpec(basis="dense"), engine="ddp"))
+for _rank in (1, 4, 8):
+    register(Method(f"powersgd-r{_rank}", f"torch DDP + powerSGD_hook rank {_rank}, one bucket (the baseline)", engine="ddp_powersgd", powersgd_rank=_rank))
 register(Method("svd-projected", "GaLore: SVD basis r=8 every 200 steps, Adam moments in the subspace", replace(_SVD, error_feedback=False), "projected_adamw"))
 register(Method("svd-reconstruct", "SVD basis r=8 every 200 steps, error feedback, AdamW on the reconstruction", _SVD))
 register(Method("svd-int8-reconstruct", "SVD basis r=8, int8 payload, error feedback, AdamW on the reconstruction", replace(_SVD, payload="int8")))

@@ -33,7 +33,7 @@ class OptimConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
-RUNTIME_FIELDS = ("eval_every", "digest_every", "checkpoint_dir", "checkpoint_every", "link_mbit", "overlap")
+RUNTIME_FIELDS = ("eval_every", "digest_every", "checkpoint_dir", "checkpoint_every", "link_mbit", "overlap", "stop_at")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class TrainConfig:
     refresh_every: int | None = None  # overrides the method's basis refresh interval
     local_steps: int | None = None  # overrides a local-step method's round length H
     steps: int = 300
+    stop_at: int | None = None  # stop after this step (the schedule still spans `steps`)
     seed: int = 0
     eval_every: int = 50
     digest_every: int = 25

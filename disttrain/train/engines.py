@@ -124,7 +124,7 @@ def powersgd_payload_bytes(model: torch.nn.Module, state: powersgd.PowerSGDState
 
 
 class DDPEngine:
-    """torch DDP with one bucket and a comm hook: powerSGD_hook or disttrain_hook."""
+    """torch DDP with one bucket and, for the compressed baselines, a comm hook: powerSGD_hook or disttrain_hook."""
 
     in_sync = True
 
@@ -136,7 +136,11 @@ class DDPEngine:
         self.ddp = DistributedDataParallel(model, process_group=group, bucket_cap_mb=1024)
         self.optimizer = _adamw(self.ddp.parameters(), config)
         self.payload_bytes_last_step = 0
-        if method.engine == "ddp_powersgd":
+        self.hook_state: DisttrainHookState | None = None
+        self.powersgd_state: powersgd.PowerSGDState | None = None
+        if method.engine == "ddp":
+            self.payload_bytes_last_step = self.dense_bytes_per_step
+        elif method.engine == "ddp_powersgd":
             self.powersgd_state = powersgd.PowerSGDState(
                 process_group=group,
                 matrix_approximation_rank=method.powersgd_rank,
@@ -144,16 +148,15 @@ class DDPEngine:
                 random_seed=config.seed,
             )
             self.ddp.register_comm_hook(self.powersgd_state, powersgd.powerSGD_hook)
-            self.hook_state = None
         else:
             self.hook_state = DisttrainHookState(model.parameters(), method.compression, config.seed, group)
             self.ddp.register_comm_hook(self.hook_state, disttrain_hook)
 
     def step(self, step: int, batch: Batch) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        if self.hook_state is None:
+        if self.powersgd_state is not None:
             self.payload_bytes_last_step = powersgd_payload_bytes(self.model, self.powersgd_state)
-        else:
+        if self.hook_state is not None:
             before = self.hook_state.payload_bytes
         _, loss = self.ddp(*batch)
         loss.backward()
@@ -185,7 +188,7 @@ def build_engine(
         from disttrain.train.local_steps import LocalStepsEngine
 
         return LocalStepsEngine(model, method, config, group)
-    if method.engine in ("ddp_powersgd", "ddp_hook"):
+    if method.engine in ("ddp", "ddp_powersgd", "ddp_hook"):
         if not dist.is_initialized():
             raise RuntimeError(f"method {method.name!r} needs an initialised process group (torch DDP)")
         return DDPEngine(model, method, config, group)

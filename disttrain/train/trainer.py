@@ -324,6 +324,7 @@ class Trainer:
     def run(self, stop_at: int | None = None) -> RunSummary:
         """Train to config.steps (or stop early after step ``stop_at``) and summarise."""
         config = self.config
+        stop_at = config.stop_at if stop_at is None else stop_at
         last = config.steps if stop_at is None else min(stop_at, config.steps)
         started = time.monotonic()
         history: list[EvalPoint] = []
