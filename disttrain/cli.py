@@ -1,4 +1,4 @@
-"""The ``disttrain`` command: demo, train, coordinator, methods, bench."""
+"""The ``disttrain`` command: demo, train, coordinator, methods, bench, doctor."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+from disttrain import doctor
 from disttrain.elastic.coordinator import Coordinator, CoordinatorConfig
 from disttrain.elastic.protocol import SECRET_ENV, load_secret
 from disttrain.launcher import worker
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark from benchmarks/")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("--repo", default=".", help="the disttrain checkout holding benchmarks/")
+
+    doctor.add_arguments(commands.add_parser("doctor", help="check this machine (and a coordinator) before a run"))
     return parser
 
 
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         logging.error("unrecognised arguments: %s", " ".join(extra))
         return 2
-    return {"demo": _demo, "methods": _methods, "coordinator": _coordinator}[args.command](args)
+    return {"demo": _demo, "methods": _methods, "coordinator": _coordinator, "doctor": doctor.command}[args.command](args)
 
 
 if __name__ == "__main__":
