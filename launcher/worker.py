@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from disttrain.comm.device import resolve_device
 from disttrain.elastic.agent import Agent, CoordinatorUnreachable, WorkerRefused
 from disttrain.elastic.membership import ElasticConfig, ElasticMembership
 from disttrain.elastic.protocol import SECRET_ENV, load_secret
@@ -47,9 +48,20 @@ class NotLaunched(RuntimeError):
     """The process was started without the variables torchrun sets."""
 
 
-def resolve_backend(backend: str) -> str:
-    # The trainer keeps tensors on the CPU for now, which only Gloo can move.
-    return "gloo" if backend == "auto" else backend
+def select_device(config: TrainConfig) -> torch.device:
+    """The training device; on a GPU node each local rank takes its own GPU (LOCAL_RANK)."""
+    if config.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return resolve_device(config.device)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """auto: NCCL for GPU training, Gloo for CPU training."""
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("--backend nccl moves CUDA tensors only: train with --device cuda, or use --backend gloo")
+    if backend != "auto":
+        return backend
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def init_process_group(backend: str, timeout_s: float) -> None:
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     membership = None
     try:
         config = config_from_args(args)
-        backend = resolve_backend(args.backend)
+        backend = resolve_backend(args.backend, select_device(config))
         if args.coordinator:
             membership = start_membership(args, config, backend)
         else:

@@ -72,7 +72,7 @@ class Bucket:
         if dist.get_rank(group) == 0:
             flat = torch.cat([self.compressors[i].propose_basis(grads[i]).reshape(-1) for i in due])
         else:
-            flat = torch.empty(sum(sizes), dtype=torch.float32)
+            flat = torch.empty(sum(sizes), dtype=torch.float32, device=grads[0].device)
         wait_work(dist.broadcast(flat, src=_group_src(group), group=group, async_op=True), abort_check)
         for i, piece in zip(due, flat.split(sizes)):
             self.compressors[i].set_basis(piece)
@@ -90,7 +90,7 @@ class Bucket:
         if self.summable:
             work = dist.all_reduce(flat, group=group, async_op=True)
             return PendingExchange(work, flat, self.payload_bytes)
-        output = torch.empty(world * flat.numel(), dtype=torch.uint8)
+        output = torch.empty(world * flat.numel(), dtype=torch.uint8, device=flat.device)
         work = all_gather_flat(output, flat, group=group, async_op=True)
         return PendingExchange(work, output, self.payload_bytes)
 

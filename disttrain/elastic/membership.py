@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from disttrain.comm.device import collective_device
 from disttrain.comm.waiting import wait_work
 from disttrain.elastic.agent import Agent, View
 
@@ -104,7 +105,8 @@ class ElasticMembership:
         if step % self.config.sync_every:
             return False
         view = self.agent.view
-        newest = torch.tensor([view.gen, view.refresh_epoch] if view is not None else [0, 0], dtype=torch.int64)
+        values = [view.gen, view.refresh_epoch] if view is not None else [0, 0]
+        newest = torch.tensor(values, dtype=torch.int64, device=collective_device())
         wait_work(dist.all_reduce(newest, op=dist.ReduceOp.MAX, async_op=True), self.abort_check)
         gen, epoch = (int(v) for v in newest)
         if epoch > self.agent.refresh_epoch:

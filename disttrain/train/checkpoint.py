@@ -26,11 +26,12 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint with its tensors on ``device``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location=device, weights_only=False)
 
 
 def shared_path(directory: str | Path) -> Path:

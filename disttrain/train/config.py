@@ -33,7 +33,8 @@ class OptimConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
-RUNTIME_FIELDS = ("eval_every", "digest_every", "checkpoint_dir", "checkpoint_every", "link_mbit", "overlap", "stop_at")
+RUNTIME_FIELDS = ("eval_every", "digest_every", "checkpoint_dir", "checkpoint_every", "link_mbit", "overlap", "stop_at", "device")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     link_mbit: float | None = None  # emulate a slow uplink by pacing collectives
     overlap: bool = True
+    device: str = "auto"  # auto: this process's GPU if torch sees one (NCCL), else the CPU (Gloo)
+    precision: str = "fp32"  # bf16: forward and backward under bf16 autocast; weights, bytes and optimizer stay fp32
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -70,6 +73,10 @@ class TrainConfig:
             raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.eval_every < 1 or self.digest_every < 1:
             raise ValueError("eval_every and digest_every must be >= 1")
         if self.data.block_size > self.model.block_size:

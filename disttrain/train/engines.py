@@ -43,6 +43,14 @@ class Engine(Protocol):
         """Restore what state_dict() or shared_state_dict() returned."""
 
 
+def forward_loss(model: torch.nn.Module, batch: Batch, precision: str) -> torch.Tensor:
+    """The model's loss on ``batch``, under bf16 autocast when asked."""
+    device_type = batch[0].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        _, loss = model(*batch)
+    return loss
+
+
 def _adamw(params, config: TrainConfig) -> torch.optim.AdamW:
     o = config.optim
     return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
@@ -55,6 +63,7 @@ class DisttrainEngine:
 
     def __init__(self, model: torch.nn.Module, method: Method, config: TrainConfig, group=None, elastic: bool = False):
         self.model = model
+        self.precision = config.precision
         link = LinkEmulator(config.link_mbit) if config.link_mbit else None
         self.reducer = CompressedAllReduce(
             model.parameters(),
@@ -87,7 +96,7 @@ class DisttrainEngine:
     def step(self, step: int, batch: Batch) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         self.reducer.start_step(step)
-        _, loss = self.model(*batch)
+        loss = forward_loss(self.model, batch, self.precision)
         loss.backward()
         self.reducer.finish()
         if not self.projected:
@@ -130,6 +139,7 @@ class DDPEngine:
 
     def __init__(self, model: torch.nn.Module, method: Method, config: TrainConfig, group=None):
         self.model = model
+        self.precision = config.precision
         self.dense_bytes_per_step = sum(p.numel() * 4 for p in model.parameters())
         # One bucket: several powerSGD buckets in flight can issue collectives in different
         # orders on different ranks over a slow link (see DESIGN.md).
@@ -158,7 +168,7 @@ class DDPEngine:
             self.payload_bytes_last_step = powersgd_payload_bytes(self.model, self.powersgd_state)
         if self.hook_state is not None:
             before = self.hook_state.payload_bytes
-        _, loss = self.ddp(*batch)
+        loss = forward_loss(self.ddp, batch, self.precision)
         loss.backward()
         if self.hook_state is not None:
             self.payload_bytes_last_step = self.hook_state.payload_bytes - before
@@ -185,7 +195,7 @@ def build_engine(
     if method.engine == "disttrain":
         return DisttrainEngine(model, method, config, group, elastic)
     if method.engine == "local_steps":
-        from disttrain.train.local_steps import LocalStepsEngine
+        from disttrain.train.local_steps import LocalStepsEngine  # it builds on forward_loss above
 
         return LocalStepsEngine(model, method, config, group)
     if method.engine in ("ddp", "ddp_powersgd", "ddp_hook"):

@@ -17,6 +17,7 @@ from disttrain.comm.allreduce import CompressedAllReduce
 from disttrain.comm.link import LinkEmulator
 from disttrain.methods import Method
 from disttrain.train.config import TrainConfig
+from disttrain.train.engines import forward_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -28,6 +29,7 @@ class LocalStepsEngine:
         if method.local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {method.local_steps}")
         self.model = model
+        self.precision = config.precision
         self.local_steps = method.local_steps
         self.last_step = config.steps  # the run ends on a round boundary, however H divides it
         link = LinkEmulator(config.link_mbit) if config.link_mbit else None
@@ -47,7 +49,7 @@ class LocalStepsEngine:
 
     def step(self, step: int, batch: Batch) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        _, loss = self.model(*batch)
+        loss = forward_loss(self.model, batch, self.precision)
         loss.backward()
         self.optimizer.step()
         self.payload_bytes_last_step = 0

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.bucket import all_gather_flat
+from disttrain.comm.device import collective_device
 from disttrain.comm.waiting import AbortCheck, wait_work
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,12 @@ def check_replicas(
     abort_check: AbortCheck | None = None,
 ) -> bool:
     """True when every worker holds bit-identical parameters; otherwise log and repair."""
-    mine = torch.frombuffer(bytearray(parameter_digest(module)), dtype=torch.uint8)
+    device = collective_device(group)
+    mine = torch.frombuffer(bytearray(parameter_digest(module)), dtype=torch.uint8).to(device)
     world = dist.get_world_size(group)
-    gathered = torch.empty(world * mine.numel(), dtype=torch.uint8)
+    gathered = torch.empty(world * mine.numel(), dtype=torch.uint8, device=device)
     wait_work(all_gather_flat(gathered, mine, group=group, async_op=True), abort_check)
-    digests = gathered.reshape(world, -1)
+    digests = gathered.reshape(world, -1).cpu()
     diverged = [r for r in range(world) if not torch.equal(digests[r], digests[0])]
     if not diverged:
         return True

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from disttrain.comm.device import collective_device, resolve_device
 from disttrain.comm.waiting import wait_work
 from disttrain.data.corpus import ByteCorpus
 from disttrain.elastic.membership import ElasticMembership
@@ -20,7 +21,7 @@ from disttrain.methods import get_method, with_overrides
 from disttrain.models.gpt import GPT
 from disttrain.train import checkpoint
 from disttrain.train.config import TrainConfig
-from disttrain.train.engines import build_engine
+from disttrain.train.engines import build_engine, forward_loss
 from disttrain.train.replica import broadcast_from_rank0, check_replicas, parameter_digest
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,8 @@ class Trainer:
                 "pick a per-step disttrain method for elastic training (see `disttrain methods`)"
             )
         torch.manual_seed(config.seed)
-        self.model = GPT(config.model)
+        self.device = resolve_device(config.device)
+        self.model = GPT(config.model).to(self.device)
         self.corpus = ByteCorpus(config.data, config.seed)
         self.step = 0
         self.start_step = 0  # where this process started or resumed
@@ -183,13 +185,16 @@ class Trainer:
         """Mean validation loss over the fixed validation windows, split across workers."""
         self.model.eval()
         batches = self.corpus.val_batches()
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=collective_device(self.group))
         for index in range(self.rank, len(batches), self.world_size):
-            _, loss = self.model(*batches[index])
-            totals += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            loss = forward_loss(self.model, self._on_device(batches[index]), self.config.precision)
+            totals += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=totals.device)
         self._wait(dist.all_reduce(totals, group=self.group, async_op=True))
         self.model.train()
         return (totals[0] / totals[1]).item()
+
+    def _on_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
 
     # --- replica state: what a joiner receives from a donor -----------------------------
     def export_replica(self) -> dict[str, Any]:
@@ -265,7 +270,7 @@ class Trainer:
         self.engine.optimizer.load_state_dict(shared["optimizer"])
         worker = checkpoint.worker_path(directory, self.rank)
         if worker.is_file():
-            self.engine.load_state_dict(checkpoint.load(worker)["engine"])
+            self.engine.load_state_dict(checkpoint.load(worker, self.device)["engine"])
         self.step = self.start_step = shared["step"]
         log.info("resumed from %s at step %d", directory, self.step)
 
@@ -338,7 +343,7 @@ class Trainer:
                     continue
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = learning_rate(self.step, config)
-                batch = self.corpus.train_batch(self.step, self.rank, self.world_size)
+                batch = self._on_device(self.corpus.train_batch(self.step, self.rank, self.world_size))
                 if self.membership is not None:
                     self.engine.reducer.measure_energy = self._energy_due(self.step + 1)
                 loss = self.engine.step(self.step, batch)
