@@ -484,10 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     args = parse_args(argv)
     if args.render_only:
-        if not args.out.is_file():
-            log.error("no results at %s to render: run without --render-only first", args.out)
+        results = common.read_results(args.out)
+        if results is None:
             return 2
-        return 0 if render(json.loads(args.out.read_text()), args.readme, args.out.parent) else 1
+        return 0 if render(results, args.readme, args.out.parent) else 1
     missing = missing_requirements()
     if missing:
         log.warning("skipping the cluster benchmark: it needs %s", "; ".join(missing))

@@ -103,6 +103,14 @@ def update_readme(path: Path, marker_name: str, table: str) -> None:
     write_text_atomic(path, pattern.sub(lambda _: f"{start}\n{table}\n{end}", text, count=1))
 
 
+def read_results(path: Path) -> dict[str, Any] | None:
+    """The results document to re-render, or None (and an error saying what to do) when there is none."""
+    if not path.is_file():
+        logging.getLogger(__name__).error("no results at %s to render: run without --render-only first", path)
+        return None
+    return json.loads(path.read_text())
+
+
 def publish_table(table: str, marker_name: str, readme: Path, out_dir: Path = RESULTS_DIR) -> bool:
     """Save ``table`` as <out_dir>/<marker_name>.md and put it into the README; False if the README lacks markers."""
     copy = out_dir / f"{marker_name}.md"

@@ -328,10 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     args = parse_args(argv)
     if args.render_only:
-        if not args.out.is_file():
-            log.error("no results at %s to render: run without --render-only first", args.out)
+        results = common.read_results(args.out)
+        if results is None:
             return 2
-        results = json.loads(args.out.read_text())
     else:
         results = run_all(args)
         common.write_json_atomic(args.out, results)

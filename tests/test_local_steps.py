@@ -1,18 +1,14 @@
 """Local-step rounds (DiLoCo): replicas agree at every round end, bytes move only there, resume is exact."""
 
 import pytest
+import torch
 from distributed import run_workers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_training import train_and_digest
-from tiny import tiny_config
-
-import torch
+from test_training import interrupted_and_resumed, train_and_digest
 
 from disttrain.compress.factory import CompressionSpec, build_compressor
 from disttrain.train.config import TrainConfig
-from disttrain.train.replica import parameter_digest
-from disttrain.train.trainer import Trainer
 
 DILOCO_METHODS = ["diloco-h10", "diloco-int8-h30", "diloco-svd-int8-h10"]
 
@@ -44,20 +40,10 @@ def test_evaluation_waits_for_the_round_end():
     assert [point.step for point in summary.history] == [4, 8]
 
 
-def interrupted_and_resumed(rank: int, world: int, directory: str) -> tuple[bytes, bytes, int]:
-    common = dict(method="diloco-int8-h30", steps=8, local_steps=2)
-    straight = Trainer(tiny_config(**common), progress=False)
-    straight.run()
-    config = tiny_config(**common, checkpoint_dir=directory, checkpoint_every=2)
-    Trainer(config, progress=False).run(stop_at=5)  # "crashes" mid-round after step 5; last round end at 4
-    resumed = Trainer(config, progress=False)
-    start = resumed.start_step
-    resumed.run()
-    return parameter_digest(straight.model), parameter_digest(resumed.model), start
-
-
 def test_a_resumed_local_step_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
-    for straight, resumed, start in run_workers(interrupted_and_resumed, 2, str(tmp_path)):
+    # stopped mid-round after step 5; the last round end, and checkpoint, was step 4
+    rounds_of_two = {"method": "diloco-int8-h30", "local_steps": 2}
+    for straight, resumed, start in run_workers(interrupted_and_resumed, 2, str(tmp_path), rounds_of_two):
         assert start == 4
         assert straight == resumed
 

@@ -65,10 +65,11 @@ def test_workers_started_with_different_configs_are_refused_by_field():
     assert all("different configs" in m and "steps (8 vs 9)" in m for m in messages)
 
 
-def interrupted_and_resumed(rank: int, world: int, directory: str) -> tuple[bytes, bytes, int]:
-    straight = Trainer(tiny_config(steps=8), progress=False)
+def interrupted_and_resumed(rank: int, world: int, directory: str, overrides: dict | None = None) -> tuple[bytes, bytes, int]:
+    run = {"steps": 8, **(overrides or {})}
+    straight = Trainer(tiny_config(**run), progress=False)
     straight.run()
-    config = tiny_config(steps=8, checkpoint_dir=directory, checkpoint_every=2)
+    config = tiny_config(**run, checkpoint_dir=directory, checkpoint_every=2)
     Trainer(config, progress=False).run(stop_at=5)  # "crashes" after step 5; last checkpoint at 4
     resumed = Trainer(config, progress=False)
     start = resumed.start_step
