@@ -22,7 +22,7 @@ from disttrain.methods import DEFAULT_METHOD, METHODS
 DEMO_WORKERS = 4
 DEMO_STEPS = 200
 DEMO_LINK_MBIT = 20.0
-BENCHMARKS = ("convergence", "memory", "chaos", "kernels")
+BENCHMARKS = ("convergence", "memory", "chaos", "kernels", "cluster")
 
 
 def _demo(args: argparse.Namespace) -> int:

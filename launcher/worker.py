@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.rank == 0:
         print(json.dumps(summary.headline()), flush=True)
     if membership is None:
+        # Without this barrier Gloo's worker thread can still hold the last collective's tensors
+        # while the interpreter shuts down, and the process aborts ("terminate called ...").
+        dist.barrier()
         dist.destroy_process_group()
     return 0 if summary.replicas_identical else 1
 
