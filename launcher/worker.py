@@ -55,13 +55,16 @@ def select_device(config: TrainConfig) -> torch.device:
     return resolve_device(config.device)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """auto: NCCL for GPU training, Gloo for CPU training."""
+def resolve_backend(backend: str, device: torch.device, local_workers: int = 1) -> str:
+    """auto: NCCL for GPU training with a GPU per local worker, else Gloo (which also moves CUDA
+    tensors, so several workers can share one GPU)."""
     if backend == "nccl" and device.type != "cuda":
         raise ValueError("--backend nccl moves CUDA tensors only: train with --device cuda, or use --backend gloo")
     if backend != "auto":
         return backend
-    return "nccl" if device.type == "cuda" else "gloo"
+    if device.type != "cuda":
+        return "gloo"
+    return "nccl" if local_workers <= torch.cuda.device_count() else "gloo"
 
 
 def init_process_group(backend: str, timeout_s: float) -> None:
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     membership = None
     try:
         config = config_from_args(args)
-        backend = resolve_backend(args.backend, select_device(config))
+        local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        backend = resolve_backend(args.backend, select_device(config), local_workers)
         if args.coordinator:
             membership = start_membership(args, config, backend)
         else:

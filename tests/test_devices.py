@@ -23,8 +23,14 @@ def test_auto_backend_is_gloo_for_cpu_training():
     assert resolve_backend("auto", torch.device("cpu")) == "gloo"
 
 
-def test_auto_backend_is_nccl_for_gpu_training():
-    assert resolve_backend("auto", torch.device("cuda", 0)) == "nccl"
+def test_auto_backend_is_nccl_for_gpu_training_with_a_gpu_per_worker(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_backend("auto", torch.device("cuda", 0), local_workers=2) == "nccl"
+
+
+def test_auto_backend_is_gloo_when_workers_share_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_backend("auto", torch.device("cuda", 0), local_workers=4) == "gloo"
 
 
 def test_nccl_for_cpu_tensors_is_refused_with_the_fix():
