@@ -110,3 +110,18 @@ def test_adaptive_refresh_renews_svd_bases_on_every_worker_at_the_same_step(tmp_
         assert b"refresh 1 requested" in (tmp_path / "coordinator-1.log").read_bytes()
     finally:
         job.close()
+
+
+def test_local_step_rounds_survive_a_kill_and_admit_a_joiner_at_a_round_start(tmp_path):
+    job = ElasticJob(tmp_path, [*TINY_FLAGS, "--method", "diloco-int8-h30", "--local_steps", "4"], steps=160)
+    try:
+        start(job)
+        job.wait_for_step(0, 40)
+        job.signal(2, signal.SIGKILL)
+        job.wait_for_step(0, job.latest_step(0) + 12)
+        job.start_worker()
+        assert job.wait_for_exit([0, 1, 3]) == [0, 0, 0]
+        summaries = assert_identical_and_complete(job, [0, 1, 3])
+        assert summaries[0]["workers"] == 3
+    finally:
+        job.close()

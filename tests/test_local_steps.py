@@ -1,14 +1,23 @@
 """Local-step rounds (DiLoCo): replicas agree at every round end, bytes move only there, resume is exact."""
 
+from dataclasses import replace
+
 import pytest
 import torch
+import torch.distributed as dist
 from distributed import run_workers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_training import interrupted_and_resumed, train_and_digest
+from tiny import tiny_config
 
 from disttrain.compress.factory import CompressionSpec, build_compressor
+from disttrain.data.corpus import ByteCorpus
+from disttrain.methods import get_method
+from disttrain.models.gpt import GPT
 from disttrain.train.config import TrainConfig
+from disttrain.train.local_steps import LocalStepsEngine
+from disttrain.train.replica import tensors_digest
 
 DILOCO_METHODS = ["diloco-h10", "diloco-int8-h30", "diloco-svd-int8-h10"]
 
@@ -62,3 +71,31 @@ def test_dense_int8_payload_is_within_half_a_step_of_each_row(rows, cols, scale,
     assert compressor.wire_bytes() == rows * 4 + rows * cols
     step = grad.abs().amax(dim=1, keepdim=True) / 127
     assert torch.all((compressor.round_trip(grad) - grad).abs() <= step / 2 + 1e-6 * step)
+
+
+def redo_with_a_joiner(rank: int, world: int) -> tuple[bytes, bytes]:
+    """Rank 0 did a round whose exchange is pending; rank 1 joined with the round's start only."""
+    config = tiny_config(method="diloco-h10", local_steps=2, steps=4)
+    method = get_method("diloco-h10")
+    solos = [dist.new_group([r]) for r in range(world)]
+
+    def engine(group):
+        torch.manual_seed(0)
+        return LocalStepsEngine(GPT(config.model), replace(method, local_steps=2), config, group, elastic=True)
+
+    batch = ByteCorpus(config.data, config.seed).train_batch(0, 0, 1)
+    both, alone = engine(None), engine(solos[rank])
+    if rank == 0:
+        for e in (both, alone):
+            e.step(0, batch)  # the round's only local step before its end
+            e.exchange_pending = 1  # its exchange at step 1 failed; redo it
+        alone.step(1, batch)
+    else:
+        both.load_state_dict({**both.shared_state_dict(), "exchange_pending": 1})  # as a joiner receives it
+    both.step(1, batch)
+    return tensors_digest(both.global_params), tensors_digest(alone.global_params)
+
+
+def test_a_redone_exchange_averages_over_the_workers_that_did_the_round():
+    (after_0, alone_0), (after_1, _) = run_workers(redo_with_a_joiner, 2)
+    assert after_0 == after_1 == alone_0

@@ -145,8 +145,9 @@ class CompressedAllReduce:
         self.payload_bytes_last_step += pending.payload_bytes
         self._pending[b] = (pending, self._pace(bucket.collective, pending.payload_bytes))
 
-    def finish(self) -> None:
-        """Launch what backward did not, wait for every collective, and decode the means."""
+    def finish(self, contributors: int | None = None) -> None:
+        """Launch what backward did not, wait for every collective, and decode the means: over
+        all workers, or over ``contributors`` of them when the others sent zeros."""
         try:
             if self._hook_failure is not None:
                 raise self._hook_failure
@@ -157,7 +158,7 @@ class CompressedAllReduce:
                 if pending.work is not None:
                     wait_work(pending.work, self.abort_check)
                 LinkEmulator.wait_until(deadline)
-                means = bucket.mean_coefficients(pending.output, self.world_size)
+                means = bucket.mean_coefficients(pending.output, self.world_size, contributors or self.world_size)
                 for index, mean in zip(bucket.param_indices, means):
                     self._means[index] = mean
         except RuntimeError as error:

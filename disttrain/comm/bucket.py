@@ -94,11 +94,11 @@ class Bucket:
         work = all_gather_flat(output, flat, group=group, async_op=True)
         return PendingExchange(work, output, self.payload_bytes)
 
-    def mean_coefficients(self, output: torch.Tensor, world_size: int) -> list[torch.Tensor]:
-        """The workers' average coefficients for each parameter, from the collective's output."""
+    def mean_coefficients(self, output: torch.Tensor, world_size: int, divisor: int) -> list[torch.Tensor]:
+        """The workers' summed coefficients for each parameter over ``divisor``, from the collective's output."""
         if self.summable:
             return [
-                c.decode(output[lo:hi]) / world_size
+                c.decode(output[lo:hi]) / divisor
                 for c, lo, hi in zip(self.compressors, self.offsets, self.offsets[1:])
             ]
         per_worker = output.reshape(world_size, -1)
@@ -107,7 +107,7 @@ class Bucket:
             total = c.decode(_as_wire(per_worker[0, lo:hi], c))
             for worker in range(1, world_size):
                 total = total + c.decode(_as_wire(per_worker[worker, lo:hi], c))
-            means.append(total / world_size)
+            means.append(total / divisor)
         return means
 
 

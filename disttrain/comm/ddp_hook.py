@@ -66,7 +66,7 @@ def disttrain_hook(state: DisttrainHookState, bucket: dist.GradBucket) -> torch.
     def decode(_: torch.futures.Future) -> torch.Tensor:
         buffer = bucket.buffer()
         offset = 0
-        means = exchange.mean_coefficients(pending.output, world_size)
+        means = exchange.mean_coefficients(pending.output, world_size, world_size)
         for grad, compressor, mean in zip(grads, exchange.compressors, means):
             buffer[offset : offset + grad.numel()].copy_(compressor.reconstruct(mean).reshape(-1))
             offset += grad.numel()

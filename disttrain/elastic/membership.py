@@ -1,7 +1,7 @@
 """Elastic membership inside the training process: enter generations, regroup after failures.
 
 The trainer calls ``enter`` before training and after any failed step, and ``switch_due`` at
-step boundaries. Every ``sync_every`` steps the members agree (one 8-byte all_reduce) on the
+step boundaries (every ``sync_every`` steps, or at round starts for local-step methods): the members agree (one 8-byte all_reduce) on the
 newest generation any of them has heard of, so that all switch at the same step when workers
 join. A broken generation (a member died, stopped or left) is abandoned at once: waits on its
 collectives poll the agent and give up.
@@ -100,10 +100,8 @@ class ElasticMembership:
         log.info("entered generation %d as rank %d of %d", view.gen, dist.get_rank(), dist.get_world_size())
 
     def switch_due(self, step: int, request_refresh: Callable[[], None]) -> bool:
-        """At every sync_every-th step: has any member heard of a newer generation? Also applies
-        a basis refresh the coordinator asked for, on every member at this same step."""
-        if step % self.config.sync_every:
-            return False
+        """Has any member heard of a newer generation? Also applies a basis refresh the coordinator
+        asked for, on every member at this same step. Every member calls it at the same steps."""
         view = self.agent.view
         values = [view.gen, view.refresh_epoch] if view is not None else [0, 0]
         newest = torch.tensor(values, dtype=torch.int64, device=collective_device())

@@ -30,6 +30,12 @@ class Engine(Protocol):
     dense_bytes_per_step: int
     in_sync: bool  # whether every replica holds the same weights after the last step
 
+    def membership_check_due(self, step: int, sync_every: int) -> bool:
+        """Whether elastic members compare generations before step ``step``."""
+
+    def replica_parameters(self) -> list[torch.Tensor]:
+        """The weights every member must agree on (what a joiner receives)."""
+
     def step(self, step: int, batch: Batch) -> float:
         """Forward, backward, exchange and update; returns this worker's training loss."""
 
@@ -56,10 +62,21 @@ def _adamw(params, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
 
 
-class DisttrainEngine:
-    """CompressedAllReduce feeding torch AdamW (reconstruct) or ProjectedAdamW."""
+class PerStepMembership:
+    """Elastic hooks of engines whose replicas agree after every step."""
 
+    model: torch.nn.Module
     in_sync = True
+
+    def membership_check_due(self, step: int, sync_every: int) -> bool:
+        return step % sync_every == 0
+
+    def replica_parameters(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())
+
+
+class DisttrainEngine(PerStepMembership):
+    """CompressedAllReduce feeding torch AdamW (reconstruct) or ProjectedAdamW."""
 
     def __init__(self, model: torch.nn.Module, method: Method, config: TrainConfig, group=None, elastic: bool = False):
         self.model = model
@@ -132,10 +149,8 @@ def powersgd_payload_bytes(model: torch.nn.Module, state: powersgd.PowerSGDState
     return total
 
 
-class DDPEngine:
+class DDPEngine(PerStepMembership):
     """torch DDP with one bucket and, for the compressed baselines, a comm hook: powerSGD_hook or disttrain_hook."""
-
-    in_sync = True
 
     def __init__(self, model: torch.nn.Module, method: Method, config: TrainConfig, group=None):
         self.model = model
@@ -197,7 +212,7 @@ def build_engine(
     if method.engine == "local_steps":
         from disttrain.train.local_steps import LocalStepsEngine  # it builds on forward_loss above
 
-        return LocalStepsEngine(model, method, config, group)
+        return LocalStepsEngine(model, method, config, group, elastic)
     if method.engine in ("ddp", "ddp_powersgd", "ddp_hook"):
         if not dist.is_initialized():
             raise RuntimeError(f"method {method.name!r} needs an initialised process group (torch DDP)")

@@ -5,6 +5,12 @@ of a round, the pseudo-gradient (the round's starting weights minus the current 
 through the same CompressedAllReduce as a per-step gradient would, and an outer Nesterov SGD
 step applies the average to the starting weights. Replicas are identical at round ends only;
 in between every worker holds its own weights and its own inner optimizer state.
+
+Under elastic membership, members switch generations at round starts. If a member dies during a
+round, the survivors' exchange fails and rolls back; they regroup and redo only the exchange,
+keeping their round's local work. A worker admitted at that point receives the round's starting
+weights and sends a zero pseudo-gradient, and the average is taken over the members that did
+the round.
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from disttrain.comm.allreduce import CompressedAllReduce
+from disttrain.comm.device import collective_device
 from disttrain.comm.link import LinkEmulator
+from disttrain.comm.waiting import wait_work
 from disttrain.methods import Method
 from disttrain.train.config import TrainConfig
 from disttrain.train.engines import forward_loss
@@ -25,7 +34,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class LocalStepsEngine:
     """Inner AdamW for ``method.local_steps`` steps, then the compressed outer step."""
 
-    def __init__(self, model: torch.nn.Module, method: Method, config: TrainConfig, group=None):
+    def __init__(self, model: torch.nn.Module, method: Method, config: TrainConfig, group=None, elastic: bool = False):
         if method.local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {method.local_steps}")
         self.model = model
@@ -33,7 +42,9 @@ class LocalStepsEngine:
         self.local_steps = method.local_steps
         self.last_step = config.steps  # the run ends on a round boundary, however H divides it
         link = LinkEmulator(config.link_mbit) if config.link_mbit else None
-        self.reducer = CompressedAllReduce(model.parameters(), method.compression, config.seed, group, overlap=False, link=link)
+        self.reducer = CompressedAllReduce(
+            model.parameters(), method.compression, config.seed, group, overlap=False, link=link, fixed_membership=not elastic
+        )
         o = config.optim
         self.optimizer = torch.optim.AdamW(
             self.reducer.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
@@ -46,29 +57,44 @@ class LocalStepsEngine:
         self.in_sync = True
         self.dense_bytes_per_step = self.reducer.dense_bytes_per_step
         self.payload_bytes_last_step = 0
+        self.exchange_pending: int | None = None  # the round-end step whose exchange failed
+        self.did_round = True  # False for a worker admitted while its round's exchange was pending
+        self._last_loss = 0.0
 
     def step(self, step: int, batch: Batch) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = forward_loss(self.model, batch, self.precision)
-        loss.backward()
-        self.optimizer.step()
+        retry = self.exchange_pending == step
+        if not retry:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = forward_loss(self.model, batch, self.precision)
+            loss.backward()
+            self.optimizer.step()
+            self._last_loss = loss.item()
         self.payload_bytes_last_step = 0
         self.in_sync = (step + 1) % self.local_steps == 0 or step + 1 >= self.last_step
         if self.in_sync:
-            self._outer_step()
-        return loss.item()
+            self.exchange_pending = step
+            self._outer_step(self._count_contributors() if retry else None)
+            self.exchange_pending = None
+            self.did_round = True
+        return self._last_loss
 
-    def _outer_step(self) -> None:
+    def _count_contributors(self) -> int:
+        """How many members did this round's local steps (joiners since its start did not)."""
+        count = torch.tensor([int(self.did_round)], device=collective_device(self.reducer.group))
+        wait_work(dist.all_reduce(count, group=self.reducer.group, async_op=True), self.reducer.abort_check)
+        return int(count.item())
+
+    def _outer_step(self, contributors: int | None) -> None:
         """Average the compressed pseudo-gradients and move every replica to the same weights.
 
         If the collective fails, CompressedAllReduce rolls its state back and raises before any
-        weight has changed, so the round can be redone.
+        weight has changed, so the exchange can be redone.
         """
         with torch.no_grad():
             for p, start in zip(self.reducer.params, self.global_params):
                 p.grad = start - p
         self.reducer.start_step(self.rounds)
-        self.reducer.finish()
+        self.reducer.finish(contributors)
         self.reducer.write_gradients()
         for p, start in zip(self.reducer.params, self.global_params):
             start.grad = p.grad
@@ -82,25 +108,40 @@ class LocalStepsEngine:
         self.rounds += 1
         self.payload_bytes_last_step = self.reducer.payload_bytes_last_step
 
+    # --- elastic membership -------------------------------------------------------------
+    def membership_check_due(self, step: int, sync_every: int) -> bool:
+        """Generations change at round starts, where every member holds the global weights."""
+        return step % self.local_steps == 0
+
+    def replica_parameters(self) -> list[torch.Tensor]:
+        return self.global_params
+
+    # --- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything a worker needs to resume at a round boundary, its own inner state included."""
-        return {
-            "reducer": self.reducer.state_dict(),
-            "inner": self.optimizer.state_dict(),
-            "outer": self.outer.state_dict(),
-            "rounds": self.rounds,
-        }
+        """Everything a worker needs to resume, its own inner state included."""
+        return {**self.shared_state_dict(), "reducer": self.reducer.state_dict(), "inner": self.optimizer.state_dict()}
 
     def shared_state_dict(self) -> dict[str, Any]:
-        return {"reducer": self.reducer.shared_state_dict(), "outer": self.outer.state_dict(), "rounds": self.rounds}
+        """The round's starting weights, the outer optimizer and where the round stands."""
+        return {
+            "reducer": self.reducer.shared_state_dict(),
+            "outer": self.outer.state_dict(),
+            "rounds": self.rounds,
+            "global": [t.clone() for t in self.global_params],
+            "exchange_pending": self.exchange_pending,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a round boundary: the model's weights (already loaded) become the round start."""
+        """Restore a round's start: its global weights go into the model too. A worker that
+        receives them while the round's exchange is pending sends zeros in it."""
         self.reducer.load_state_dict(state["reducer"])
         if "inner" in state:
             self.optimizer.load_state_dict(state["inner"])
         self.outer.load_state_dict(state["outer"])
         self.rounds = state["rounds"]
+        self.exchange_pending = state["exchange_pending"]
+        self.did_round = self.exchange_pending is None or "inner" in state
         with torch.no_grad():
-            for p, start in zip(self.reducer.params, self.global_params):
-                start.copy_(p)
+            for p, start, saved in zip(self.reducer.params, self.global_params, state["global"]):
+                start.copy_(saved)
+                p.copy_(saved)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -15,12 +16,17 @@ from disttrain.comm.waiting import AbortCheck, wait_work
 log = logging.getLogger(__name__)
 
 
+def tensors_digest(tensors: Iterable[torch.Tensor]) -> bytes:
+    """SHA-256 over the exact bytes of the tensors, in order."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.digest()
+
+
 def parameter_digest(module: torch.nn.Module) -> bytes:
     """SHA-256 over the exact bytes of every parameter, in registration order."""
-    digest = hashlib.sha256()
-    for p in module.parameters():
-        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.digest()
+    return tensors_digest(module.parameters())
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:

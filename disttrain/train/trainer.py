@@ -22,7 +22,7 @@ from disttrain.models.gpt import GPT
 from disttrain.train import checkpoint
 from disttrain.train.config import TrainConfig
 from disttrain.train.engines import build_engine, forward_loss
-from disttrain.train.replica import broadcast_from_rank0, check_replicas, parameter_digest
+from disttrain.train.replica import broadcast_from_rank0, check_replicas, parameter_digest, tensors_digest
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +138,10 @@ class Trainer:
         self.method = with_overrides(get_method(config.method), rank=config.rank, refresh_every=config.refresh_every)
         if config.local_steps is not None:
             self.method = replace(self.method, local_steps=config.local_steps)
-        if membership is not None and self.method.engine != "disttrain":
-            why = "local-step rounds, which" if self.method.engine == "local_steps" else "torch DDP, which"
+        if membership is not None and self.method.engine not in ("disttrain", "local_steps"):
             raise ValueError(
-                f"method {self.method.name!r} runs on {why} cannot change membership yet: "
-                "pick a per-step disttrain method for elastic training (see `disttrain methods`)"
+                f"method {self.method.name!r} runs on torch DDP, which cannot change membership: "
+                "pick a disttrain method for elastic training (see `disttrain methods`)"
             )
         torch.manual_seed(config.seed)
         self.device = resolve_device(config.device)
@@ -219,7 +218,7 @@ class Trainer:
         plan = synchronise(
             self.step,
             self.membership.fresh,
-            parameter_digest(self.model),
+            tensors_digest(self.engine.replica_parameters()),
             self.export_replica,
             self.load_replica,
             self.membership.abort_check,
@@ -301,6 +300,13 @@ class Trainer:
         self._due = DueWork()
         return identical
 
+    def _membership_switch_due(self) -> bool:
+        """At the engine's check points, whether the members move to a newer generation."""
+        membership = self.membership
+        if membership is None or not self.engine.membership_check_due(self.step, membership.config.sync_every):
+            return False
+        return membership.switch_due(self.step, self.engine.reducer.request_refresh)
+
     def _energy_due(self, step: int) -> bool:
         """Rank 0 measures the captured energy for the coordinator every sync_every steps."""
         return self.membership is not None and self.rank == 0 and step % self.membership.config.sync_every == 0
@@ -338,7 +344,7 @@ class Trainer:
         bar = tqdm(total=last, initial=self.step, disable=not self.progress, desc=self.method.name)
         while self.step < last:
             try:
-                if self.membership is not None and self.membership.switch_due(self.step, self.engine.reducer.request_refresh):
+                if self._membership_switch_due():
                     self._regroup()
                     continue
                 for group in self.engine.optimizer.param_groups:
