@@ -81,7 +81,7 @@ _PSEUDO_INT8 = CompressionSpec(basis="dense", payload="int8", error_feedback=Tru
 
 register(Method("diloco-h10", "DiLoCo: 10 local AdamW steps, fp32 pseudo-gradient, outer Nesterov", CompressionSpec(basis="dense"), engine="local_steps", local_steps=10))
 register(Method("diloco-int8-h30", "DiLoCo: 30 local steps, int8 pseudo-gradient with error feedback", _PSEUDO_INT8, engine="local_steps", local_steps=30))
-register(Method("diloco-svd-int8-h10", "DiLoCo: 10 local steps, pseudo-gradient in an SVD basis r=8, int8, error feedback", replace(_SVD, payload="int8", refresh_every=10), engine="local_steps", local_steps=10))
+register(Method("diloco-svd-int8-h10", "DiLoCo, pseudo-gradient in an SVD basis r=8 (refresh every 10 rounds), int8, EF: a measured loser, it diverges after the first refresh", replace(_SVD, payload="int8", refresh_every=10), engine="local_steps", local_steps=10))
 register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8, error feedback)", replace(_SEEDED, payload="int8"), engine="ddp_hook"))
 
 DEFAULT_METHOD = "svd-int8-reconstruct"
