@@ -10,6 +10,7 @@ every rank compares a digest of its parameters and the script fails if any diffe
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 
@@ -82,8 +83,10 @@ def main() -> None:
         "replicas_identical": identical,
     }
     log.info(json.dumps(summary))
-    # Gloo's worker threads release the last collective's tensors after it completes and need the
-    # GIL for that: without the barrier an exit can overtake them and abort (SIGABRT) at shutdown.
+    # DDP keeps the process group alive; drop it while the interpreter still runs, so that the
+    # group's Gloo threads are joined now rather than during shutdown (which can abort the process).
+    del ddp
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
     if not identical:

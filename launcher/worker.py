@@ -4,6 +4,7 @@ and prints the run's summary as one JSON line on rank 0."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -128,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.rank == 0:
         print(json.dumps(summary.headline()), flush=True)
     if membership is None:
-        # Without this barrier Gloo's worker thread can still hold the last collective's tensors
-        # while the interpreter shuts down, and the process aborts ("terminate called ...").
+        # The engine (torch DDP in particular) keeps the process group alive: drop it while the
+        # interpreter still runs, so that Gloo's threads are joined now and not during shutdown,
+        # where they can abort the process ("terminate called without an active exception").
+        del trainer
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return 0 if summary.replicas_identical else 1
