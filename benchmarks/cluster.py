@@ -24,7 +24,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from disttrain.elastic.protocol import SECRET_ENV  # noqa: E402
-from disttrain.launcher.local import worker_env  # noqa: E402
+from disttrain.launcher.local import TIMED_OUT, wait_for_workers, worker_env  # noqa: E402
 from disttrain.methods import DEFAULT_METHOD, get_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings also when run via `disttrain bench`
@@ -208,19 +207,6 @@ def start_processes(run: Run, lab: NetLab, settings: Settings, summary_file: Pat
     return procs
 
 
-def wait_for_workers(workers: list[subprocess.Popen], timeout_s: float) -> int:
-    """0 when every worker exits 0; the first non-zero code otherwise (124 on timeout)."""
-    deadline = time.monotonic() + timeout_s
-    while any(proc.poll() is None for proc in workers):
-        failed = [proc.returncode for proc in workers if proc.returncode]
-        if failed:
-            return failed[0]
-        if time.monotonic() > deadline:
-            return 124
-        time.sleep(0.2)
-    return next((proc.returncode for proc in workers if proc.returncode), 0)
-
-
 def stop_processes(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         if proc.poll() is None:
@@ -255,7 +241,7 @@ def execute(run: Run, settings: Settings, logs_dir: Path, timeout_s: float) -> d
     if summary_file.is_file():
         record.update(summary_fields(json.loads(summary_file.read_text()), sent))
     if code != 0 or not summary_file.is_file():
-        reason = "timed out" if code == 124 else "replicas differed" if code == 1 and summary_file.is_file() else "workers failed"
+        reason = "timed out" if code == TIMED_OUT else "replicas differed" if code == 1 and summary_file.is_file() else "workers failed"
         record["error"] = f"{reason} (exit code {code}); see {log_file}"
     return record
 

@@ -32,6 +32,23 @@ def worker_env(rank: int, world_size: int, port: int, threads: int = 1) -> dict[
     return env
 
 
+TIMED_OUT = 124
+
+
+def wait_for_workers(procs: list[subprocess.Popen], timeout_s: float | None = None) -> int:
+    """0 when every process exits 0; else the first non-zero exit code as soon as one appears
+    (TIMED_OUT once ``timeout_s`` has passed). Processes still running are left running."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while any(proc.poll() is None for proc in procs):
+        failed = next((proc.returncode for proc in procs if proc.returncode), 0)
+        if failed:
+            return failed
+        if deadline is not None and time.monotonic() > deadline:
+            return TIMED_OUT
+        time.sleep(0.1)
+    return next((proc.returncode for proc in procs if proc.returncode), 0)
+
+
 def launch_local(nproc: int, worker_args: list[str], timeout_s: float | None = None) -> int:
     """Run ``python -m disttrain.launcher worker_args`` as ``nproc`` processes.
 
@@ -43,17 +60,10 @@ def launch_local(nproc: int, worker_args: list[str], timeout_s: float | None = N
     port = free_port()
     command = [sys.executable, "-m", "disttrain.launcher", *worker_args]
     procs = [subprocess.Popen(command, env=worker_env(rank, nproc, port)) for rank in range(nproc)]
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    first_failure = 0
     try:
-        while first_failure == 0 and any(proc.poll() is None for proc in procs):
-            if deadline is not None and time.monotonic() > deadline:
-                log.error("workers still running after %.0f s: stopping them", timeout_s)
-                first_failure = 124
-                break
-            first_failure = next((proc.returncode for proc in procs if proc.returncode), 0)
-            time.sleep(0.1)
-        first_failure = first_failure or next((proc.returncode for proc in procs if proc.poll()), 0)
+        first_failure = wait_for_workers(procs, timeout_s)
+        if first_failure == TIMED_OUT:
+            log.error("workers still running after %.0f s: stopping them", timeout_s)
     finally:
         for proc in procs:
             if proc.poll() is None:
