@@ -11,7 +11,7 @@ from typing import Literal
 
 from disttrain.compress.factory import CompressionSpec
 
-Engine = Literal["disttrain", "local_steps", "ddp", "ddp_powersgd", "ddp_hook"]
+Engine = Literal["disttrain", "local_steps", "zeroth_order", "ddp", "ddp_powersgd", "ddp_hook"]
 OptimizerKind = Literal["adamw", "projected_adamw"]
 
 
@@ -22,7 +22,8 @@ class Method:
     engine "disttrain" uses CompressedAllReduce; "ddp" is plain torch DDP; "ddp_powersgd" is torch DDP with torch's
     powerSGD_hook (the baseline); "ddp_hook" is torch DDP with disttrain_hook. "local_steps" runs
     DiLoCo rounds: ``local_steps`` inner AdamW steps, then one compressed exchange of the
-    pseudo-gradient and an outer Nesterov SGD step (``outer_lr``, ``outer_momentum``).
+    pseudo-gradient and an outer SGD step (``outer_lr``; Nesterov with ``outer_momentum`` > 0):
+    FedAvg is outer_lr 1 without momentum. "zeroth_order" sends one byte per step (shared-seed SPSA).
     optimizer "adamw" reconstructs the averaged gradient for torch AdamW; "projected_adamw"
     keeps Adam moments in the projected space (GaLore).
     """
@@ -84,4 +85,10 @@ register(Method("diloco-int8-h30", "DiLoCo: 30 local steps, int8 pseudo-gradient
 register(Method("diloco-svd-int8-h10", "DiLoCo, pseudo-gradient in an SVD basis r=8 (refresh every 10 rounds), int8, EF: a measured loser, it diverges after the first refresh", replace(_SVD, payload="int8", refresh_every=10), engine="local_steps", local_steps=10))
 register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8, error feedback)", replace(_SEEDED, payload="int8"), engine="ddp_hook"))
 
+_FEDAVG = dict(engine="local_steps", local_steps=10, outer_lr=1.0, outer_momentum=0.0)
+register(Method("fedavg-h10", "FedAvg: 10 local AdamW steps, the fp32 pseudo-gradients averaged and applied as they are", CompressionSpec(basis="dense"), **_FEDAVG))
+register(Method("fedavg-seeded-int8-h10", "FedAvg, pseudo-gradient in a fresh seeded basis r=4 every round (0 basis bytes), everything int8, error feedback", replace(_SEEDED, rank=4, payload="int8", quantize_small=True), **_FEDAVG))
+register(Method("zo-1byte", "shared-seed zeroth-order SPSA: two forward passes, no backward, one int8 byte per worker per step", engine="zeroth_order"))
+
 DEFAULT_METHOD = "svd-int8-reconstruct"
+DEFAULT_FEDERATED_METHOD = "fedavg-seeded-int8-h10"

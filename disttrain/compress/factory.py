@@ -33,6 +33,7 @@ class CompressionSpec:
     payload: PayloadKind = "fp32"
     error_feedback: bool = True
     dense_threshold: int = 4096
+    quantize_small: bool = False  # int8 payloads also for the parameters sent whole (1-D and small ones)
 
     def validate(self) -> None:
         if self.basis not in ("dense", "svd", "seeded"):
@@ -67,9 +68,10 @@ def build_compressor(spec: CompressionSpec, shape: torch.Size, param_id: int, se
         else:
             basis = SeededBasis(reduced, spec.rank, seed, param_id, spec.refresh_every, spec.distribution)
         compressor = LowRankCompressor(shape, basis, side, wire_dtype)
-    elif spec.basis == "dense" and spec.payload == "int8" and len(shape) >= 2:
-        # A dense int8 payload (e.g. DiLoCo's pseudo-gradients): one scale per row of the matrix.
-        compressor = DenseCompressor(shape, wire_dtype)
+    elif spec.payload == "int8" and (spec.quantize_small or spec.basis == "dense" and len(shape) >= 2):
+        # A dense int8 payload (e.g. DiLoCo's pseudo-gradients): one scale per row of a matrix,
+        # one for a whole vector.
+        compressor = DenseCompressor(shape, wire_dtype, rows=as_matrix_shape(shape)[0] if len(shape) >= 2 else 1)
     else:
         return DenseCompressor(shape, wire_dtype)
     if spec.payload == "int8":

@@ -32,10 +32,10 @@ def minilm_path() -> Path:
 
 
 def load_classifier(
-    num_labels: int, path: str | Path | None = None
+    num_labels: int, path: str | Path | None = None, layers: int | None = None
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer and a sequence classifier (pretrained encoder, new ``num_labels``-way head) from
-    ``path``, by default the bundled MiniLM."""
+    ``path``, by default the bundled MiniLM; ``layers`` keeps only the encoder's first layers."""
     directory = minilm_path() if path is None else Path(path)
     if not (directory / "config.json").is_file():
         raise _missing(f"no pretrained model at {directory} (config.json is missing)")
@@ -44,7 +44,10 @@ def load_classifier(
     except ImportError as error:
         raise ImportError(f"loading a pretrained model needs transformers; install it with: {INSTALL}") from error
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels, local_files_only=True)
+    depth = {} if layers is None else {"num_hidden_layers": layers}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        directory, num_labels=num_labels, local_files_only=True, **depth
+    )
     # Its loss is the mean over its own batch: it ignores num_items_in_batch. Saying so keeps Trainer
     # from multiplying the loss (and the gradients) by the number of processes.
     model.accepts_loss_kwargs = False

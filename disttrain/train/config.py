@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from disttrain.data.corpus import DataConfig
-from disttrain.methods import DEFAULT_METHOD
+from disttrain.federated.config import FederatedConfig
+from disttrain.federated.zeroth_order import ZOConfig
+from disttrain.methods import DEFAULT_FEDERATED_METHOD, DEFAULT_METHOD, get_method
 from disttrain.models.gpt import GPTConfig
 
 
@@ -33,20 +35,28 @@ class OptimConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
-RUNTIME_FIELDS = ("eval_every", "digest_every", "checkpoint_dir", "checkpoint_every", "link_mbit", "overlap", "stop_at", "device")
+RUNTIME_FIELDS = (
+    "eval_every", "digest_every", "checkpoint_dir", "checkpoint_every", "link_mbit", "overlap", "stop_at", "device",
+    "round_quorum", "round_deadline_s",
+)
 PRECISIONS = ("fp32", "bf16")
+MODES = ("lm", "federated")
+ROUND_ENGINES = ("local_steps", "zeroth_order")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a run. Every worker must start with the same one."""
 
-    method: str = DEFAULT_METHOD
+    mode: str = "lm"  # lm: pretrain the small GPT on the bundled text; federated: fine-tune a pretrained classifier
+    method: str | None = None  # None: the mode's default method
     rank: int | None = None  # overrides the method's projection rank
     refresh_every: int | None = None  # overrides the method's basis refresh interval
     local_steps: int | None = None  # overrides a local-step method's round length H
     steps: int = 300
     stop_at: int | None = None  # stop after this step (the schedule still spans `steps`)
+    round_quorum: float = 1.0  # a local-step round closes once this share of the workers has finished it
+    round_deadline_s: float | None = None  # ... or this long after the first finished; late work is dropped
     seed: int = 0
     eval_every: int = 50
     digest_every: int = 25
@@ -59,16 +69,34 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    zeroth_order: ZOConfig = field(default_factory=ZOConfig)
+
+    @property
+    def method_name(self) -> str:
+        """The method to run: the one named, or the mode's default."""
+        if self.method is not None:
+            return self.method
+        return DEFAULT_FEDERATED_METHOD if self.mode == "federated" else DEFAULT_METHOD
 
     def validate(self) -> None:
-        from disttrain.methods import get_method
-
-        get_method(self.method)
-        if self.local_steps is not None and get_method(self.method).engine != "local_steps":
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        engine = get_method(self.method_name).engine
+        if self.local_steps is not None and engine != "local_steps":
             raise ValueError(
-                f"local_steps applies to local-step methods only, and {self.method!r} exchanges every step; "
-                "drop --local_steps or pick a diloco-* method (see `disttrain methods`)"
+                f"local_steps applies to local-step methods only, and {self.method_name!r} exchanges every step; "
+                "drop --local_steps or pick a diloco-* or fedavg-* method (see `disttrain methods`)"
             )
+        if self.mode == "federated" and engine not in ROUND_ENGINES:
+            raise ValueError(
+                f"federated mode trains in rounds, and {self.method_name!r} exchanges gradients every step: "
+                f"pick a fedavg-*, diloco-* or zo-* method, or drop --method for {DEFAULT_FEDERATED_METHOD!r}"
+            )
+        if not 0 < self.round_quorum <= 1:
+            raise ValueError(f"round_quorum is a share of the workers in (0, 1], got {self.round_quorum}")
+        if self.round_deadline_s is not None and self.round_deadline_s <= 0:
+            raise ValueError(f"round_deadline_s must be > 0 seconds (or unset), got {self.round_deadline_s}")
         if self.local_steps is not None and self.local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
         if self.steps < 1:
@@ -86,6 +114,7 @@ class TrainConfig:
         self.model.validate()
         self.data.validate()
         self.optim.validate()
+        self.federated.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

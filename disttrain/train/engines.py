@@ -20,8 +20,7 @@ from disttrain.compress.base import load_compressor_states
 from disttrain.methods import Method
 from disttrain.optim.projected_adamw import ProjectedAdamW
 from disttrain.train.config import TrainConfig
-
-Batch = tuple[torch.Tensor, torch.Tensor]
+from disttrain.train.task import Batch
 
 
 class Engine(Protocol):
@@ -49,12 +48,24 @@ class Engine(Protocol):
         """Restore what state_dict() or shared_state_dict() returned."""
 
 
+def forward_outputs(model: torch.nn.Module, batch: Batch, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, labels, loss) of ``model`` on ``batch``, under bf16 autocast when asked.
+
+    A tuple batch is (inputs, targets) for the small GPT; a dict batch goes to a Hugging Face
+    model as keyword arguments, ``labels`` included.
+    """
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    with torch.autocast(first.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        if isinstance(batch, dict):
+            output = model(**batch)
+            return output.logits, batch["labels"], output.loss
+        logits, loss = model(*batch)
+        return logits, batch[1], loss
+
+
 def forward_loss(model: torch.nn.Module, batch: Batch, precision: str) -> torch.Tensor:
-    """The model's loss on ``batch``, under bf16 autocast when asked."""
-    device_type = batch[0].device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        _, loss = model(*batch)
-    return loss
+    """The model's loss on ``batch``."""
+    return forward_outputs(model, batch, precision)[2]
 
 
 def _adamw(params, config: TrainConfig) -> torch.optim.AdamW:
@@ -213,6 +224,10 @@ def build_engine(
         from disttrain.train.local_steps import LocalStepsEngine  # it builds on forward_loss above
 
         return LocalStepsEngine(model, method, config, group, elastic)
+    if method.engine == "zeroth_order":
+        from disttrain.federated.zeroth_order_engine import ZerothOrderEngine
+
+        return ZerothOrderEngine(model, config, group)
     if method.engine in ("ddp", "ddp_powersgd", "ddp_hook"):
         if not dist.is_initialized():
             raise RuntimeError(f"method {method.name!r} needs an initialised process group (torch DDP)")

@@ -11,10 +11,15 @@ round, the survivors' exchange fails and rolls back; they regroup and redo only 
 keeping their round's local work. A worker admitted at that point receives the round's starting
 weights and sends a zero pseudo-gradient, and the average is taken over the members that did
 the round.
+
+With a round quorum or deadline (see ``rounds.py``), a round closes without waiting for
+stragglers: a worker that had not finished its local steps by then drops them, sends a zero
+pseudo-gradient, and starts the next round from the new global weights with everyone else.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -27,8 +32,10 @@ from disttrain.comm.waiting import wait_work
 from disttrain.methods import Method
 from disttrain.train.config import TrainConfig
 from disttrain.train.engines import forward_loss
+from disttrain.train.rounds import RoundClosing
+from disttrain.train.task import Batch
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 class LocalStepsEngine:
@@ -51,19 +58,24 @@ class LocalStepsEngine:
         )
         self.global_params = [p.detach().clone() for p in self.reducer.params]
         self.outer = torch.optim.SGD(
-            self.global_params, lr=method.outer_lr, momentum=method.outer_momentum, nesterov=True
+            self.global_params, lr=method.outer_lr, momentum=method.outer_momentum, nesterov=method.outer_momentum > 0
         )
         self.rounds = 0
         self.in_sync = True
         self.dense_bytes_per_step = self.reducer.dense_bytes_per_step
         self.payload_bytes_last_step = 0
         self.exchange_pending: int | None = None  # the round-end step whose exchange failed
-        self.did_round = True  # False for a worker admitted while its round's exchange was pending
+        # False for a worker admitted while its round's exchange was pending, or one the round closed without
+        self.did_round = True
+        self.closing = RoundClosing(config.round_quorum, config.round_deadline_s)
         self._last_loss = 0.0
 
     def step(self, step: int, batch: Batch) -> float:
         retry = self.exchange_pending == step
-        if not retry:
+        self.closing.abort_check = self.reducer.abort_check
+        if not retry and self.did_round and self.closing.active and self.closing.closed(self.rounds):
+            self._drop_round_work()
+        if not retry and self.did_round:
             self.optimizer.zero_grad(set_to_none=True)
             loss = forward_loss(self.model, batch, self.precision)
             loss.backward()
@@ -72,11 +84,26 @@ class LocalStepsEngine:
         self.payload_bytes_last_step = 0
         self.in_sync = (step + 1) % self.local_steps == 0 or step + 1 >= self.last_step
         if self.in_sync:
+            contributors = None
+            if retry:
+                contributors = self._count_contributors()
+            elif self.closing.active:
+                in_time, contributors = self.closing.finish(self.rounds, self.reducer.world_size)
+                if not in_time and self.did_round:
+                    self._drop_round_work()
             self.exchange_pending = step
-            self._outer_step(self._count_contributors() if retry else None)
+            self._outer_step(contributors)
             self.exchange_pending = None
             self.did_round = True
         return self._last_loss
+
+    def _drop_round_work(self) -> None:
+        """The round closed before this worker finished it: back to the round's start, sending zeros."""
+        log.info("round %d closed before this worker finished its local steps; its round work is dropped", self.rounds)
+        with torch.no_grad():
+            for p, start in zip(self.reducer.params, self.global_params):
+                p.copy_(start)
+        self.did_round = False
 
     def _count_contributors(self) -> int:
         """How many members did this round's local steps (joiners since its start did not)."""

@@ -14,15 +14,14 @@ from tqdm import tqdm
 
 from disttrain.comm.device import collective_device, resolve_device
 from disttrain.comm.waiting import wait_work
-from disttrain.data.corpus import ByteCorpus
 from disttrain.elastic.membership import ElasticMembership
 from disttrain.elastic.transfer import synchronise
 from disttrain.methods import get_method, with_overrides
-from disttrain.models.gpt import GPT
 from disttrain.train import checkpoint
 from disttrain.train.config import TrainConfig
-from disttrain.train.engines import build_engine, forward_loss
+from disttrain.train.engines import build_engine, forward_outputs
 from disttrain.train.replica import broadcast_from_rank0, check_replicas, parameter_digest, tensors_digest
+from disttrain.train.task import Batch, batch_to, build_task
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,7 @@ class ConfigMismatch(ValueError):
 class EvalPoint:
     step: int
     val_loss: float
+    accuracy: float  # top-1 on the validation set: next-byte accuracy for the GPT, the class for a classifier
     total_bytes: int
     wall_s: float
 
@@ -45,6 +45,7 @@ class RunSummary:
     steps: int
     method: str
     val_loss: float
+    accuracy: float
     bytes_per_step: float
     dense_bytes_per_step: int
     total_bytes: int
@@ -59,6 +60,7 @@ class RunSummary:
         fields.pop("history")
         fields["compression_ratio"] = round(self.dense_bytes_per_step / max(self.bytes_per_step, 1e-9), 1)
         fields["val_loss"] = round(self.val_loss, 4)
+        fields["accuracy"] = round(self.accuracy, 4)
         fields["bytes_per_step"] = round(self.bytes_per_step, 1)
         fields["wall_s"] = round(self.wall_s, 1)
         return fields
@@ -118,7 +120,8 @@ class DueWork:
 
 
 class Trainer:
-    """Trains the small GPT on this worker's shard; all workers run it in lockstep.
+    """Trains the config's task (the small GPT, or a federated classifier) on this worker's shard;
+    all workers run it in lockstep.
 
     With a ``membership`` the trainer is elastic: it forms its process group through the
     coordinator, and a failed collective rolls the step back, regroups and redoes it.
@@ -135,18 +138,18 @@ class Trainer:
         self.config = config
         self.group = group
         self.membership = membership
-        self.method = with_overrides(get_method(config.method), rank=config.rank, refresh_every=config.refresh_every)
+        self.method = with_overrides(get_method(config.method_name), rank=config.rank, refresh_every=config.refresh_every)
         if config.local_steps is not None:
             self.method = replace(self.method, local_steps=config.local_steps)
         if membership is not None and self.method.engine not in ("disttrain", "local_steps"):
             raise ValueError(
-                f"method {self.method.name!r} runs on torch DDP, which cannot change membership: "
-                "pick a disttrain method for elastic training (see `disttrain methods`)"
+                f"method {self.method.name!r} cannot change membership (torch DDP and zeroth-order steps keep "
+                "their group): pick a disttrain per-step or local-step method for elastic training (see `disttrain methods`)"
             )
         torch.manual_seed(config.seed)
         self.device = resolve_device(config.device)
-        self.model = GPT(config.model).to(self.device)
-        self.corpus = ByteCorpus(config.data, config.seed)
+        self.task = build_task(config)
+        self.model = self.task.model.to(self.device)
         self.step = 0
         self.start_step = 0  # where this process started or resumed
         self.steps_run = 0
@@ -180,20 +183,21 @@ class Trainer:
         wait_work(work, self.membership.abort_check if self.membership else None)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss over the fixed validation windows, split across workers."""
+    def evaluate(self) -> tuple[float, float]:
+        """(mean validation loss over the fixed validation batches, top-1 accuracy), split across workers."""
         self.model.eval()
-        batches = self.corpus.val_batches()
-        totals = torch.zeros(2, dtype=torch.float64, device=collective_device(self.group))
+        batches = self.task.val_batches()
+        totals = torch.zeros(4, dtype=torch.float64, device=collective_device(self.group))
         for index in range(self.rank, len(batches), self.world_size):
-            loss = forward_loss(self.model, self._on_device(batches[index]), self.config.precision)
-            totals += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=totals.device)
+            logits, labels, loss = forward_outputs(self.model, self._on_device(batches[index]), self.config.precision)
+            correct = (logits.argmax(dim=-1) == labels).sum().item()
+            totals += torch.tensor([loss.item(), 1.0, correct, labels.numel()], dtype=torch.float64, device=totals.device)
         self._wait(dist.all_reduce(totals, group=self.group, async_op=True))
         self.model.train()
-        return (totals[0] / totals[1]).item()
+        return (totals[0] / totals[1]).item(), (totals[2] / totals[3]).item()
 
-    def _on_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+    def _on_device(self, batch: Batch) -> Batch:
+        return batch_to(batch, self.device)
 
     # --- replica state: what a joiner receives from a donor -----------------------------
     def export_replica(self) -> dict[str, Any]:
@@ -293,8 +297,9 @@ class Trainer:
             if identical and self.membership is not None:
                 log.info("replicas identical at step %d (digest %s)", done, parameter_digest(self.model).hex()[:16])
         if due.eval:
-            history.append(EvalPoint(done, self.evaluate(), self.total_bytes, time.monotonic() - started))
-            log.info("step %d: val loss %.4f, %d bytes sent", done, history[-1].val_loss, self.total_bytes)
+            history.append(EvalPoint(done, *self.evaluate(), self.total_bytes, time.monotonic() - started))
+            point = history[-1]
+            log.info("step %d: val loss %.4f, accuracy %.4f, %d bytes sent", done, point.val_loss, point.accuracy, self.total_bytes)
         if due.checkpoint:
             self._save()
         self._due = DueWork()
@@ -349,7 +354,7 @@ class Trainer:
                     continue
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = learning_rate(self.step, config)
-                batch = self._on_device(self.corpus.train_batch(self.step, self.rank, self.world_size))
+                batch = self._on_device(self.task.train_batch(self.step, self.rank, self.world_size))
                 if self.membership is not None:
                     self.engine.reducer.measure_energy = self._energy_due(self.step + 1)
                 loss = self.engine.step(self.step, batch)
@@ -372,7 +377,7 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}", kB_per_step=f"{self.engine.payload_bytes_last_step / 1e3:.1f}")
             bar.refresh()
         bar.close()
-        val_loss = history[-1].val_loss if history else self.evaluate()
+        val_loss, accuracy = (history[-1].val_loss, history[-1].accuracy) if history else self.evaluate()
         if self.membership is not None:
             self._finish_together()
         return RunSummary(
@@ -380,6 +385,7 @@ class Trainer:
             steps=self.step,
             method=self.method.name,
             val_loss=val_loss,
+            accuracy=accuracy,
             bytes_per_step=self.total_bytes / max(1, self.steps_run),
             dense_bytes_per_step=self.engine.dense_bytes_per_step,
             total_bytes=self.total_bytes,
