@@ -35,6 +35,7 @@ class Method:
     engine: Engine = "disttrain"
     powersgd_rank: int = 4
     local_steps: int = 1
+    galore_scale: float = 1.0  # ProjectedAdamW's update scale (alpha in GaLore)
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
 
@@ -88,6 +89,7 @@ register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8,
 _FEDAVG = dict(engine="local_steps", local_steps=10, outer_lr=1.0, outer_momentum=0.0)
 register(Method("fedavg-h10", "FedAvg: 10 local AdamW steps, the fp32 pseudo-gradients averaged and applied as they are", CompressionSpec(basis="dense"), **_FEDAVG))
 register(Method("fedavg-seeded-int8-h10", "FedAvg, pseudo-gradient in a fresh seeded basis r=4 every round (0 basis bytes), everything int8, error feedback", replace(_SEEDED, rank=4, payload="int8", quantize_small=True), **_FEDAVG))
+register(Method("fedavg-subspace-int8-h10", "FedAvg, local steps inside a fresh seeded rank-4 subspace each round (frozen-A LoRA), coefficients int8 with error feedback", replace(_SEEDED, rank=4, payload="int8", quantize_small=True), "projected_adamw", galore_scale=128.0, **_FEDAVG))
 register(Method("zo-1byte", "shared-seed zeroth-order SPSA: two forward passes, no backward, one int8 byte per worker per step", engine="zeroth_order"))
 
 DEFAULT_METHOD = "svd-int8-reconstruct"

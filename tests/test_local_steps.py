@@ -16,10 +16,12 @@ from disttrain.data.corpus import ByteCorpus
 from disttrain.methods import get_method
 from disttrain.models.gpt import GPT
 from disttrain.train.config import TrainConfig
+from disttrain.optim.local_subspace import LocalSubspace
+from disttrain.optim.projected_adamw import ProjectedAdamW
 from disttrain.train.local_steps import LocalStepsEngine
 from disttrain.train.replica import tensors_digest
 
-DILOCO_METHODS = ["diloco-h10", "diloco-int8-h30", "diloco-svd-int8-h10"]
+DILOCO_METHODS = ["diloco-h10", "diloco-int8-h30", "diloco-svd-int8-h10", "fedavg-subspace-int8-h10"]
 
 
 @pytest.mark.parametrize("method", DILOCO_METHODS)
@@ -29,8 +31,9 @@ def test_workers_hold_bit_identical_parameters_after_local_step_rounds(method):
     assert all(r["summary"].replicas_identical for r in results)
 
 
-def test_validation_loss_falls_with_local_step_rounds():
-    overrides = {"method": "diloco-int8-h30", "steps": 24, "local_steps": 4, "eval_every": 4}
+@pytest.mark.parametrize("method", ["diloco-int8-h30", "fedavg-subspace-int8-h10"])
+def test_validation_loss_falls_with_local_step_rounds(method):
+    overrides = {"method": method, "steps": 24, "local_steps": 4, "eval_every": 4}
     summary = run_workers(train_and_digest, 2, overrides)[0]["summary"]
     assert summary.history[-1].val_loss < summary.history[0].val_loss - 0.2
 
@@ -49,9 +52,10 @@ def test_evaluation_waits_for_the_round_end():
     assert [point.step for point in summary.history] == [4, 8]
 
 
-def test_a_resumed_local_step_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("method", ["diloco-int8-h30", "fedavg-subspace-int8-h10"])
+def test_a_resumed_local_step_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, method):
     # stopped mid-round after step 5; the last round end, and checkpoint, was step 4
-    rounds_of_two = {"method": "diloco-int8-h30", "local_steps": 2}
+    rounds_of_two = {"method": method, "local_steps": 2}
     for straight, resumed, start in run_workers(interrupted_and_resumed, 2, str(tmp_path), rounds_of_two):
         assert start == 4
         assert straight == resumed
@@ -99,3 +103,24 @@ def redo_with_a_joiner(rank: int, world: int) -> tuple[bytes, bytes]:
 def test_a_redone_exchange_averages_over_the_workers_that_did_the_round():
     (after_0, alone_0), (after_1, _) = run_workers(redo_with_a_joiner, 2)
     assert after_0 == after_1 == alone_0
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(6, 40), cols=st.integers(6, 40), steps=st.integers(1, 4), round_index=st.integers(0, 1000))
+def test_local_steps_in_a_subspace_move_each_projected_weight_only_within_the_rounds_basis(rows, cols, steps, round_index):
+    weight = torch.nn.Parameter(torch.randn(rows, cols, generator=torch.Generator().manual_seed(round_index)))
+    start = weight.detach().clone()
+    spec = CompressionSpec(basis="seeded", rank=2, refresh_every=1, dense_threshold=1, error_feedback=False)
+    subspace = LocalSubspace([weight], spec, seed=7)
+    subspace.begin_round(round_index)
+    optimizer = ProjectedAdamW([weight], lr=0.1, source=subspace)
+    for _ in range(steps):
+        weight.grad = torch.randn(rows, cols)
+        optimizer.step()
+    moved = (weight.detach() - start).double()
+    exchange = build_compressor(spec, weight.shape, 0, 7)  # what the round's exchange projects on
+    exchange.begin_step(round_index)
+    reduced = exchange.basis.matrix().double()
+    oriented = moved if rows >= cols else moved.T
+    outside = oriented - reduced @ torch.linalg.lstsq(reduced, oriented).solution
+    assert outside.norm() <= 1e-5 * max(1.0, oriented.norm())

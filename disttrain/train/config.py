@@ -26,7 +26,7 @@ class OptimConfig:
     beta2: float = 0.95
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
-    galore_scale: float = 1.0
+    galore_scale: float | None = None  # ProjectedAdamW's update scale; None: the method's own
 
     def validate(self) -> None:
         if self.lr <= 0:

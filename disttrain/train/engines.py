@@ -110,7 +110,7 @@ class DisttrainEngine(PerStepMembership):
                 lr=o.lr,
                 betas=(o.beta1, o.beta2),
                 weight_decay=o.weight_decay,
-                scale=o.galore_scale,
+                scale=method.galore_scale if o.galore_scale is None else o.galore_scale,
                 source=self.reducer,
             )
         else:

@@ -30,6 +30,8 @@ from disttrain.comm.device import collective_device
 from disttrain.comm.link import LinkEmulator
 from disttrain.comm.waiting import wait_work
 from disttrain.methods import Method
+from disttrain.optim.local_subspace import LocalSubspace
+from disttrain.optim.projected_adamw import ProjectedAdamW
 from disttrain.train.config import TrainConfig
 from disttrain.train.engines import forward_loss
 from disttrain.train.rounds import RoundClosing
@@ -53,9 +55,17 @@ class LocalStepsEngine:
             model.parameters(), method.compression, config.seed, group, overlap=False, link=link, fixed_membership=not elastic
         )
         o = config.optim
-        self.optimizer = torch.optim.AdamW(
-            self.reducer.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
-        )
+        self.subspace: LocalSubspace | None = None
+        if method.optimizer == "projected_adamw":
+            self.subspace = LocalSubspace(self.reducer.params, self.reducer.spec, config.seed)
+            self.optimizer: torch.optim.Optimizer = ProjectedAdamW(
+                self.reducer.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+                scale=method.galore_scale if o.galore_scale is None else o.galore_scale, source=self.subspace,
+            )
+        else:
+            self.optimizer = torch.optim.AdamW(
+                self.reducer.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+            )
         self.global_params = [p.detach().clone() for p in self.reducer.params]
         self.outer = torch.optim.SGD(
             self.global_params, lr=method.outer_lr, momentum=method.outer_momentum, nesterov=method.outer_momentum > 0
@@ -76,6 +86,8 @@ class LocalStepsEngine:
         if not retry and self.did_round and self.closing.active and self.closing.closed(self.rounds):
             self._drop_round_work()
         if not retry and self.did_round:
+            if self.subspace is not None and step % self.local_steps == 0:
+                self._enter_subspace()
             self.optimizer.zero_grad(set_to_none=True)
             loss = forward_loss(self.model, batch, self.precision)
             loss.backward()
@@ -96,6 +108,13 @@ class LocalStepsEngine:
             self.exchange_pending = None
             self.did_round = True
         return self._last_loss
+
+    def _enter_subspace(self) -> None:
+        """A round's first local step: draw its bases; moments kept in the last round's bases mean nothing in them."""
+        self.subspace.begin_round(self.rounds)
+        for p in self.reducer.params:
+            if self.subspace.projected(p):
+                self.optimizer.state.pop(p, None)
 
     def _drop_round_work(self) -> None:
         """The round closed before this worker finished it: back to the round's start, sending zeros."""

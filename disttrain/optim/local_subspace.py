@@ -1,0 +1,48 @@
+"""Local steps inside the round's shared subspace (federated GaLore / frozen-A LoRA).
+
+With a seeded basis P per projected weight, refreshed every round, a worker's local optimizer
+reads P^T G of its own gradients and moves the weight by P times its update: every local step
+stays in span(P), so the round's pseudo-gradient is P U and the exchange, which projects on the
+same P, sends U almost exactly (P^T P is close to the identity) instead of the 1% of a full
+update that a rank-r projection keeps. This is LoRA with the A matrix frozen at a fresh random
+draw each round, and it costs no bytes to agree on A.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+
+from disttrain.compress.base import Compressor
+from disttrain.compress.factory import CompressionSpec, build_compressor
+
+
+class LocalSubspace:
+    """A ProjectedAdamW coefficient source: this worker's own gradients in the round's bases."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], spec: CompressionSpec, seed: int):
+        if spec.basis != "seeded":
+            raise ValueError(
+                f"local steps in a subspace need a seeded basis (every worker draws it for free), not {spec.basis!r}"
+            )
+        plain = replace(spec, payload="fp32", error_feedback=False)
+        # Parameter ids as CompressedAllReduce numbers them, so both draw the same P.
+        self._compressors: dict[int, Compressor] = {
+            id(p): build_compressor(plain, p.shape, index, seed) for index, p in enumerate(params) if plain.compresses(p.shape)
+        }
+
+    def projected(self, param: torch.nn.Parameter) -> bool:
+        return id(param) in self._compressors
+
+    def begin_round(self, round_index: int) -> None:
+        """Draw the bases of round ``round_index`` (the exchange's compressors draw the same)."""
+        for compressor in self._compressors.values():
+            compressor.begin_step(round_index)
+
+    def coefficients(self, param: torch.nn.Parameter) -> tuple[torch.Tensor, Compressor] | None:
+        compressor = self._compressors.get(id(param))
+        if compressor is None or param.grad is None:
+            return None
+        return compressor.decode(compressor.encode(param.grad)), compressor

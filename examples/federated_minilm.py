@@ -1,0 +1,76 @@
+"""Federated fine-tuning of a pretrained transformer over slow links, offline.
+
+    torchrun --nproc-per-node 4 examples/federated_minilm.py
+
+Each process is a client holding its own label-skewed share of the labelled King James verses
+(Dirichlet alpha 0.5 over the 8 sections of the Bible). Every round, each client takes 20 local
+AdamW steps on the pretrained all-MiniLM-L6-v2 inside a fresh rank-4 subspace that every client
+draws from the shared seed, then the clients average their int8 round updates in one collective.
+Rank 0 logs each client's label mix, the held-out accuracy, and the bytes each client sent next to
+what dense FedAvg would have sent; the run fails if the clients' models differ at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections import Counter
+
+import torch.distributed as dist
+
+from disttrain.federated.config import FederatedConfig
+from disttrain.train.config import OptimConfig, TrainConfig
+from disttrain.train.trainer import Trainer
+
+log = logging.getLogger("federated_minilm")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="local steps per client, over all rounds")
+    parser.add_argument("--method", default="fedavg-subspace-int8-h10", help="a fedavg-*, diloco-* or zo-* method")
+    parser.add_argument("--local-steps", type=int, default=20, help="local steps per round (not for zo-*)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration: smaller is more skewed")
+    parser.add_argument("--layers", type=int, default=6, help="encoder layers to keep (6 = all of MiniLM)")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+
+    config = TrainConfig(
+        mode="federated",
+        method=args.method,
+        local_steps=None if args.method.startswith("zo") else args.local_steps,
+        steps=args.steps,
+        eval_every=max(1, args.steps // 4),
+        optim=OptimConfig(lr=args.lr, warmup_steps=20),
+        federated=FederatedConfig(clients=world, alpha=args.alpha, layers=args.layers),
+    )
+    trainer = Trainer(config, progress=False)
+    names = trainer.task.names
+    labels = trainer.task.train_set["labels"]
+    for client in range(world):
+        mix = Counter(labels[trainer.task.shard(client)].tolist())
+        log.info("client %d: %s", client, ", ".join(f"{names[k]} {mix[k]}" for k in sorted(mix)))
+
+    summary = trainer.run()
+    rounds = math.ceil(summary.steps / (config.local_steps or 1))  # a zeroth-order step is a round of its own
+    log.info(json.dumps({
+        "method": summary.method,
+        "accuracy": round(summary.accuracy, 4),
+        "bytes_sent_per_client": summary.total_bytes,
+        "dense_fedavg_bytes": rounds * summary.dense_bytes_per_step,  # fp32 round updates, as many rounds
+        "replicas_identical": summary.replicas_identical,
+    }))
+    dist.barrier()
+    del trainer
+    dist.destroy_process_group()
+    if not summary.replicas_identical:
+        raise SystemExit("clients' models differ after training")
+
+
+if __name__ == "__main__":
+    main()
