@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 4 examples/federated_minilm.py
 
 Each process is a client holding its own label-skewed share of the labelled King James verses
-(Dirichlet alpha 0.5 over the 8 sections of the Bible). Every round, each client takes 20 local
+(Dirichlet alpha 0.5 over the 8 sections of the Bible). Every round, each client takes 10 local
 AdamW steps on the pretrained all-MiniLM-L6-v2 inside a fresh rank-4 subspace that every client
 draws from the shared seed, then the clients average their int8 round updates in one collective.
 Rank 0 logs each client's label mix, the held-out accuracy, and the bytes each client sent next to
@@ -31,8 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="local steps per client, over all rounds")
     parser.add_argument("--method", default="fedavg-subspace-int8-h10", help="a fedavg-*, diloco-* or zo-* method")
-    parser.add_argument("--local-steps", type=int, default=20, help="local steps per round (not for zo-*)")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--local-steps", type=int, help="local steps per round (default: the method's; not for zo-*)")
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration: smaller is more skewed")
     parser.add_argument("--layers", type=int, default=6, help="encoder layers to keep (6 = all of MiniLM)")
     args = parser.parse_args()
@@ -43,7 +43,7 @@ def main() -> None:
     config = TrainConfig(
         mode="federated",
         method=args.method,
-        local_steps=None if args.method.startswith("zo") else args.local_steps,
+        local_steps=args.local_steps,
         steps=args.steps,
         eval_every=max(1, args.steps // 4),
         optim=OptimConfig(lr=args.lr, warmup_steps=20),
@@ -57,7 +57,7 @@ def main() -> None:
         log.info("client %d: %s", client, ", ".join(f"{names[k]} {mix[k]}" for k in sorted(mix)))
 
     summary = trainer.run()
-    rounds = math.ceil(summary.steps / (config.local_steps or 1))  # a zeroth-order step is a round of its own
+    rounds = math.ceil(summary.steps / trainer.method.local_steps)  # a zeroth-order step is a round of its own
     log.info(json.dumps({
         "method": summary.method,
         "accuracy": round(summary.accuracy, 4),

@@ -44,10 +44,18 @@ def load_classifier(
     except ImportError as error:
         raise ImportError(f"loading a pretrained model needs transformers; install it with: {INSTALL}") from error
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    from transformers.utils import logging as hf_logging
+
     depth = {} if layers is None else {"num_hidden_layers": layers}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        directory, num_labels=num_labels, local_files_only=True, **depth
-    )
+    # The load report would list the new head (and any dropped layers) as missing or unexpected: that is the point here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            directory, num_labels=num_labels, local_files_only=True, **depth
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     # Its loss is the mean over its own batch: it ignores num_items_in_batch. Saying so keeps Trainer
     # from multiplying the loss (and the gradients) by the number of processes.
     model.accepts_loss_kwargs = False

@@ -29,17 +29,16 @@ class LocalSubspace:
             )
         plain = replace(spec, payload="fp32", error_feedback=False)
         # Parameter ids as CompressedAllReduce numbers them, so both draw the same P.
-        self._compressors: dict[int, Compressor] = {
-            id(p): build_compressor(plain, p.shape, index, seed) for index, p in enumerate(params) if plain.compresses(p.shape)
-        }
+        self._projected = [(p, build_compressor(plain, p.shape, index, seed)) for index, p in enumerate(params) if plain.compresses(p.shape)]
+        self._compressors: dict[int, Compressor] = {id(p): compressor for p, compressor in self._projected}
+        self.refresh_every = spec.refresh_every
 
-    def projected(self, param: torch.nn.Parameter) -> bool:
-        return id(param) in self._compressors
-
-    def begin_round(self, round_index: int) -> None:
-        """Draw the bases of round ``round_index`` (the exchange's compressors draw the same)."""
-        for compressor in self._compressors.values():
+    def begin_round(self, round_index: int) -> list[torch.nn.Parameter]:
+        """Draw the bases of round ``round_index`` (the exchange's compressors draw the same);
+        returns the parameters whose basis differs from the previous round's."""
+        for _, compressor in self._projected:
             compressor.begin_step(round_index)
+        return [p for p, _ in self._projected] if round_index % self.refresh_every == 0 else []
 
     def coefficients(self, param: torch.nn.Parameter) -> tuple[torch.Tensor, Compressor] | None:
         compressor = self._compressors.get(id(param))

@@ -87,7 +87,7 @@ class LocalStepsEngine:
             self._drop_round_work()
         if not retry and self.did_round:
             if self.subspace is not None and step % self.local_steps == 0:
-                self._enter_subspace()
+                self._enter_round_subspace()
             self.optimizer.zero_grad(set_to_none=True)
             loss = forward_loss(self.model, batch, self.precision)
             loss.backward()
@@ -96,6 +96,7 @@ class LocalStepsEngine:
         self.payload_bytes_last_step = 0
         self.in_sync = (step + 1) % self.local_steps == 0 or step + 1 >= self.last_step
         if self.in_sync:
+            self.exchange_pending = step  # from here on, a failure redoes only the exchange
             contributors = None
             if retry:
                 contributors = self._count_contributors()
@@ -103,18 +104,16 @@ class LocalStepsEngine:
                 in_time, contributors = self.closing.finish(self.rounds, self.reducer.world_size)
                 if not in_time and self.did_round:
                     self._drop_round_work()
-            self.exchange_pending = step
             self._outer_step(contributors)
             self.exchange_pending = None
             self.did_round = True
         return self._last_loss
 
-    def _enter_subspace(self) -> None:
-        """A round's first local step: draw its bases; moments kept in the last round's bases mean nothing in them."""
-        self.subspace.begin_round(self.rounds)
-        for p in self.reducer.params:
-            if self.subspace.projected(p):
-                self.optimizer.state.pop(p, None)
+    def _enter_round_subspace(self) -> None:
+        """A round's first local step: draw its bases. Where a basis changed, the moments kept in
+        the old one mean nothing in the new one, so they start again."""
+        for p in self.subspace.begin_round(self.rounds):
+            self.optimizer.state.pop(p, None)
 
     def _drop_round_work(self) -> None:
         """The round closed before this worker finished it: back to the round's start, sending zeros."""
