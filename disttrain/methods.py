@@ -93,4 +93,4 @@ register(Method("fedavg-subspace-int8-h10", "FedAvg, local steps inside a fresh 
 register(Method("zo-1byte", "shared-seed zeroth-order SPSA: two forward passes, no backward, one int8 byte per worker per step", engine="zeroth_order"))
 
 DEFAULT_METHOD = "svd-int8-reconstruct"
-DEFAULT_FEDERATED_METHOD = "fedavg-seeded-int8-h10"
+DEFAULT_FEDERATED_METHOD = "fedavg-subspace-int8-h10"
