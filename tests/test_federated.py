@@ -117,6 +117,11 @@ def test_round_closing_settings_out_of_range_are_refused(bad):
         TrainConfig(method="fedavg-h10", **bad).validate()
 
 
+def test_round_closing_on_a_method_without_rounds_is_refused():
+    with pytest.raises(ValueError, match="close local-step rounds"):
+        TrainConfig(method="svd-int8-reconstruct", round_quorum=0.5).validate()
+
+
 def test_int8_payload_of_a_vector_has_one_scale():
     from disttrain.compress.factory import CompressionSpec, build_compressor
 

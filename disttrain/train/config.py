@@ -93,6 +93,11 @@ class TrainConfig:
                 f"federated mode trains in rounds, and {self.method_name!r} exchanges gradients every step: "
                 f"pick a fedavg-*, diloco-* or zo-* method, or drop --method for {DEFAULT_FEDERATED_METHOD!r}"
             )
+        if (self.round_quorum < 1 or self.round_deadline_s is not None) and engine != "local_steps":
+            raise ValueError(
+                f"round_quorum and round_deadline_s close local-step rounds, and {self.method_name!r} has none: "
+                "drop them or pick a fedavg-* or diloco-* method"
+            )
         if not 0 < self.round_quorum <= 1:
             raise ValueError(f"round_quorum is a share of the workers in (0, 1], got {self.round_quorum}")
         if self.round_deadline_s is not None and self.round_deadline_s <= 0:
