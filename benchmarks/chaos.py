@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "events": [asdict(e) for e in chaos.events],
     }
-    common.write_json_atomic(args.out, result)
+    common.save_results(args.out, result)
     common.publish_table(render_table(result), "chaos-table", args.readme)
     log.info("summary: %s", result["summary"])
     return 0

@@ -469,20 +469,15 @@ def render(results: dict[str, Any], readme: Path, out_dir: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     args = parse_args(argv)
-    if args.render_only:
-        results = common.read_results(args.out)
-        if results is None:
-            return 2
-        return 0 if render(results, args.readme, args.out.parent) else 1
-    missing = missing_requirements()
-    if missing:
-        log.warning("skipping the cluster benchmark: it needs %s", "; ".join(missing))
-        return 0
-    settings = settings_from(args)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    results = run_all(args, settings)
-    common.write_json_atomic(args.out, results)
-    log.info("results written to %s", args.out)
+    if not args.render_only:
+        missing = missing_requirements()
+        if missing:
+            log.warning("skipping the cluster benchmark: it needs %s", "; ".join(missing))
+            return 0
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args, settings_from(args)))
+    if results is None:
+        return 2
     return 0 if render(results, args.readme, args.out.parent) else 1
 
 

@@ -9,7 +9,7 @@ import platform
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -109,6 +109,22 @@ def read_results(path: Path) -> dict[str, Any] | None:
         logging.getLogger(__name__).error("no results at %s to render: run without --render-only first", path)
         return None
     return json.loads(path.read_text())
+
+
+def save_results(path: Path, results: dict[str, Any]) -> None:
+    """Write a benchmark's results document atomically and say where."""
+    write_json_atomic(path, results)
+    logging.getLogger(__name__).info("results written to %s", path)
+
+
+def run_or_reread(render_only: bool, path: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """With ``render_only`` the results saved at ``path`` (None if there are none); otherwise
+    ``run()``'s fresh results, saved there first."""
+    if render_only:
+        return read_results(path)
+    results = run()
+    save_results(path, results)
+    return results
 
 
 def publish_table(table: str, marker_name: str, readme: Path, out_dir: Path = RESULTS_DIR) -> bool:

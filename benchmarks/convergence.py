@@ -327,14 +327,9 @@ def render(results: dict[str, Any], readme: Path, out_dir: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     args = parse_args(argv)
-    if args.render_only:
-        results = common.read_results(args.out)
-        if results is None:
-            return 2
-    else:
-        results = run_all(args)
-        common.write_json_atomic(args.out, results)
-        log.info("results written to %s", args.out)
+    results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args))
+    if results is None:
+        return 2
     return 0 if render(results, args.readme, args.out.parent) else 1
 
 

@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "rows": rows,
     }
-    common.write_json_atomic(args.out, results)
-    log.info("results written to %s", args.out)
+    common.save_results(args.out, results)
     return 0 if common.publish_table(render_table(results), MARKER, args.readme, args.out.parent) else 1
 
 
