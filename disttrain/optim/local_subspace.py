@@ -29,19 +29,23 @@ class LocalSubspace:
             )
         plain = replace(spec, payload="fp32", error_feedback=False)
         # Parameter ids as CompressedAllReduce numbers them, so both draw the same P.
-        self._projected = [(p, build_compressor(plain, p.shape, index, seed)) for index, p in enumerate(params) if plain.compresses(p.shape)]
-        self._compressors: dict[int, Compressor] = {id(p): compressor for p, compressor in self._projected}
+        self._projected: dict[int, tuple[torch.nn.Parameter, Compressor]] = {
+            id(p): (p, build_compressor(plain, p.shape, index, seed))
+            for index, p in enumerate(params)
+            if plain.compresses(p.shape)
+        }
         self.refresh_every = spec.refresh_every
 
     def begin_round(self, round_index: int) -> list[torch.nn.Parameter]:
         """Draw the bases of round ``round_index`` (the exchange's compressors draw the same);
         returns the parameters whose basis differs from the previous round's."""
-        for _, compressor in self._projected:
+        for _, compressor in self._projected.values():
             compressor.begin_step(round_index)
-        return [p for p, _ in self._projected] if round_index % self.refresh_every == 0 else []
+        return [p for p, _ in self._projected.values()] if round_index % self.refresh_every == 0 else []
 
     def coefficients(self, param: torch.nn.Parameter) -> tuple[torch.Tensor, Compressor] | None:
-        compressor = self._compressors.get(id(param))
-        if compressor is None or param.grad is None:
+        entry = self._projected.get(id(param))
+        if entry is None or param.grad is None:
             return None
+        compressor = entry[1]
         return compressor.decode(compressor.encode(param.grad)), compressor

@@ -18,7 +18,7 @@ from disttrain.comm.ddp_hook import DisttrainHookState, disttrain_hook
 from disttrain.comm.link import LinkEmulator
 from disttrain.compress.base import load_compressor_states
 from disttrain.methods import Method
-from disttrain.optim.projected_adamw import ProjectedAdamW
+from disttrain.optim.projected_adamw import CoefficientSource, ProjectedAdamW
 from disttrain.train.config import TrainConfig
 from disttrain.train.task import Batch
 
@@ -68,9 +68,14 @@ def forward_loss(model: torch.nn.Module, batch: Batch, precision: str) -> torch.
     return forward_outputs(model, batch, precision)[2]
 
 
-def _adamw(params, config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(params, method: Method, config: TrainConfig, source: CoefficientSource | None = None) -> torch.optim.Optimizer:
+    """torch AdamW, or ProjectedAdamW reading coefficients from ``source`` when the method keeps
+    its moments in the projected space; hyper-parameters from the config."""
     o = config.optim
-    return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    if method.optimizer != "projected_adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    scale = method.galore_scale if o.galore_scale is None else o.galore_scale
+    return ProjectedAdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, scale=scale, source=source)
 
 
 class PerStepMembership:
@@ -103,18 +108,7 @@ class DisttrainEngine(PerStepMembership):
             fixed_membership=not elastic,
         )
         self.projected = method.optimizer == "projected_adamw"
-        if self.projected:
-            o = config.optim
-            self.optimizer: torch.optim.Optimizer = ProjectedAdamW(
-                model.parameters(),
-                lr=o.lr,
-                betas=(o.beta1, o.beta2),
-                weight_decay=o.weight_decay,
-                scale=method.galore_scale if o.galore_scale is None else o.galore_scale,
-                source=self.reducer,
-            )
-        else:
-            self.optimizer = _adamw(model.parameters(), config)
+        self.optimizer = build_optimizer(model.parameters(), method, config, source=self.reducer)
         self.dense_bytes_per_step = self.reducer.dense_bytes_per_step
 
     @property
@@ -170,7 +164,7 @@ class DDPEngine(PerStepMembership):
         # One bucket: several powerSGD buckets in flight can issue collectives in different
         # orders on different ranks over a slow link (see DESIGN.md).
         self.ddp = DistributedDataParallel(model, process_group=group, bucket_cap_mb=1024)
-        self.optimizer = _adamw(self.ddp.parameters(), config)
+        self.optimizer = build_optimizer(self.ddp.parameters(), method, config)
         self.payload_bytes_last_step = 0
         self.hook_state: DisttrainHookState | None = None
         self.powersgd_state: powersgd.PowerSGDState | None = None

@@ -31,9 +31,8 @@ from disttrain.comm.link import LinkEmulator
 from disttrain.comm.waiting import wait_work
 from disttrain.methods import Method
 from disttrain.optim.local_subspace import LocalSubspace
-from disttrain.optim.projected_adamw import ProjectedAdamW
 from disttrain.train.config import TrainConfig
-from disttrain.train.engines import forward_loss
+from disttrain.train.engines import build_optimizer, forward_loss
 from disttrain.train.rounds import RoundClosing
 from disttrain.train.task import Batch
 
@@ -54,18 +53,10 @@ class LocalStepsEngine:
         self.reducer = CompressedAllReduce(
             model.parameters(), method.compression, config.seed, group, overlap=False, link=link, fixed_membership=not elastic
         )
-        o = config.optim
         self.subspace: LocalSubspace | None = None
         if method.optimizer == "projected_adamw":
             self.subspace = LocalSubspace(self.reducer.params, self.reducer.spec, config.seed)
-            self.optimizer: torch.optim.Optimizer = ProjectedAdamW(
-                self.reducer.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
-                scale=method.galore_scale if o.galore_scale is None else o.galore_scale, source=self.subspace,
-            )
-        else:
-            self.optimizer = torch.optim.AdamW(
-                self.reducer.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
-            )
+        self.optimizer = build_optimizer(self.reducer.params, method, config, source=self.subspace)
         self.global_params = [p.detach().clone() for p in self.reducer.params]
         self.outer = torch.optim.SGD(
             self.global_params, lr=method.outer_lr, momentum=method.outer_momentum, nesterov=method.outer_momentum > 0
