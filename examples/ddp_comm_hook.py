@@ -10,7 +10,6 @@ every rank compares a digest of its parameters and the script fails if any diffe
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 
@@ -20,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from disttrain.comm import DisttrainHookState, disttrain_hook
+from disttrain.comm.process_group import close_process_group
 from disttrain.compress import CompressionSpec
 from disttrain.train.replica import parameter_digest
 
@@ -83,12 +83,8 @@ def main() -> None:
         "replicas_identical": identical,
     }
     log.info(json.dumps(summary))
-    # DDP keeps the process group alive; drop it while the interpreter still runs, so that the
-    # group's Gloo threads are joined now rather than during shutdown (which can abort the process).
-    del ddp
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    del ddp  # DDP keeps the process group alive
+    close_process_group()
     if not identical:
         raise SystemExit("replicas differ after training")
 

@@ -20,6 +20,7 @@ from collections import Counter
 
 import torch.distributed as dist
 
+from disttrain.comm.process_group import close_process_group
 from disttrain.federated.config import FederatedConfig
 from disttrain.train.config import OptimConfig, TrainConfig
 from disttrain.train.trainer import Trainer
@@ -65,9 +66,8 @@ def main() -> None:
         "dense_fedavg_bytes": rounds * summary.dense_bytes_per_step,  # fp32 round updates, as many rounds
         "replicas_identical": summary.replicas_identical,
     }))
-    dist.barrier()
-    del trainer
-    dist.destroy_process_group()
+    del trainer  # its engine keeps the process group alive
+    close_process_group()
     if not summary.replicas_identical:
         raise SystemExit("clients' models differ after training")
 

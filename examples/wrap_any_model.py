@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 import disttrain
+from disttrain.comm.process_group import close_process_group
 from disttrain.data import ByteCorpus, DataConfig
 
 log = logging.getLogger("wrap_any_model")
@@ -78,10 +79,7 @@ def main() -> None:
         "replicas_identical": identical,
         "parameters_digest": dt.parameters_digest()[:16],
     }))
-    # Gloo's worker threads release the last collective's tensors after it completes and need the
-    # GIL for that: without the barrier an exit can overtake them and abort (SIGABRT) at shutdown.
-    dist.barrier()
-    dist.destroy_process_group()
+    close_process_group()
     if not identical:
         raise SystemExit("replicas differ after training")
 

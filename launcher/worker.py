@@ -4,7 +4,6 @@ and prints the run's summary as one JSON line on rank 0."""
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.device import resolve_device
+from disttrain.comm.process_group import close_process_group
 from disttrain.elastic.agent import Agent, CoordinatorUnreachable, WorkerRefused
 from disttrain.elastic.membership import ElasticConfig, ElasticMembership
 from disttrain.elastic.protocol import SECRET_ENV, load_secret
@@ -129,13 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.rank == 0:
         print(json.dumps(summary.headline()), flush=True)
     if membership is None:
-        # The engine (torch DDP in particular) keeps the process group alive: drop it while the
-        # interpreter still runs, so that Gloo's threads are joined now and not during shutdown,
-        # where they can abort the process ("terminate called without an active exception").
-        del trainer
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+        del trainer  # its engine (torch DDP in particular) keeps the process group alive
+        close_process_group()
     return 0 if summary.replicas_identical else 1
 
 
