@@ -1,12 +1,14 @@
 """Convergence benchmark: every method trains the small GPT with 4 local workers on the same
-seed, data and steps; records val loss against steps, payload bytes and wall-clock, plots it,
-and regenerates the README table from the JSON. Re-running some methods replaces their rows
-in the results file (if it was measured with the same settings on this machine) and keeps the rest.
+seed, data and steps; records val loss against steps, payload and wire bytes and wall-clock,
+plots it, and regenerates the README table from the JSON. A method may be run at several peak
+learning rates (a sweep); the table and plots show each method at its best one, and the JSON
+keeps every run. Re-running some (method, lr) pairs replaces their rows in the results file (if
+it was measured with the same settings on this machine) and keeps the rest.
 
-    python benchmarks/convergence.py                 # all methods, 300 steps
-    python benchmarks/convergence.py --small         # 100 steps, ~15 min on 2 cores
-    python benchmarks/convergence.py --methods dense,svd-projected
-    python benchmarks/convergence.py --render-only   # plots + table from the existing JSON
+    python benchmarks/convergence.py                   # the headline run: 1000 steps
+    python benchmarks/convergence.py --small           # 300 steps, its own results file and table
+    python benchmarks/convergence.py --methods dense,diloco-int1-h40 --lrs 1e-3,2e-3
+    python benchmarks/convergence.py --render-only     # plots + table from the existing JSON
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import logging
 import os
 import shlex
@@ -50,9 +53,10 @@ DEFAULT_METHODS = (
     "seeded-int8-reconstruct",
     "svd-int8-reconstruct",
 )
-FULL_STEPS, FULL_EVAL_EVERY = 300, 25
-SMALL_STEPS, SMALL_EVAL_EVERY = 100, 20
-MARKER = "convergence-table"
+FULL_STEPS, FULL_EVAL_EVERY = 1000, 50
+SMALL_STEPS, SMALL_EVAL_EVERY = 300, 25
+TARGET_SLACK = 1.02  # "reaches dense's loss": within 2% of the dense run's final val loss
+BASELINE = "powersgd-r4"  # the curve every method should beat at equal cumulative bytes
 LOGS_DIR = common.RESULTS_DIR / "logs"
 
 
@@ -61,15 +65,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method names")
     parser.add_argument("--steps", type=int, help=f"training steps (default {FULL_STEPS}, {SMALL_STEPS} with --small)")
     parser.add_argument("--eval-every", type=int, help=f"steps between evals (default {FULL_EVAL_EVERY}, {SMALL_EVAL_EVERY} with --small)")
-    parser.add_argument("--small", action="store_true", help="quick mode: fewer steps, all methods in ~15 min on 2 cores")
-    parser.add_argument("--lr", type=float, help="peak learning rate (default: the config's)")
+    parser.add_argument("--small", action="store_true", help=f"{SMALL_STEPS} steps, results in convergence-small.json")
+    parser.add_argument("--lrs", help="comma-separated peak learning rates to run each method at (default: the config's)")
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="give up on one method's run after this long")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR / "convergence.json")
+    parser.add_argument("--out", type=Path, help="results file (default: results/convergence.json, convergence-small.json with --small)")
     parser.add_argument("--readme", type=Path, default=common.REPO_ROOT / "README.md")
     parser.add_argument("--render-only", action="store_true", help="only redraw plots and the table from --out")
     args = parser.parse_args(argv)
     args.steps = args.steps or (SMALL_STEPS if args.small else FULL_STEPS)
     args.eval_every = args.eval_every or (SMALL_EVAL_EVERY if args.small else FULL_EVAL_EVERY)
+    args.out = args.out or common.RESULTS_DIR / ("convergence-small.json" if args.small else "convergence.json")
+    args.lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [TrainConfig().optim.lr]
+    if any(lr <= 0 for lr in args.lrs):
+        parser.error(f"--lrs must be positive learning rates, got {args.lrs}")
     return args
 
 
@@ -82,7 +90,7 @@ def selected_methods(spec: str) -> list[str]:
 
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What every run shares, from the flags and TrainConfig's defaults."""
+    """What every run shares, from the flags and TrainConfig's defaults (the peak lr is per run)."""
     defaults = TrainConfig()
     return {
         "workers": WORKERS,
@@ -92,7 +100,8 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "seed": defaults.seed,
         "batch_size_per_worker": defaults.data.batch_size,
         "block_size": defaults.data.block_size,
-        "lr": args.lr or defaults.optim.lr,
+        "warmup_steps": defaults.optim.warmup_steps,
+        "min_lr_ratio": defaults.optim.min_lr_ratio,
     }
 
 
@@ -101,19 +110,21 @@ def method_note(settings: dict[str, Any]) -> str:
     return (
         f"{settings['workers']} local worker processes ({settings['backend']}), {settings['steps']} steps, "
         f"batch {settings['batch_size_per_worker']} x {settings['block_size']} tokens per worker, seed {settings['seed']}, "
-        f"peak lr {settings['lr']:g}; val loss every {settings['eval_every']} steps; bytes are payload bytes "
-        "as counted by the library per worker per step, not wire bytes"
+        f"{settings['warmup_steps']} warm-up steps then cosine decay to {settings['min_lr_ratio']:g} x the peak lr "
+        f"(each method at its best swept peak lr); val loss every {settings['eval_every']} steps; "
+        "bytes/step = payload bytes each worker put into collectives (scales and basis broadcasts included), "
+        "wire = what the collectives moved per worker (ring all_reduce 2(W-1)/W x payload, all_gather (W-1) x payload)"
     )
 
 
-def worker_flags(method: str, settings: dict[str, Any], summary_file: Path) -> list[str]:
+def worker_flags(method: str, lr: float, settings: dict[str, Any], summary_file: Path) -> list[str]:
     """Flags for ``python -m disttrain.launcher``."""
     return [
         "--method", method,
         "--steps", str(settings["steps"]),
         "--eval_every", str(settings["eval_every"]),
         "--seed", str(settings["seed"]),
-        "--optim.lr", str(settings["lr"]),
+        "--optim.lr", repr(lr),
         "--summary-file", str(summary_file),
     ]
 
@@ -137,14 +148,17 @@ def output_to(path: Path) -> Iterator[None]:
                 os.close(copy)
 
 
-def run_method(name: str, settings: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Train with one method; its record, with an ``error`` field if the run failed."""
-    summary_file, log_file = LOGS_DIR / f"{name}.summary.json", LOGS_DIR / f"{name}.log"
+def run_method(name: str, lr: float, settings: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Train with one method at one peak lr; its record, with an ``error`` field if the run failed."""
+    stem = f"{name}-{settings['steps']}steps-lr{lr:g}"
+    summary_file, log_file = LOGS_DIR / f"{stem}.summary.json", LOGS_DIR / f"{stem}.log"
     summary_file.unlink(missing_ok=True)
-    record: dict[str, Any] = {"method": name, "summary": get_method(name).summary, "log": str(log_file.relative_to(common.REPO_ROOT))}
+    record: dict[str, Any] = {
+        "method": name, "lr": lr, "summary": get_method(name).summary, "log": str(log_file.relative_to(common.REPO_ROOT)),
+    }
     try:
         with output_to(log_file):
-            code = launch_local(WORKERS, worker_flags(name, settings, summary_file), timeout_s=timeout_s)
+            code = launch_local(WORKERS, worker_flags(name, lr, settings, summary_file), timeout_s=timeout_s)
     except subprocess.TimeoutExpired:
         return {**record, "error": f"timed out after {timeout_s:.0f} s; see {log_file}"}
     if summary_file.is_file():
@@ -160,6 +174,7 @@ def summary_fields(summary: dict[str, Any]) -> dict[str, Any]:
     history = summary["history"]
     return {
         "bytes_per_step": summary["bytes_per_step"],
+        "wire_bytes_per_step": summary["wire_bytes_per_step"],
         "dense_bytes_per_step": summary["dense_bytes_per_step"],
         "total_bytes": summary["total_bytes"],
         "final_val_loss": history[-1]["val_loss"] if history else summary["val_loss"],
@@ -176,14 +191,43 @@ def first_reaching(history: list[dict[str, Any]], target: float | None) -> dict[
     return next((point for point in history if point["val_loss"] <= target), None)
 
 
-def add_derived_fields(record: dict[str, Any], target: float | None) -> dict[str, Any]:
-    """Add steps/bytes to target and the compression ratio to a method record."""
+def loss_at_bytes(history: list[dict[str, Any]], total_bytes: float) -> float | None:
+    """A curve's val loss at ``total_bytes`` cumulative bytes: linear in log(bytes) between its
+    logged points, its first logged loss before them (a loss it had not yet reached with so few
+    bytes, so the comparison leans its way), None past its last point."""
+    points = [(math.log(p["total_bytes"]), p["val_loss"]) for p in history if p["total_bytes"] > 0]
+    if not points or total_bytes <= 0:
+        return None
+    x = math.log(total_bytes)
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def below_baseline(history: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> bool | None:
+    """Whether every logged point is below the baseline's curve at the same cumulative bytes
+    (where the baseline has a point at those bytes); None when no point can be compared."""
+    compared = [
+        (point["val_loss"], reference)
+        for point in history
+        if (reference := loss_at_bytes(baseline, point["total_bytes"])) is not None
+    ]
+    return all(loss < reference for loss, reference in compared) if compared else None
+
+
+def add_derived_fields(record: dict[str, Any], target: float | None, baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """Add steps/bytes to target, the compression ratio and the comparison with the baseline."""
     if "history" not in record:
         return record
     reached = first_reaching(record["history"], target)
     record["steps_to_target"] = reached["step"] if reached else None
     record["bytes_to_target"] = reached["total_bytes"] if reached else None
     record["compression_ratio"] = record["dense_bytes_per_step"] / record["bytes_per_step"]
+    if baseline is not None and record is not baseline:
+        record[f"below_{BASELINE}_at_equal_bytes"] = below_baseline(record["history"], baseline["history"])
     return record
 
 
@@ -198,43 +242,69 @@ def earlier_records(path: Path, settings: dict[str, Any], machine: dict[str, Any
     return earlier["methods"]
 
 
+def run_key(record: dict[str, Any]) -> tuple[str, float]:
+    return record["method"], record["lr"]
+
+
 def merge_records(earlier: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fresh records replace earlier ones of the same method; dense first, then the earlier order."""
-    fresh_by_name = {record["method"]: record for record in fresh}
-    merged = [fresh_by_name.pop(record["method"], record) for record in earlier] + list(fresh_by_name.values())
+    """Fresh records replace earlier ones of the same (method, lr); dense first, then the earlier order."""
+    fresh_by_key = {run_key(record): record for record in fresh}
+    merged = [fresh_by_key.pop(run_key(record), record) for record in earlier] + list(fresh_by_key.values())
     return sorted(merged, key=lambda record: record["method"] != "dense")
 
 
-def target_loss(records: list[dict[str, Any]]) -> tuple[float | None, str]:
-    """The dense run's final val loss and a note saying so, or None and a note saying why not."""
-    dense = next((r for r in records if r["method"] == "dense" and "final_val_loss" in r), None)
+def best_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each method's run at its best peak lr: the lowest final val loss among the runs that finished
+    without error (any run if none did), in the records' order."""
+    best: dict[str, dict[str, Any]] = {}
+    for record in records:
+        current = best.get(record["method"])
+        if current is None or sort_key(record) < sort_key(current):
+            best[record["method"]] = record
+    return list(best.values())
+
+
+def sort_key(record: dict[str, Any]) -> tuple[bool, float]:
+    return "error" in record or "final_val_loss" not in record, record.get("final_val_loss", math.inf)
+
+
+def target_loss(best: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """Within 2% of dense's final val loss at its best lr and a note saying so, or None and why not."""
+    dense = next((r for r in best if r["method"] == "dense" and "final_val_loss" in r), None)
     if dense is None:
         return None, "no dense run with these settings, in this selection or in the earlier results file: no target"
-    return dense["final_val_loss"], "final val loss of dense"
+    return dense["final_val_loss"] * TARGET_SLACK, f"within {TARGET_SLACK - 1:.0%} of dense's final val loss {dense['final_val_loss']:.4f}"
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the selected methods one after another, merged into the earlier results measured the same way."""
+    """Run the selected methods at each lr one after another, merged into the earlier results measured the same way."""
     settings, machine = run_settings(args), common.machine_description()
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     LOGS_DIR.mkdir(parents=True, exist_ok=True)
+    runs = [(name, lr) for name in selected_methods(args.methods) for lr in args.lrs]
     fresh = []
     with logging_redirect_tqdm():
-        for name in (bar := tqdm(selected_methods(args.methods), desc="methods", unit="method")):
-            bar.set_postfix_str(name)
-            fresh.append({**run_method(name, settings, args.timeout_s), "command": command})
-            log.info("%s: %s", name, outcome(fresh[-1]))
-    records = merge_records(earlier_records(args.out, settings, machine), fresh)
-    target, target_note = target_loss(records)
-    return {
+        for name, lr in (bar := tqdm(runs, desc="runs", unit="run")):
+            bar.set_postfix_str(f"{name} lr {lr:g}")
+            fresh.append({**run_method(name, lr, settings, args.timeout_s), "command": command})
+            log.info("%s at lr %g: %s", name, lr, outcome(fresh[-1]))
+    return derive({
         "machine": machine,
         "method_note": method_note(settings),
         "settings": settings,
-        "target_val_loss": target,
-        "target_note": target_note,
         "command": command,
-        "methods": [add_derived_fields(record, target) for record in records],
-    }
+        "methods": merge_records(earlier_records(args.out, settings, machine), fresh),
+    })
+
+
+def derive(results: dict[str, Any]) -> dict[str, Any]:
+    """The target, and every record's fields measured against it and against the baseline."""
+    best = best_runs(results["methods"])
+    target, target_note = target_loss(best)
+    baseline = next((r for r in best if r["method"] == BASELINE and r.get("history")), None)
+    for record in results["methods"]:
+        add_derived_fields(record, target, baseline)
+    return {**results, "target_val_loss": target, "target_note": target_note}
 
 
 def outcome(record: dict[str, Any]) -> str:
@@ -250,78 +320,93 @@ def caption(results: dict[str, Any]) -> str:
     settings = results["settings"]
     return (
         f"{settings['workers']} workers, {settings['backend'].capitalize()}, {common.machine_line(results['machine'])}, "
-        f"{settings['steps']} steps, seed {settings['seed']}; payload bytes per worker as counted by disttrain (not wire bytes)"
+        f"{settings['steps']} steps, seed {settings['seed']}, each method at its best swept peak lr; "
+        "payload bytes per worker as counted by disttrain (scales and basis broadcasts included)"
     )
 
 
 def plot(results: dict[str, Any], x_key: str, x_name: str, path: Path, log_x: bool) -> None:
-    """One line per method: val loss against ``x_key`` of the history."""
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for record in results["methods"]:
+    """One line per method at its best lr: val loss against ``x_key`` of the history."""
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for record in best_runs(results["methods"]):
         if record.get("history"):
             xs = [point[x_key] for point in record["history"]]
-            style = "--" if get_method(record["method"]).compression.payload == "int8" else "-"
+            style = "--" if get_method(record["method"]).compression.quantized else "-"
             losses = [point["val_loss"] for point in record["history"]]
-            ax.plot(xs, losses, style, marker="o", markersize=3, label=record["method"])
+            ax.plot(xs, losses, style, marker="o", markersize=3, label=f"{record['method']} (lr {record['lr']:g})")
     if results["target_val_loss"] is not None:
-        ax.axhline(results["target_val_loss"], color="grey", linestyle=":", linewidth=1, label="target (dense final)")
+        ax.axhline(results["target_val_loss"], color="grey", linestyle=":", linewidth=1, label="target (dense final + 2%)")
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(f"{x_name} (log scale)" if log_x else x_name)
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title(f"Small GPT: validation loss vs {x_name}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, title="dashed: int8 payload", title_fontsize=8)
+    ax.legend(fontsize=7, title="dashed: quantised payload", title_fontsize=7)
     fig.text(0.5, 0.01, caption(results), ha="center", fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_all(results: dict[str, Any], out_dir: Path) -> None:
-    """Write the loss-vs-bytes and loss-vs-steps PNGs."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot(results, "total_bytes", "cumulative payload bytes per worker", out_dir / "convergence_loss_vs_bytes.png", log_x=True)
-    plot(results, "step", "training step", out_dir / "convergence_loss_vs_steps.png", log_x=False)
-    log.info("plots written to %s", out_dir)
+def plot_all(results: dict[str, Any], out: Path) -> None:
+    """Write the loss-vs-bytes and loss-vs-steps PNGs next to the results file ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, "total_bytes", "cumulative payload bytes per worker", out.with_name(f"{out.stem}_loss_vs_bytes.png"), log_x=True)
+    plot(results, "step", "training step", out.with_name(f"{out.stem}_loss_vs_steps.png"), log_x=False)
+    log.info("plots written to %s", out.parent)
 
 
-def table_row(record: dict[str, Any]) -> list[str]:
-    """One method's row of the README table."""
+def sweep_text(method: str, records: list[dict[str, Any]]) -> str:
+    """'lr: final loss' for every run of ``method``, lowest lr first."""
+    runs = sorted((r for r in records if r["method"] == method), key=lambda r: r["lr"])
+    return ", ".join(f"{r['lr']:g}: {r['final_val_loss']:.3f}" if "final_val_loss" in r else f"{r['lr']:g}: failed" for r in runs)
+
+
+def table_row(record: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    """One method's row of the README table (its best run), with its whole lr sweep."""
     if "final_val_loss" not in record:
-        return [f"{record['method']} (failed)"] + ["—"] * 6
+        return [f"{record['method']} (failed)"] + ["—"] * 8 + [sweep_text(record["method"], records)]
     steps = record["steps_to_target"]
     name = f"{record['method']} (error)" if "error" in record else record["method"]
+    below = record.get(f"below_{BASELINE}_at_equal_bytes")
     return [
         name,
         common.human_bytes(record["bytes_per_step"]),
+        common.human_bytes(record.get("wire_bytes_per_step")),  # absent from runs before it was recorded
         f"{record['compression_ratio']:.1f}x",
         f"{record['final_val_loss']:.4f}",
         "not reached" if steps is None else str(steps),
         common.human_bytes(record["bytes_to_target"]),
+        "—" if below is None else ("yes" if below else "no"),
         f"{record['wall_s']:.0f}",
+        sweep_text(record["method"], records),
     ]
 
 
 def render_table(results: dict[str, Any]) -> str:
     """The README table, with a line saying how it was measured."""
-    headers = ["method", "bytes/step", "x smaller than dense", "final val loss", "steps to target", "bytes to target", "wall s"]
-    table = common.markdown_table(headers, [table_row(record) for record in results["methods"]])
+    headers = [
+        "method", "bytes/step", "wire/step", "x fewer bytes than dense", "final val loss", "steps to target",
+        "bytes to target", f"below {BASELINE} at equal bytes", "wall s", "lr sweep (peak lr: final val loss)",
+    ]
+    records = results["methods"]
+    table = common.markdown_table(headers, [table_row(record, records) for record in best_runs(records)])
     target = results["target_val_loss"]
-    commands = "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in results["methods"]))
+    commands = "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in records))
     target_text = f"target = {target:.4f} ({results['target_note']})" if target is not None else results["target_note"]
     return (
         f"{table}\n\n"
         f"Measured on {common.machine_line(results['machine'])}: {results['method_note']}. "
-        f"Steps/bytes to target are the first eval at or below the {target_text}. "
+        f"Each row is the method at its best peak lr. Steps/bytes to target are the first eval at or below the {target_text}. "
         f"Generated by {commands}."
     )
 
 
-def render(results: dict[str, Any], readme: Path, out_dir: Path) -> bool:
-    """Plots and the table (in ``out_dir`` and the README) from a results document; False if the README was not updated."""
-    plot_all(results, out_dir)
-    return common.publish_table(render_table(results), MARKER, readme, out_dir)
+def render(results: dict[str, Any], readme: Path, out: Path) -> bool:
+    """Plots and the table (next to ``out`` and in the README) from a results document; False if the README was not updated."""
+    plot_all(results, out)
+    return common.publish_table(render_table(results), f"{out.stem}-table", readme, out.parent)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args))
     if results is None:
         return 2
-    return 0 if render(results, args.readme, args.out.parent) else 1
+    return 0 if render(results, args.readme, args.out) else 1
 
 
 if __name__ == "__main__":

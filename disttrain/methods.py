@@ -83,6 +83,12 @@ _PSEUDO_INT8 = CompressionSpec(basis="dense", payload="int8", error_feedback=Tru
 
 register(Method("diloco-h10", "DiLoCo: 10 local AdamW steps, fp32 pseudo-gradient, outer Nesterov", CompressionSpec(basis="dense"), engine="local_steps", local_steps=10))
 register(Method("diloco-int8-h30", "DiLoCo: 30 local steps, int8 pseudo-gradient with error feedback", _PSEUDO_INT8, engine="local_steps", local_steps=30))
+for _bits, _rounds in ((4, 30), (2, 80), (1, 40)):
+    register(Method(
+        f"diloco-int{_bits}-h{_rounds}",
+        f"DiLoCo: {_rounds} local steps, {_bits}-bit pseudo-gradient (every tensor, per-row scales) with error feedback",
+        replace(_PSEUDO_INT8, payload=f"int{_bits}", quantize_small=True), engine="local_steps", local_steps=_rounds,
+    ))
 register(Method("diloco-svd-int8-h10", "DiLoCo, pseudo-gradient in an SVD basis r=8 (refresh every 10 rounds), int8, EF: a measured loser, it diverges after the first refresh", replace(_SVD, payload="int8", refresh_every=10), engine="local_steps", local_steps=10))
 register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8, error feedback)", replace(_SEEDED, payload="int8"), engine="ddp_hook"))
 

@@ -155,7 +155,7 @@ def test_gradient_of_the_wrong_shape_is_refused():
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("basis", "fourier", "unknown basis"), ("payload", "int4", "unknown payload"), ("rank", 0, "rank must be >= 1"),
+    [("basis", "fourier", "unknown basis"), ("payload", "int3", "unknown payload"), ("rank", 0, "rank must be >= 1"),
      ("side", "top", "unknown projection side"), ("distribution", "cauchy", "unknown distribution")],
 )
 def test_bad_spec_is_refused_by_name(field, value, message):

@@ -67,6 +67,7 @@ class CompressedAllReduce:
         self._bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket.param_indices}
         self.dense_bytes_per_step = sum(p.numel() * 4 for p in self.params)
         self.payload_bytes_last_step = 0
+        self.wire_bytes_last_step = 0  # what the collectives move per worker (see link.ring_wire_bytes)
         self.step = 0
         self._armed = False
         self._hook_failure: RuntimeError | None = None
@@ -107,6 +108,7 @@ class CompressedAllReduce:
         self._next_launch = 0
         self._means = [None] * len(self.params)
         self.payload_bytes_last_step = 0
+        self.wire_bytes_last_step = 0
         self._hook_failure = None
         if self.measure_energy:
             self._energy = (0.0, 0.0)
@@ -124,10 +126,12 @@ class CompressedAllReduce:
         grad = self.params[index].grad
         return torch.zeros_like(self.params[index]) if grad is None else grad
 
-    def _pace(self, kind: str, payload_bytes: int) -> float:
-        if self.link is None:
-            return 0.0
-        return self.link.reserve(ring_wire_bytes(kind, payload_bytes, self.world_size))
+    def _count(self, kind: str, payload_bytes: int) -> float:
+        """Count a collective's bytes; the time its bytes take on an emulated link (0 without one)."""
+        wire_bytes = ring_wire_bytes(kind, payload_bytes, self.world_size)
+        self.payload_bytes_last_step += payload_bytes
+        self.wire_bytes_last_step += wire_bytes
+        return 0.0 if self.link is None else self.link.reserve(wire_bytes)
 
     def _launch(self, b: int) -> None:
         bucket = self.buckets[b]
@@ -138,12 +142,9 @@ class CompressedAllReduce:
                 part, whole = compressor.captured_energy(grad)
                 self._energy = (self._energy[0] + part, self._energy[1] + whole)
         if basis_bytes:
-            self.payload_bytes_last_step += basis_bytes
-            if self.link is not None:
-                LinkEmulator.wait_until(self._pace("broadcast", basis_bytes))
+            LinkEmulator.wait_until(self._count("broadcast", basis_bytes))
         pending = bucket.launch(bucket.encode(grads), self.group)
-        self.payload_bytes_last_step += pending.payload_bytes
-        self._pending[b] = (pending, self._pace(bucket.collective, pending.payload_bytes))
+        self._pending[b] = (pending, self._count(bucket.collective, pending.payload_bytes))
 
     def finish(self, contributors: int | None = None) -> None:
         """Launch what backward did not, wait for every collective, and decode the means: over
@@ -221,9 +222,9 @@ class CompressedAllReduce:
 
 
 def cheaper_payload(spec: CompressionSpec, shapes: list[torch.Size], world_size: int) -> CompressionSpec:
-    """int8 payloads travel by all_gather, whose traffic grows with the number of workers; keep
-    int8 only while it moves fewer bytes than an fp32 all_reduce of the same coefficients."""
-    if spec.payload != "int8":
+    """Quantised payloads travel by all_gather, whose traffic grows with the number of workers; keep
+    them only while they move fewer bytes than an fp32 all_reduce of the same coefficients."""
+    if not spec.quantized:
         return spec
     fp32 = replace(spec, payload="fp32")
 
@@ -233,7 +234,7 @@ def cheaper_payload(spec: CompressionSpec, shapes: list[torch.Size], world_size:
 
     if wire(spec, "all_gather") <= wire(fp32, "all_reduce"):
         return spec
-    log.info("with %d workers an fp32 all_reduce moves fewer bytes than int8 all_gather: sending fp32", world_size)
+    log.info("with %d workers an fp32 all_reduce moves fewer bytes than %s all_gather: sending fp32", world_size, spec.payload)
     return fp32
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.bucket import Bucket
+from disttrain.comm.link import ring_wire_bytes
 from disttrain.compress.base import Compressor
 from disttrain.compress.factory import CompressionSpec, build_compressor
 
@@ -37,6 +38,7 @@ class DisttrainHookState:
         ]
         self.step = 0
         self.payload_bytes = 0
+        self.wire_bytes = 0  # what the collectives move per worker (see link.ring_wire_bytes)
 
     def compressor_index(self, param: torch.Tensor) -> int:
         try:
@@ -56,12 +58,14 @@ def disttrain_hook(state: DisttrainHookState, bucket: dist.GradBucket) -> torch.
     exchange = Bucket(indices, [state.compressors[i] for i in indices])
     for compressor in exchange.compressors:
         compressor.begin_step(state.step)
-    state.payload_bytes += exchange.refresh_bases(grads, state.step, group)
+    world_size = dist.get_world_size(group)
+    basis_bytes = exchange.refresh_bases(grads, state.step, group)
     pending = exchange.launch(exchange.encode(grads), group)
-    state.payload_bytes += pending.payload_bytes
+    state.payload_bytes += basis_bytes + pending.payload_bytes
+    state.wire_bytes += ring_wire_bytes("broadcast", basis_bytes, world_size)
+    state.wire_bytes += ring_wire_bytes(exchange.collective, pending.payload_bytes, world_size)
     if bucket.is_last():
         state.step += 1
-    world_size = dist.get_world_size(group)
 
     def decode(_: torch.futures.Future) -> torch.Tensor:
         buffer = bucket.buffer()

@@ -11,14 +11,16 @@ from disttrain.compress.base import Compressor
 from disttrain.compress.dense import DenseCompressor
 from disttrain.compress.error_feedback import ErrorFeedback
 from disttrain.compress.int8 import Int8Payload
+from disttrain.compress.lowbit import LowBitPayload
 from disttrain.compress.lowrank import LowRankCompressor, SideChoice, as_matrix_shape, choose_side
 from disttrain.compress.seeded import SeededBasis
 from disttrain.compress.svd import SVDBasis
 from disttrain.kernels.seeded import Distribution
 
 BasisKind = Literal["dense", "svd", "seeded"]
-PayloadKind = Literal["fp32", "bf16", "int8"]
-_WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+PayloadKind = Literal["fp32", "bf16", "int8", "int4", "int2", "int1"]
+_WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+QUANTIZED_BITS = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}  # per-row scaled codes; int1 is a scaled sign
 
 
 @dataclass(frozen=True)
@@ -33,13 +35,14 @@ class CompressionSpec:
     payload: PayloadKind = "fp32"
     error_feedback: bool = True
     dense_threshold: int = 4096
-    quantize_small: bool = False  # int8 payloads also for the parameters sent whole (1-D and small ones)
+    quantize_small: bool = False  # quantised payloads also for the parameters sent whole (1-D and small ones)
 
     def validate(self) -> None:
         if self.basis not in ("dense", "svd", "seeded"):
             raise ValueError(f"unknown basis {self.basis!r}; use 'dense', 'svd' or 'seeded'")
-        if self.payload not in _WIRE_DTYPES:
-            raise ValueError(f"unknown payload {self.payload!r}; use 'fp32', 'bf16' or 'int8'")
+        if self.payload not in _WIRE_DTYPES and self.payload not in QUANTIZED_BITS:
+            known = ", ".join(repr(kind) for kind in (*_WIRE_DTYPES, *QUANTIZED_BITS))
+            raise ValueError(f"unknown payload {self.payload!r}; use one of {known}")
         if self.basis != "dense" and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.refresh_every < 1:
@@ -47,6 +50,11 @@ class CompressionSpec:
         if self.distribution not in ("gaussian", "rademacher"):
             raise ValueError(f"unknown distribution {self.distribution!r}; use 'gaussian' or 'rademacher'")
         choose_side((1, 1), self.side)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether payloads are per-row scaled codes (which travel by all_gather)."""
+        return self.payload in QUANTIZED_BITS
 
     def compresses(self, shape: torch.Size) -> bool:
         """Whether a parameter of this shape is projected; 1-D and small ones go dense."""
@@ -58,7 +66,7 @@ class CompressionSpec:
 def build_compressor(spec: CompressionSpec, shape: torch.Size, param_id: int, seed: int) -> Compressor:
     """The compressor for parameter number ``param_id`` (its index in the model's parameters)."""
     shape = torch.Size(shape)
-    wire_dtype = _WIRE_DTYPES[spec.payload]
+    wire_dtype = _WIRE_DTYPES.get(spec.payload, torch.float32)  # quantised payloads wrap fp32 coefficients
     compressor: Compressor
     if spec.compresses(shape):
         side = choose_side(as_matrix_shape(shape), spec.side)
@@ -68,14 +76,16 @@ def build_compressor(spec: CompressionSpec, shape: torch.Size, param_id: int, se
         else:
             basis = SeededBasis(reduced, spec.rank, seed, param_id, spec.refresh_every, spec.distribution)
         compressor = LowRankCompressor(shape, basis, side, wire_dtype)
-    elif spec.payload == "int8" and (spec.quantize_small or spec.basis == "dense" and len(shape) >= 2):
-        # A dense int8 payload (e.g. DiLoCo's pseudo-gradients): one scale per row of a matrix,
-        # one for a whole vector.
+    elif spec.quantized and (spec.quantize_small or spec.basis == "dense" and len(shape) >= 2):
+        # A dense quantised payload (e.g. DiLoCo's pseudo-gradients): one scale per row of a
+        # matrix, one for a whole vector.
         compressor = DenseCompressor(shape, wire_dtype, rows=as_matrix_shape(shape)[0] if len(shape) >= 2 else 1)
     else:
         return DenseCompressor(shape, wire_dtype)
     if spec.payload == "int8":
         compressor = Int8Payload(compressor)
+    elif spec.quantized:
+        compressor = LowBitPayload(compressor, QUANTIZED_BITS[spec.payload])
     if spec.error_feedback:
         compressor = ErrorFeedback(compressor)
     return compressor

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 
+from disttrain.comm.link import ring_wire_bytes
 from disttrain.federated.zeroth_order import ZOState, zo_step
 from disttrain.train.config import TrainConfig
 from disttrain.train.engines import PerStepMembership, forward_loss
@@ -30,6 +32,7 @@ class ZerothOrderEngine(PerStepMembership):
         self.optimizer = torch.optim.SGD(trainable, lr=config.optim.lr)
         self.dense_bytes_per_step = sum(p.numel() * 4 for p in trainable)
         self.payload_bytes_last_step = 0
+        self.wire_bytes_last_step = 0
 
     def step(self, step: int, batch: Batch) -> float:
         scheduled = self.optimizer.param_groups[0]["lr"] / self.peak_lr
@@ -37,6 +40,8 @@ class ZerothOrderEngine(PerStepMembership):
         self.state.step = step
         result = zo_step(self.model, lambda model, b: forward_loss(model, b, self.precision), batch, self.state)
         self.payload_bytes_last_step = result.bytes_sent
+        world_size = dist.get_world_size(self.state.group) if dist.is_initialized() else 1
+        self.wire_bytes_last_step = ring_wire_bytes("all_gather", result.bytes_sent, world_size)
         return result.loss
 
     def state_dict(self) -> dict:

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from disttrain.comm.allreduce import CompressedAllReduce
 from disttrain.comm.ddp_hook import DisttrainHookState, disttrain_hook
-from disttrain.comm.link import LinkEmulator
+from disttrain.comm.link import LinkEmulator, ring_wire_bytes
 from disttrain.compress.base import load_compressor_states
 from disttrain.methods import Method
 from disttrain.optim.projected_adamw import CoefficientSource, ProjectedAdamW
@@ -25,7 +25,8 @@ from disttrain.train.task import Batch
 
 class Engine(Protocol):
     optimizer: torch.optim.Optimizer  # the optimizer whose learning rate follows the schedule
-    payload_bytes_last_step: int
+    payload_bytes_last_step: int  # what this worker put into collectives in the last step
+    wire_bytes_last_step: int  # what those collectives moved per worker (an all_gather receives W-1 payloads)
     dense_bytes_per_step: int
     in_sync: bool  # whether every replica holds the same weights after the last step
 
@@ -115,6 +116,10 @@ class DisttrainEngine(PerStepMembership):
     def payload_bytes_last_step(self) -> int:
         return self.reducer.payload_bytes_last_step
 
+    @property
+    def wire_bytes_last_step(self) -> int:
+        return self.reducer.wire_bytes_last_step
+
     def step(self, step: int, batch: Batch) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         self.reducer.start_step(step)
@@ -165,11 +170,14 @@ class DDPEngine(PerStepMembership):
         # orders on different ranks over a slow link (see DESIGN.md).
         self.ddp = DistributedDataParallel(model, process_group=group, bucket_cap_mb=1024)
         self.optimizer = build_optimizer(self.ddp.parameters(), method, config)
+        self.world_size = dist.get_world_size(group)
         self.payload_bytes_last_step = 0
+        self.wire_bytes_last_step = 0
         self.hook_state: DisttrainHookState | None = None
         self.powersgd_state: powersgd.PowerSGDState | None = None
         if method.engine == "ddp":
             self.payload_bytes_last_step = self.dense_bytes_per_step
+            self.wire_bytes_last_step = ring_wire_bytes("all_reduce", self.dense_bytes_per_step, self.world_size)
         elif method.engine == "ddp_powersgd":
             self.powersgd_state = powersgd.PowerSGDState(
                 process_group=group,
@@ -186,12 +194,14 @@ class DDPEngine(PerStepMembership):
         self.optimizer.zero_grad(set_to_none=True)
         if self.powersgd_state is not None:
             self.payload_bytes_last_step = powersgd_payload_bytes(self.model, self.powersgd_state)
+            self.wire_bytes_last_step = ring_wire_bytes("all_reduce", self.payload_bytes_last_step, self.world_size)
         if self.hook_state is not None:
-            before = self.hook_state.payload_bytes
+            before = (self.hook_state.payload_bytes, self.hook_state.wire_bytes)
         loss = forward_loss(self.ddp, batch, self.precision)
         loss.backward()
         if self.hook_state is not None:
-            self.payload_bytes_last_step = self.hook_state.payload_bytes - before
+            self.payload_bytes_last_step = self.hook_state.payload_bytes - before[0]
+            self.wire_bytes_last_step = self.hook_state.wire_bytes - before[1]
         self.optimizer.step()
         return loss.item()
 

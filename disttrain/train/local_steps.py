@@ -65,6 +65,7 @@ class LocalStepsEngine:
         self.in_sync = True
         self.dense_bytes_per_step = self.reducer.dense_bytes_per_step
         self.payload_bytes_last_step = 0
+        self.wire_bytes_last_step = 0
         self.exchange_pending: int | None = None  # the round-end step whose exchange failed
         # False for a worker admitted while its round's exchange was pending, or one the round closed without
         self.did_round = True
@@ -84,7 +85,7 @@ class LocalStepsEngine:
             loss.backward()
             self.optimizer.step()
             self._last_loss = loss.item()
-        self.payload_bytes_last_step = 0
+        self.payload_bytes_last_step = self.wire_bytes_last_step = 0
         self.in_sync = (step + 1) % self.local_steps == 0 or step + 1 >= self.last_step
         if self.in_sync:
             self.exchange_pending = step  # from here on, a failure redoes only the exchange
@@ -143,6 +144,7 @@ class LocalStepsEngine:
         self.reducer.commit()
         self.rounds += 1
         self.payload_bytes_last_step = self.reducer.payload_bytes_last_step
+        self.wire_bytes_last_step = self.reducer.wire_bytes_last_step
 
     # --- elastic membership -------------------------------------------------------------
     def membership_check_due(self, step: int, sync_every: int) -> bool:

@@ -46,11 +46,12 @@ class RunSummary:
     method: str
     val_loss: float
     accuracy: float
-    bytes_per_step: float
+    bytes_per_step: float  # payload bytes this worker put into collectives, per step
     dense_bytes_per_step: int
     total_bytes: int
     wall_s: float
     replicas_identical: bool
+    wire_bytes_per_step: float = 0.0  # what those collectives moved per worker (all_gather: W-1 payloads received)
     parameter_digest: str = ""
     history: list[EvalPoint] = field(default_factory=list)
 
@@ -62,6 +63,7 @@ class RunSummary:
         fields["val_loss"] = round(self.val_loss, 4)
         fields["accuracy"] = round(self.accuracy, 4)
         fields["bytes_per_step"] = round(self.bytes_per_step, 1)
+        fields["wire_bytes_per_step"] = round(self.wire_bytes_per_step, 1)
         fields["wall_s"] = round(self.wall_s, 1)
         return fields
 
@@ -154,6 +156,7 @@ class Trainer:
         self.start_step = 0  # where this process started or resumed
         self.steps_run = 0
         self.total_bytes = 0
+        self.total_wire_bytes = 0
         self._due = DueWork()
         if membership is not None:
             membership.enter()
@@ -361,6 +364,7 @@ class Trainer:
                 self.step += 1
                 self.steps_run += 1
                 self.total_bytes += self.engine.payload_bytes_last_step
+                self.total_wire_bytes += self.engine.wire_bytes_last_step
                 if self.membership is not None:
                     self._report_progress()
                 identical &= self._after_step(history, last, started)
@@ -391,6 +395,7 @@ class Trainer:
             total_bytes=self.total_bytes,
             wall_s=time.monotonic() - started,
             replicas_identical=identical,
+            wire_bytes_per_step=self.total_wire_bytes / max(1, self.steps_run),
             parameter_digest=parameter_digest(self.model).hex()[:16],
             history=history,
         )
