@@ -58,11 +58,14 @@ def test_seeded_compressor_is_exact_on_gradients_inside_its_subspace(shape, rank
     assert torch.allclose(compressor.decode(compressor.encode(grad)), coeffs, atol=1e-4)
 
 
-@given(shapes, st.integers(1, 4), seeds, st.integers(2, 6), st.sampled_from(["svd", "seeded"]), st.booleans())
-def test_error_feedback_sent_plus_residual_equals_sum_of_gradients(shape, rank, seed, steps, basis, int8):
+payloads = st.sampled_from(["fp32", "int8", "int4", "int2", "int1"])
+
+
+@given(shapes, st.integers(1, 4), seeds, st.integers(2, 6), st.sampled_from(["svd", "seeded", "dense"]), payloads)
+def test_error_feedback_sent_plus_residual_equals_sum_of_gradients(shape, rank, seed, steps, basis, payload):
     if rank >= min(shape):
         rank = min(shape) - 1
-    spec = CompressionSpec(basis=basis, rank=rank, refresh_every=2, payload="int8" if int8 else "fp32", dense_threshold=1)
+    spec = CompressionSpec(basis=basis, rank=rank, refresh_every=2, payload=payload, dense_threshold=1)
     compressor = build_compressor(spec, torch.Size(shape), param_id=3, seed=seed)
     assert isinstance(compressor, ErrorFeedback)
     generator = torch.Generator().manual_seed(seed)
@@ -108,7 +111,7 @@ def test_int8_of_zeros_decodes_to_zeros():
 
 
 @pytest.mark.parametrize("basis", ["svd", "seeded"])
-@pytest.mark.parametrize("payload", ["fp32", "int8"])
+@pytest.mark.parametrize("payload", ["fp32", "int8", "int2"])
 def test_state_dict_round_trips_exactly(basis, payload):
     spec = CompressionSpec(basis=basis, rank=3, payload=payload, dense_threshold=1)
     source = build_compressor(spec, torch.Size((20, 12)), 1, 42)

@@ -36,6 +36,16 @@ def test_compressed_method_sends_over_100x_fewer_bytes_than_dense_on_the_tiny_mo
     assert summary.bytes_per_step > 0
 
 
+@pytest.mark.parametrize(
+    ("overrides", "wire_per_payload"),
+    [({"method": "dense"}, 4 / 3), ({"method": "powersgd-r4"}, 4 / 3), ({"method": "diloco-int1-h40", "local_steps": 2}, 2)],
+)
+def test_wire_bytes_count_what_the_collective_moves(overrides, wire_per_payload):
+    # 3 workers: a ring all_reduce moves 2(W-1)/W of the payload, an all_gather receives W-1 payloads
+    summary = run_workers(train_and_digest, 3, {**overrides, "steps": 4, "eval_every": 100})[0]["summary"]
+    assert summary.wire_bytes_per_step == pytest.approx(wire_per_payload * summary.bytes_per_step, rel=1e-5)
+
+
 def perturb_and_check(rank: int, world: int) -> tuple[bool, bytes]:
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 8)

@@ -23,9 +23,9 @@ def quantize_rows_lowbit(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, t
     """(codes in [0, 2**bits) as uint8, one step per row) for a 2-D float tensor."""
     rows = rows.float()
     levels = 1 << bits
-    rms = rows.pow(2).mean(dim=1).sqrt()
-    steps = torch.where(rms > 0, rms * _GAUSSIAN_STEP[bits], torch.ones_like(rms))
-    codes = torch.floor(rows / steps[:, None] + levels / 2).clamp_(0, levels - 1)
+    steps = rows.pow(2).mean(dim=1).sqrt() * _GAUSSIAN_STEP[bits]  # 0 for an all-zero row, which decodes to zeros
+    divisors = torch.where(steps > 0, steps, torch.ones_like(steps))
+    codes = torch.floor(rows / divisors[:, None] + levels / 2).clamp_(0, levels - 1)
     return codes.to(torch.uint8), steps
 
 
