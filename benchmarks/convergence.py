@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help=f"training steps (default {FULL_STEPS}, {SMALL_STEPS} with --small)")
     parser.add_argument("--eval-every", type=int, help=f"steps between evals (default {FULL_EVAL_EVERY}, {SMALL_EVAL_EVERY} with --small)")
     parser.add_argument("--small", action="store_true", help=f"{SMALL_STEPS} steps, results in convergence-small.json")
-    parser.add_argument("--lrs", help="comma-separated peak learning rates to run each method at (default: the config's)")
+    parser.add_argument("--lrs", help="comma-separated peak learning rates to run each method at (default: each method's own)")
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="give up on one method's run after this long")
     parser.add_argument("--out", type=Path, help="results file (default: results/convergence.json, convergence-small.json with --small)")
     parser.add_argument("--readme", type=Path, default=common.REPO_ROOT / "README.md")
@@ -75,8 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps = args.steps or (SMALL_STEPS if args.small else FULL_STEPS)
     args.eval_every = args.eval_every or (SMALL_EVAL_EVERY if args.small else FULL_EVAL_EVERY)
     args.out = args.out or common.RESULTS_DIR / ("convergence-small.json" if args.small else "convergence.json")
-    args.lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [TrainConfig().optim.lr]
-    if any(lr <= 0 for lr in args.lrs):
+    args.lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else None
+    if args.lrs and any(lr <= 0 for lr in args.lrs):
         parser.error(f"--lrs must be positive learning rates, got {args.lrs}")
     return args
 
@@ -281,7 +281,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     settings, machine = run_settings(args), common.machine_description()
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     LOGS_DIR.mkdir(parents=True, exist_ok=True)
-    runs = [(name, lr) for name in selected_methods(args.methods) for lr in args.lrs]
+    runs = [(name, lr) for name in selected_methods(args.methods) for lr in args.lrs or [get_method(name).lr]]
     fresh = []
     with logging_redirect_tqdm():
         for name, lr in (bar := tqdm(runs, desc="runs", unit="run")):

@@ -91,7 +91,7 @@ def row(method: str, summary: str, optimizer: str, optimizer_bytes: int, basis: 
 def adamw_row(config: TrainConfig, batch: Batch) -> dict[str, Any]:
     """torch AdamW on the uncompressed model after one step."""
     model = fresh_model(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.peak_lr, betas=(config.optim.beta1, config.optim.beta2))
     _, loss = model(*batch)
     loss.backward()
     optimizer.step()

@@ -12,7 +12,7 @@ from typing import Literal
 from disttrain.compress.factory import CompressionSpec
 
 Engine = Literal["disttrain", "local_steps", "zeroth_order", "ddp", "ddp_powersgd", "ddp_hook"]
-OptimizerKind = Literal["adamw", "projected_adamw"]
+OptimizerKind = Literal["adamw", "projected_adamw", "sgd"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class Method:
     pseudo-gradient and an outer SGD step (``outer_lr``; Nesterov with ``outer_momentum`` > 0):
     FedAvg is outer_lr 1 without momentum. "zeroth_order" sends one byte per step (shared-seed SPSA).
     optimizer "adamw" reconstructs the averaged gradient for torch AdamW; "projected_adamw"
-    keeps Adam moments in the projected space (GaLore).
+    keeps Adam moments in the projected space (GaLore); "sgd" applies the average as it is
+    (for payloads that already are update directions, e.g. sparse momentum votes).
     """
 
     name: str
@@ -36,6 +37,7 @@ class Method:
     powersgd_rank: int = 4
     local_steps: int = 1
     galore_scale: float = 1.0  # ProjectedAdamW's update scale (alpha in GaLore)
+    lr: float = 1e-3  # peak learning rate unless --optim.lr says otherwise
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
 
@@ -90,6 +92,11 @@ for _bits, _rounds in ((4, 30), (2, 80), (1, 40)):
         replace(_PSEUDO_INT8, payload=f"int{_bits}", quantize_small=True), engine="local_steps", local_steps=_rounds,
     ))
 register(Method("diloco-svd-int8-h10", "DiLoCo, pseudo-gradient in an SVD basis r=8 (refresh every 10 rounds), int8, EF: a measured loser, it diverges after the first refresh", replace(_SVD, payload="int8", refresh_every=10), engine="local_steps", local_steps=10))
+register(Method(
+    "sparse-momentum-k4",
+    "DeMo-style: local momentum, its 4 largest entries per 256 sent as (position, sign) votes and removed, SGD on the mean vote",
+    CompressionSpec(basis="sparse_momentum", error_feedback=False), "sgd", lr=0.03,
+))
 register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8, error feedback)", replace(_SEEDED, payload="int8"), engine="ddp_hook"))
 
 _FEDAVG = dict(engine="local_steps", local_steps=10, outer_lr=1.0, outer_momentum=0.0)

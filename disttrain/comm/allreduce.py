@@ -241,7 +241,7 @@ def cheaper_payload(spec: CompressionSpec, shapes: list[torch.Size], world_size:
 def _check_rank_fits(spec: CompressionSpec, params: list[torch.nn.Parameter]) -> None:
     """A rank that leaves every matrix dense is a mistake worth naming."""
     matrices = [p for p in params if p.dim() >= 2 and p.numel() >= spec.dense_threshold]
-    if spec.basis == "dense" or not matrices:
+    if not spec.projects or not matrices:
         return
     if not any(spec.compresses(p.shape) for p in matrices):
         widest = max(min(p.shape[0], p[0].numel()) for p in matrices)

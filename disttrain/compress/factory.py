@@ -14,10 +14,11 @@ from disttrain.compress.int8 import Int8Payload
 from disttrain.compress.lowbit import LowBitPayload
 from disttrain.compress.lowrank import LowRankCompressor, SideChoice, as_matrix_shape, choose_side
 from disttrain.compress.seeded import SeededBasis
+from disttrain.compress.sparse_momentum import SparseMomentum
 from disttrain.compress.svd import SVDBasis
 from disttrain.kernels.seeded import Distribution
 
-BasisKind = Literal["dense", "svd", "seeded"]
+BasisKind = Literal["dense", "svd", "seeded", "sparse_momentum"]
 PayloadKind = Literal["fp32", "bf16", "int8", "int4", "int2", "int1"]
 _WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUANTIZED_BITS = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}  # per-row scaled codes; int1 is a scaled sign
@@ -36,14 +37,21 @@ class CompressionSpec:
     error_feedback: bool = True
     dense_threshold: int = 4096
     quantize_small: bool = False  # quantised payloads also for the parameters sent whole (1-D and small ones)
+    per_chunk: int = 4  # sparse_momentum: entries sent per chunk of 256
+    momentum_decay: float = 0.9  # sparse_momentum: m <- decay * m + g
 
     def validate(self) -> None:
-        if self.basis not in ("dense", "svd", "seeded"):
-            raise ValueError(f"unknown basis {self.basis!r}; use 'dense', 'svd' or 'seeded'")
+        if self.basis not in ("dense", "svd", "seeded", "sparse_momentum"):
+            raise ValueError(f"unknown basis {self.basis!r}; use 'dense', 'svd', 'seeded' or 'sparse_momentum'")
+        if self.basis == "sparse_momentum" and (self.payload != "fp32" or self.error_feedback):
+            raise ValueError(
+                "sparse_momentum sends positions and signs and is its own error feedback: "
+                "use payload='fp32' and error_feedback=False with it"
+            )
         if self.payload not in _WIRE_DTYPES and self.payload not in QUANTIZED_BITS:
             known = ", ".join(repr(kind) for kind in (*_WIRE_DTYPES, *QUANTIZED_BITS))
             raise ValueError(f"unknown payload {self.payload!r}; use one of {known}")
-        if self.basis != "dense" and self.rank < 1:
+        if self.projects and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
@@ -56,9 +64,14 @@ class CompressionSpec:
         """Whether payloads are per-row scaled codes (which travel by all_gather)."""
         return self.payload in QUANTIZED_BITS
 
+    @property
+    def projects(self) -> bool:
+        """Whether gradients are projected onto a low-rank basis."""
+        return self.basis in ("svd", "seeded")
+
     def compresses(self, shape: torch.Size) -> bool:
         """Whether a parameter of this shape is projected; 1-D and small ones go dense."""
-        if self.basis == "dense" or len(shape) < 2 or shape.numel() < self.dense_threshold:
+        if not self.projects or len(shape) < 2 or shape.numel() < self.dense_threshold:
             return False
         return self.rank < min(as_matrix_shape(shape))
 
@@ -66,6 +79,8 @@ class CompressionSpec:
 def build_compressor(spec: CompressionSpec, shape: torch.Size, param_id: int, seed: int) -> Compressor:
     """The compressor for parameter number ``param_id`` (its index in the model's parameters)."""
     shape = torch.Size(shape)
+    if spec.basis == "sparse_momentum":
+        return SparseMomentum(shape, spec.per_chunk, spec.momentum_decay)
     wire_dtype = _WIRE_DTYPES.get(spec.payload, torch.float32)  # quantised payloads wrap fp32 coefficients
     compressor: Compressor
     if spec.compresses(shape):

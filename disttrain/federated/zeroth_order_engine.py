@@ -26,10 +26,10 @@ class ZerothOrderEngine(PerStepMembership):
         self.model = model
         self.precision = config.precision
         self.zo = config.zeroth_order
-        self.peak_lr = config.optim.lr
+        self.peak_lr = config.peak_lr
         self.state = ZOState(self.zo, config.seed, group=group)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(trainable, lr=config.optim.lr)
+        self.optimizer = torch.optim.SGD(trainable, lr=config.peak_lr)
         self.dense_bytes_per_step = sum(p.numel() * 4 for p in trainable)
         self.payload_bytes_last_step = 0
         self.wire_bytes_last_step = 0

@@ -20,7 +20,7 @@ from disttrain.models.gpt import GPTConfig
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float | None = None  # peak learning rate; None: the method's own (Method.lr)
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
@@ -29,7 +29,7 @@ class OptimConfig:
     galore_scale: float | None = None  # ProjectedAdamW's update scale; None: the method's own
 
     def validate(self) -> None:
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -78,6 +78,11 @@ class TrainConfig:
         if self.method is not None:
             return self.method
         return DEFAULT_FEDERATED_METHOD if self.mode == "federated" else DEFAULT_METHOD
+
+    @property
+    def peak_lr(self) -> float:
+        """The schedule's peak learning rate: --optim.lr, or the method's own."""
+        return get_method(self.method_name).lr if self.optim.lr is None else self.optim.lr
 
     def validate(self) -> None:
         if self.mode not in MODES:

@@ -70,13 +70,15 @@ def forward_loss(model: torch.nn.Module, batch: Batch, precision: str) -> torch.
 
 
 def build_optimizer(params, method: Method, config: TrainConfig, source: CoefficientSource | None = None) -> torch.optim.Optimizer:
-    """torch AdamW, or ProjectedAdamW reading coefficients from ``source`` when the method keeps
-    its moments in the projected space; hyper-parameters from the config."""
+    """torch AdamW, ProjectedAdamW reading coefficients from ``source`` when the method keeps
+    its moments in the projected space, or plain SGD; hyper-parameters from the config."""
     o = config.optim
+    if method.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.peak_lr, weight_decay=o.weight_decay)
     if method.optimizer != "projected_adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=config.peak_lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     scale = method.galore_scale if o.galore_scale is None else o.galore_scale
-    return ProjectedAdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, scale=scale, source=source)
+    return ProjectedAdamW(params, lr=config.peak_lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, scale=scale, source=source)
 
 
 class PerStepMembership:

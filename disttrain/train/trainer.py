@@ -69,12 +69,12 @@ class RunSummary:
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step."""
-    o = config.optim
+    """Linear warm-up, then cosine decay to min_lr_ratio * the peak lr at the last step."""
+    o, peak = config.optim, config.peak_lr
     if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
+        return peak * (step + 1) / o.warmup_steps
     progress = (step - o.warmup_steps) / max(1, config.steps - o.warmup_steps)
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return peak * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
