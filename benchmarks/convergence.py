@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="give up on one method's run after this long")
     parser.add_argument("--out", type=Path, help="results file (default: results/convergence.json, convergence-small.json with --small)")
     parser.add_argument("--readme", type=Path, default=common.REPO_ROOT / "README.md")
+    parser.add_argument("--docs", type=Path, default=common.REPO_ROOT / "docs" / "convergence.md", help="the study's write-up, which gets the table too")
     parser.add_argument("--render-only", action="store_true", help="only redraw plots and the table from --out")
     args = parser.parse_args(argv)
     args.steps = args.steps or (SMALL_STEPS if args.small else FULL_STEPS)
@@ -403,10 +404,12 @@ def render_table(results: dict[str, Any]) -> str:
     )
 
 
-def render(results: dict[str, Any], readme: Path, out: Path) -> bool:
-    """Plots and the table (next to ``out`` and in the README) from a results document; False if the README was not updated."""
+def render(results: dict[str, Any], documents: list[Path], out: Path) -> bool:
+    """Plots and the table (next to ``out``, in the README and the write-up) from a results
+    document; False if a document was not updated."""
     plot_all(results, out)
-    return common.publish_table(render_table(results), f"{out.stem}-table", readme, out.parent)
+    table, marker = render_table(results), f"{out.stem}-table"
+    return all([common.publish_table(table, marker, document, out.parent) for document in documents])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args))
     if results is None:
         return 2
-    return 0 if render(results, args.readme, args.out) else 1
+    return 0 if render(results, [args.readme, args.docs], args.out) else 1
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def _methods(_: argparse.Namespace) -> int:
     width = max(map(len, METHODS))
     for name, method in METHODS.items():
         marker = "*" if name == DEFAULT_METHOD else " "
-        sys.stdout.write(f"{marker} {name:<{width}}  {method.summary}\n")
+        sys.stdout.write(f"{marker} {name:<{width}}  lr {method.lr:<6g} {method.summary}\n")
     return 0
 
 

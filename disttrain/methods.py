@@ -40,6 +40,7 @@ class Method:
     lr: float = 1e-3  # peak learning rate unless --optim.lr says otherwise
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    outer_lr_scheduled: bool = False  # the outer lr follows the inner lr's warm-up and decay (for vote payloads)
 
 
 METHODS: dict[str, Method] = {}
@@ -92,11 +93,19 @@ for _bits, _rounds in ((4, 30), (2, 80), (1, 40)):
         replace(_PSEUDO_INT8, payload=f"int{_bits}", quantize_small=True), engine="local_steps", local_steps=_rounds,
     ))
 register(Method("diloco-svd-int8-h10", "DiLoCo, pseudo-gradient in an SVD basis r=8 (refresh every 10 rounds), int8, EF: a measured loser, it diverges after the first refresh", replace(_SVD, payload="int8", refresh_every=10), engine="local_steps", local_steps=10))
+_VOTES = CompressionSpec(basis="sparse_momentum", error_feedback=False)
 register(Method(
     "sparse-momentum-k4",
     "DeMo-style: local momentum, its 4 largest entries per 256 sent as (position, sign) votes and removed, SGD on the mean vote",
-    CompressionSpec(basis="sparse_momentum", error_feedback=False), "sgd", lr=0.03,
+    _VOTES, "sgd", lr=0.03,
 ))
+for _rounds in (5, 10):
+    register(Method(
+        f"diloco-sparse-k4-h{_rounds}",
+        f"DiLoCo: {_rounds} local AdamW steps, the pseudo-gradient sent as sparse momentum votes (4 per 256), "
+        "outer SGD lr 0.05 following the schedule, no outer momentum",
+        _VOTES, engine="local_steps", local_steps=_rounds, outer_lr=0.05, outer_momentum=0.0, outer_lr_scheduled=True,
+    ))
 register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8, error feedback)", replace(_SEEDED, payload="int8"), engine="ddp_hook"))
 
 _FEDAVG = dict(engine="local_steps", local_steps=10, outer_lr=1.0, outer_momentum=0.0)

@@ -21,7 +21,7 @@ from disttrain.optim.projected_adamw import ProjectedAdamW
 from disttrain.train.local_steps import LocalStepsEngine
 from disttrain.train.replica import tensors_digest
 
-DILOCO_METHODS = ["diloco-h10", "diloco-int8-h30", "diloco-int1-h40", "diloco-svd-int8-h10", "fedavg-subspace-int8-h10"]
+DILOCO_METHODS = ["diloco-h10", "diloco-int8-h30", "diloco-int1-h40", "diloco-sparse-k4-h5", "diloco-svd-int8-h10", "fedavg-subspace-int8-h10"]
 
 
 @pytest.mark.parametrize("method", DILOCO_METHODS)
@@ -31,7 +31,7 @@ def test_workers_hold_bit_identical_parameters_after_local_step_rounds(method):
     assert all(r["summary"].replicas_identical for r in results)
 
 
-@pytest.mark.parametrize("method", ["diloco-int8-h30", "diloco-int1-h40", "fedavg-subspace-int8-h10"])
+@pytest.mark.parametrize("method", ["diloco-int8-h30", "diloco-int1-h40", "diloco-sparse-k4-h5", "fedavg-subspace-int8-h10"])
 def test_validation_loss_falls_with_local_step_rounds(method):
     overrides = {"method": method, "steps": 24, "local_steps": 4, "eval_every": 4}
     summary = run_workers(train_and_digest, 2, overrides)[0]["summary"]
@@ -52,7 +52,7 @@ def test_evaluation_waits_for_the_round_end():
     assert [point.step for point in summary.history] == [4, 8]
 
 
-@pytest.mark.parametrize("method", ["diloco-int8-h30", "fedavg-subspace-int8-h10"])
+@pytest.mark.parametrize("method", ["diloco-int8-h30", "diloco-sparse-k4-h5", "fedavg-subspace-int8-h10"])
 def test_a_resumed_local_step_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, method):
     # stopped mid-round after step 5; the last round end, and checkpoint, was step 4
     rounds_of_two = {"method": method, "local_steps": 2}

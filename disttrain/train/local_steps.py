@@ -58,6 +58,8 @@ class LocalStepsEngine:
             self.subspace = LocalSubspace(self.reducer.params, self.reducer.spec, config.seed)
         self.optimizer = build_optimizer(self.reducer.params, method, config, source=self.subspace)
         self.global_params = [p.detach().clone() for p in self.reducer.params]
+        self.outer_lr, self.peak_lr = method.outer_lr, config.peak_lr
+        self.outer_lr_scheduled = method.outer_lr_scheduled
         self.outer = torch.optim.SGD(
             self.global_params, lr=method.outer_lr, momentum=method.outer_momentum, nesterov=method.outer_momentum > 0
         )
@@ -135,6 +137,8 @@ class LocalStepsEngine:
         self.reducer.write_gradients()
         for p, start in zip(self.reducer.params, self.global_params):
             start.grad = p.grad
+        if self.outer_lr_scheduled:
+            self.outer.param_groups[0]["lr"] = self.outer_lr * self.optimizer.param_groups[0]["lr"] / self.peak_lr
         self.outer.step()
         with torch.no_grad():
             for p, start in zip(self.reducer.params, self.global_params):
