@@ -51,6 +51,7 @@ def test_a_worker_joining_mid_run_ends_with_identical_parameters(job):
     assert b"sent to ranks [3]" in job.log(0)
 
 
+@pytest.mark.slow
 def test_a_stopped_worker_is_evicted_and_rejoins_with_fresh_state_after_sigcont(job):
     start(job)
     job.wait_for_step(0, 40)
@@ -63,6 +64,7 @@ def test_a_stopped_worker_is_evicted_and_rejoins_with_fresh_state_after_sigcont(
     assert b"evicted" in job.log(2)
 
 
+@pytest.mark.slow
 def test_workers_keep_training_while_the_coordinator_restarts(job):
     start(job)
     job.wait_for_step(0, 40)

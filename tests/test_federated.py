@@ -73,6 +73,7 @@ def test_a_round_closes_without_the_straggler_and_drops_its_work(closing):
     assert with_straggler[0] == without_it[0]
 
 
+@pytest.mark.slow
 def test_without_a_quorum_or_deadline_every_round_waits_for_the_straggler():
     with_straggler = run_workers(train_with_a_straggler, 3, ROUNDS, 2)
     without_it = run_workers(train_with_a_straggler, 2, ROUNDS, None)
@@ -87,6 +88,7 @@ def test_zeroth_order_training_sends_one_byte_per_step_and_keeps_replicas_identi
     assert results[0]["summary"].total_bytes == 5
 
 
+@pytest.mark.slow
 def test_zeroth_order_steps_lower_the_loss_of_a_pretrained_classifier():
     zo = {"lr": 2e-4, "eps": 1e-3}
     overrides = {"method": "zo-1byte", "steps": 60, "eval_every": 60, "local_steps": None}
