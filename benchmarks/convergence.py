@@ -8,6 +8,7 @@ it was measured with the same settings on this machine) and keeps the rest.
     python benchmarks/convergence.py                   # the headline run: 1000 steps
     python benchmarks/convergence.py --small           # 300 steps, its own results file and table
     python benchmarks/convergence.py --methods dense,diloco-int1-h40 --lrs 1e-3,2e-3
+    python benchmarks/convergence.py --methods diloco-sparse-k4-h5 --steps-factor 1.25   # its own row
     python benchmarks/convergence.py --render-only     # plots + table from the existing JSON
 """
 
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, help=f"steps between evals (default {FULL_EVAL_EVERY}, {SMALL_EVAL_EVERY} with --small)")
     parser.add_argument("--small", action="store_true", help=f"{SMALL_STEPS} steps, results in convergence-small.json")
     parser.add_argument("--lrs", help="comma-separated peak learning rates to run each method at (default: each method's own)")
+    parser.add_argument(
+        "--steps-factor", type=float, default=1.0,
+        help="run the selected methods for this many times --steps (their schedule spans it); such runs get their own rows",
+    )
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="give up on one method's run after this long")
     parser.add_argument("--out", type=Path, help="results file (default: results/convergence.json, convergence-small.json with --small)")
     parser.add_argument("--readme", type=Path, default=common.REPO_ROOT / "README.md")
@@ -118,11 +123,11 @@ def method_note(settings: dict[str, Any]) -> str:
     )
 
 
-def worker_flags(method: str, lr: float, settings: dict[str, Any], summary_file: Path) -> list[str]:
+def worker_flags(method: str, lr: float, steps: int, settings: dict[str, Any], summary_file: Path) -> list[str]:
     """Flags for ``python -m disttrain.launcher``."""
     return [
         "--method", method,
-        "--steps", str(settings["steps"]),
+        "--steps", str(steps),
         "--eval_every", str(settings["eval_every"]),
         "--seed", str(settings["seed"]),
         "--optim.lr", repr(lr),
@@ -149,17 +154,18 @@ def output_to(path: Path) -> Iterator[None]:
                 os.close(copy)
 
 
-def run_method(name: str, lr: float, settings: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Train with one method at one peak lr; its record, with an ``error`` field if the run failed."""
-    stem = f"{name}-{settings['steps']}steps-lr{lr:g}"
+def run_method(name: str, lr: float, steps: int, settings: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Train with one method at one peak lr for ``steps`` steps; its record, with an ``error`` field if the run failed."""
+    stem = f"{name}-{steps}steps-lr{lr:g}"
     summary_file, log_file = LOGS_DIR / f"{stem}.summary.json", LOGS_DIR / f"{stem}.log"
     summary_file.unlink(missing_ok=True)
     record: dict[str, Any] = {
-        "method": name, "lr": lr, "summary": get_method(name).summary, "log": str(log_file.relative_to(common.REPO_ROOT)),
+        "method": name, "lr": lr, "steps": steps, "summary": get_method(name).summary,
+        "log": str(log_file.relative_to(common.REPO_ROOT)),
     }
     try:
         with output_to(log_file):
-            code = launch_local(WORKERS, worker_flags(name, lr, settings, summary_file), timeout_s=timeout_s)
+            code = launch_local(WORKERS, worker_flags(name, lr, steps, settings, summary_file), timeout_s=timeout_s)
     except subprocess.TimeoutExpired:
         return {**record, "error": f"timed out after {timeout_s:.0f} s; see {log_file}"}
     if summary_file.is_file():
@@ -243,25 +249,30 @@ def earlier_records(path: Path, settings: dict[str, Any], machine: dict[str, Any
     return earlier["methods"]
 
 
-def run_key(record: dict[str, Any]) -> tuple[str, float]:
-    return record["method"], record["lr"]
+def variant(record: dict[str, Any]) -> tuple[str, int]:
+    """What a table row stands for: a method run for a number of steps."""
+    return record["method"], record["steps"]
+
+
+def run_key(record: dict[str, Any]) -> tuple[str, int, float]:
+    return *variant(record), record["lr"]
 
 
 def merge_records(earlier: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fresh records replace earlier ones of the same (method, lr); dense first, then the earlier order."""
+    """Fresh records replace earlier ones of the same (method, steps, lr); dense first, then the earlier order."""
     fresh_by_key = {run_key(record): record for record in fresh}
     merged = [fresh_by_key.pop(run_key(record), record) for record in earlier] + list(fresh_by_key.values())
     return sorted(merged, key=lambda record: record["method"] != "dense")
 
 
 def best_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each method's run at its best peak lr: the lowest final val loss among the runs that finished
-    without error (any run if none did), in the records' order."""
-    best: dict[str, dict[str, Any]] = {}
+    """Each variant's run at its best peak lr: the lowest final val loss among the runs that
+    finished without error (any run if none did), in the records' order."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
     for record in records:
-        current = best.get(record["method"])
+        current = best.get(variant(record))
         if current is None or sort_key(record) < sort_key(current):
-            best[record["method"]] = record
+            best[variant(record)] = record
     return list(best.values())
 
 
@@ -269,9 +280,9 @@ def sort_key(record: dict[str, Any]) -> tuple[bool, float]:
     return "error" in record or "final_val_loss" not in record, record.get("final_val_loss", math.inf)
 
 
-def target_loss(best: list[dict[str, Any]]) -> tuple[float | None, str]:
+def target_loss(best: list[dict[str, Any]], steps: int) -> tuple[float | None, str]:
     """Within 2% of dense's final val loss at its best lr and a note saying so, or None and why not."""
-    dense = next((r for r in best if r["method"] == "dense" and "final_val_loss" in r), None)
+    dense = next((r for r in best if r["method"] == "dense" and r["steps"] == steps and "final_val_loss" in r), None)
     if dense is None:
         return None, "no dense run with these settings, in this selection or in the earlier results file: no target"
     return dense["final_val_loss"] * TARGET_SLACK, f"within {TARGET_SLACK - 1:.0%} of dense's final val loss {dense['final_val_loss']:.4f}"
@@ -283,11 +294,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     LOGS_DIR.mkdir(parents=True, exist_ok=True)
     runs = [(name, lr) for name in selected_methods(args.methods) for lr in args.lrs or [get_method(name).lr]]
+    steps = round(args.steps * args.steps_factor)
     fresh = []
     with logging_redirect_tqdm():
         for name, lr in (bar := tqdm(runs, desc="runs", unit="run")):
             bar.set_postfix_str(f"{name} lr {lr:g}")
-            fresh.append({**run_method(name, lr, settings, args.timeout_s), "command": command})
+            fresh.append({**run_method(name, lr, steps, settings, args.timeout_s), "command": command})
             log.info("%s at lr %g: %s", name, lr, outcome(fresh[-1]))
     return derive({
         "machine": machine,
@@ -300,9 +312,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def derive(results: dict[str, Any]) -> dict[str, Any]:
     """The target, and every record's fields measured against it and against the baseline."""
+    steps = results["settings"]["steps"]
+    for record in results["methods"]:
+        record.setdefault("steps", steps)  # runs from before per-run steps were recorded
     best = best_runs(results["methods"])
-    target, target_note = target_loss(best)
-    baseline = next((r for r in best if r["method"] == BASELINE and r.get("history")), None)
+    target, target_note = target_loss(best, steps)
+    baseline = next((r for r in best if variant(r) == (BASELINE, steps) and r.get("history")), None)
     for record in results["methods"]:
         add_derived_fields(record, target, baseline)
     return {**results, "target_val_loss": target, "target_note": target_note}
@@ -334,7 +349,7 @@ def plot(results: dict[str, Any], x_key: str, x_name: str, path: Path, log_x: bo
             xs = [point[x_key] for point in record["history"]]
             style = "--" if get_method(record["method"]).compression.quantized else "-"
             losses = [point["val_loss"] for point in record["history"]]
-            ax.plot(xs, losses, style, marker="o", markersize=3, label=f"{record['method']} (lr {record['lr']:g})")
+            ax.plot(xs, losses, style, marker="o", markersize=3, label=f"{label(record, results)} (lr {record['lr']:g})")
     if results["target_val_loss"] is not None:
         ax.axhline(results["target_val_loss"], color="grey", linestyle=":", linewidth=1, label="target (dense final + 2%)")
     if log_x:
@@ -358,18 +373,25 @@ def plot_all(results: dict[str, Any], out: Path) -> None:
     log.info("plots written to %s", out.parent)
 
 
-def sweep_text(method: str, records: list[dict[str, Any]]) -> str:
-    """'lr: final loss' for every run of ``method``, lowest lr first."""
-    runs = sorted((r for r in records if r["method"] == method), key=lambda r: r["lr"])
+def label(record: dict[str, Any], results: dict[str, Any]) -> str:
+    """The method's name, with its step count when it differs from the headline's."""
+    steps = results["settings"]["steps"]
+    return record["method"] if record["steps"] == steps else f"{record['method']} ({record['steps']} steps)"
+
+
+def sweep_text(record: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """'lr: final loss' for every run of ``record``'s variant, lowest lr first."""
+    runs = sorted((r for r in records if variant(r) == variant(record)), key=lambda r: r["lr"])
     return ", ".join(f"{r['lr']:g}: {r['final_val_loss']:.3f}" if "final_val_loss" in r else f"{r['lr']:g}: failed" for r in runs)
 
 
-def table_row(record: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
-    """One method's row of the README table (its best run), with its whole lr sweep."""
+def table_row(record: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    """One variant's row of the README table (its best run), with its whole lr sweep."""
+    records = results["methods"]
     if "final_val_loss" not in record:
-        return [f"{record['method']} (failed)"] + ["—"] * 8 + [sweep_text(record["method"], records)]
+        return [f"{label(record, results)} (failed)"] + ["—"] * 8 + [sweep_text(record, records)]
     steps = record["steps_to_target"]
-    name = f"{record['method']} (error)" if "error" in record else record["method"]
+    name = f"{label(record, results)} (error)" if "error" in record else label(record, results)
     below = record.get(f"below_{BASELINE}_at_equal_bytes")
     return [
         name,
@@ -381,7 +403,7 @@ def table_row(record: dict[str, Any], records: list[dict[str, Any]]) -> list[str
         common.human_bytes(record["bytes_to_target"]),
         "—" if below is None else ("yes" if below else "no"),
         f"{record['wall_s']:.0f}",
-        sweep_text(record["method"], records),
+        sweep_text(record, records),
     ]
 
 
@@ -392,7 +414,7 @@ def render_table(results: dict[str, Any]) -> str:
         "bytes to target", f"below {BASELINE} at equal bytes", "wall s", "lr sweep (peak lr: final val loss)",
     ]
     records = results["methods"]
-    table = common.markdown_table(headers, [table_row(record, records) for record in best_runs(records)])
+    table = common.markdown_table(headers, [table_row(record, results) for record in best_runs(records)])
     target = results["target_val_loss"]
     commands = "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in records))
     target_text = f"target = {target:.4f} ({results['target_note']})" if target is not None else results["target_note"]
@@ -418,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args))
     if results is None:
         return 2
-    return 0 if render(results, [args.readme, args.docs], args.out) else 1
+    return 0 if render(derive(results), [args.readme, args.docs], args.out) else 1
 
 
 if __name__ == "__main__":
