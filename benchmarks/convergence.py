@@ -246,6 +246,8 @@ def earlier_records(path: Path, settings: dict[str, Any], machine: dict[str, Any
     if earlier.get("settings") != settings or earlier.get("machine") != machine:
         log.info("%s was measured with other settings or on another machine: not merging it", path)
         return []
+    for record in earlier["methods"]:
+        record.setdefault("steps", settings["steps"])  # runs from before per-run steps were recorded
     return earlier["methods"]
 
 
@@ -314,7 +316,7 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     """The target, and every record's fields measured against it and against the baseline."""
     steps = results["settings"]["steps"]
     for record in results["methods"]:
-        record.setdefault("steps", steps)  # runs from before per-run steps were recorded
+        record.setdefault("steps", steps)  # as in earlier_records
     best = best_runs(results["methods"])
     target, target_note = target_loss(best, steps)
     baseline = next((r for r in best if variant(r) == (BASELINE, steps) and r.get("history")), None)
