@@ -114,5 +114,8 @@ register(Method("fedavg-seeded-int8-h10", "FedAvg, pseudo-gradient in a fresh se
 register(Method("fedavg-subspace-int8-h10", "FedAvg, local steps inside a fresh seeded rank-4 subspace each round (frozen-A LoRA), coefficients int8 with error feedback", replace(_SEEDED, rank=4, payload="int8", quantize_small=True), "projected_adamw", galore_scale=128.0, **_FEDAVG))
 register(Method("zo-1byte", "shared-seed zeroth-order SPSA: two forward passes, no backward, one int8 byte per worker per step", engine="zeroth_order"))
 
-DEFAULT_METHOD = "svd-int8-reconstruct"
+DEFAULT_METHOD = "diloco-sparse-k4-h5"  # the convergence study's winner (docs/convergence.md)
+# wrap() and the Hugging Face Trainer keep the user's optimizer and exchange every step: their
+# default is the per-step method that hands that optimizer a reconstructed gradient.
+DEFAULT_PER_STEP_METHOD = "svd-int8-reconstruct"
 DEFAULT_FEDERATED_METHOD = "fedavg-subspace-int8-h10"

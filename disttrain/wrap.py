@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from disttrain.comm.allreduce import DEFAULT_BUCKET_CAP_BYTES, CollectiveFailed, CompressedAllReduce
 from disttrain.compress.factory import CompressionSpec
-from disttrain.methods import DEFAULT_METHOD, METHODS, Method, get_method
+from disttrain.methods import DEFAULT_PER_STEP_METHOD, METHODS, Method, get_method
 from disttrain.train.replica import broadcast_from_rank0, check_replicas, parameter_digest
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class Wrapped:
 def wrap(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    method: str | CompressionSpec = DEFAULT_METHOD,
+    method: str | CompressionSpec = DEFAULT_PER_STEP_METHOD,
     *,
     seed: int = 0,
     group: dist.ProcessGroup | None = None,

@@ -20,7 +20,7 @@ from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed  #
 
 from disttrain.data.verses import LABEL_KINDS, VerseConfig, split_verses  # noqa: E402
 from disttrain.integrations.hf import compress_gradients  # noqa: E402
-from disttrain.methods import DEFAULT_METHOD  # noqa: E402
+from disttrain.methods import DEFAULT_PER_STEP_METHOD  # noqa: E402
 from disttrain.models.pretrained import encode, load_classifier  # noqa: E402
 
 log = logging.getLogger("hf_trainer_minilm")
@@ -32,7 +32,7 @@ def accuracy(prediction: EvalPrediction) -> dict[str, float]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default=DEFAULT_METHOD)
+    parser.add_argument("--method", default=DEFAULT_PER_STEP_METHOD)
     parser.add_argument("--label", choices=LABEL_KINDS, default="section")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16, help="per worker")

@@ -6,14 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from tiny import TINY_FLAGS
+from tiny import TINY_FLAGS, TINY_PER_STEP_FLAGS
 
 from disttrain.launcher.elastic_job import ElasticJob
 
 
 @pytest.fixture
 def job(tmp_path):
-    job = ElasticJob(tmp_path, TINY_FLAGS)
+    job = ElasticJob(tmp_path, TINY_PER_STEP_FLAGS)
     yield job
     job.close()
 
@@ -91,7 +91,7 @@ def test_torchrun_processes_join_through_the_coordinator(job):
         [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "disttrain.launcher", "--coordinator", job.address, "--steps", "6", "--eval_every", "3",
-            *TINY_FLAGS,
+            *TINY_PER_STEP_FLAGS,
         ],
         env=job.env, capture_output=True, text=True, timeout=180,
     )
@@ -100,7 +100,7 @@ def test_torchrun_processes_join_through_the_coordinator(job):
 
 
 def test_adaptive_refresh_renews_svd_bases_on_every_worker_at_the_same_step(tmp_path):
-    job = ElasticJob(tmp_path, TINY_FLAGS, steps=60, link_mbit=2.0)
+    job = ElasticJob(tmp_path, TINY_PER_STEP_FLAGS, steps=60, link_mbit=2.0)
     try:
         job.start_coordinator(start_workers=2, extra=["--refresh", "adaptive", "--energy-threshold", "0.999"])
         job.start_worker()

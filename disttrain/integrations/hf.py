@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from disttrain.comm.ddp_hook import DisttrainHookState, disttrain_hook
-from disttrain.methods import DEFAULT_METHOD, METHODS, Method, get_method
+from disttrain.methods import DEFAULT_PER_STEP_METHOD, METHODS, Method, get_method
 from disttrain.models.pretrained import INSTALL
 
 try:
@@ -105,7 +105,7 @@ class DisttrainCallback(TrainerCallback):
         state.log_history[-1].update(counts)
 
 
-def compress_gradients(trainer: Trainer, method: str = DEFAULT_METHOD) -> DisttrainCallback:
+def compress_gradients(trainer: Trainer, method: str = DEFAULT_PER_STEP_METHOD) -> DisttrainCallback:
     """Make ``trainer`` exchange gradients as disttrain ``method`` does (seeded by
     ``trainer.args.seed``); returns the callback, which counts the bytes."""
     chosen = get_method(method)
