@@ -48,7 +48,7 @@ log = logging.getLogger("benchmarks.cluster")
 LIMIT = "ddp"  # the method whose uncapped run is the compute-bound limit and sets the target
 HEADLINE_METHODS = (
     "ddp", "powersgd-r1", "powersgd-r4", "powersgd-r8", "svd-reconstruct", "svd-int8-reconstruct",
-    "seeded-reconstruct", "seeded-int8-reconstruct", "diloco-int8-h30", "diloco-svd-int8-h10",
+    "seeded-reconstruct", "seeded-int8-reconstruct", "diloco-int8-h30", "diloco-svd-int8-h10", DEFAULT_METHOD,
 )
 OTHER_RATE_METHODS = ("ddp", "powersgd-r4", DEFAULT_METHOD, "diloco-int8-h30")
 SMALL_METHODS = ("ddp", "powersgd-r4", DEFAULT_METHOD, "diloco-int8-h30")

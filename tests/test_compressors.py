@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from disttrain.compress import (
@@ -63,6 +63,7 @@ payloads = st.sampled_from(["fp32", "int8", "int4", "int2", "int1"])
 
 @given(shapes, st.integers(1, 4), seeds, st.integers(2, 6), st.sampled_from(["svd", "seeded", "dense"]), payloads)
 def test_error_feedback_sent_plus_residual_equals_sum_of_gradients(shape, rank, seed, steps, basis, payload):
+    assume(basis != "dense" or payload != "fp32")  # sent whole: nothing to feed back
     if rank >= min(shape):
         rank = min(shape) - 1
     spec = CompressionSpec(basis=basis, rank=rank, refresh_every=2, payload=payload, dense_threshold=1)
