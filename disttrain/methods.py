@@ -104,7 +104,7 @@ for _rounds in (5, 10):
         f"diloco-sparse-k4-h{_rounds}",
         f"DiLoCo: {_rounds} local AdamW steps, the pseudo-gradient sent as sparse momentum votes (4 per 256), "
         "outer SGD lr 0.05 following the schedule, no outer momentum",
-        _VOTES, engine="local_steps", local_steps=_rounds, lr=2e-3,
+        _VOTES, engine="local_steps", local_steps=_rounds, lr=3e-3,
         outer_lr=0.05, outer_momentum=0.0, outer_lr_scheduled=True,
     ))
 register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8, error feedback)", replace(_SEEDED, payload="int8"), engine="ddp_hook"))
