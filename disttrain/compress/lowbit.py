@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from disttrain.compress.base import Compressor, CompressorWrapper
+from disttrain.compress.base import Compressor
+from disttrain.compress.int8 import RowScaledPayload
 
 LOW_BITS = (1, 2, 4)
 # Max (1960), "Quantizing for minimum distortion": optimal uniform step for N(0, 1) at 2, 4, 16 levels.
 _GAUSSIAN_STEP = {1: 1.596, 2: 0.9957, 4: 0.3352}
-_SCALE_BYTES = 4
 
 
 def quantize_rows_lowbit(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,37 +51,22 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
 
 
-class LowBitPayload(CompressorWrapper):
-    """Wraps a summable compressor and sends its coefficients at ``bits`` bits each.
-
-    Wire layout (uint8): the row steps as fp32 bytes, then the packed codes. Payloads are not
-    summable, so the communication layer all_gathers them and decodes each one.
-    """
+class LowBitPayload(RowScaledPayload):
+    """Codes of ``bits`` bits per coefficient, packed into bytes, one step per row."""
 
     def __init__(self, inner: Compressor, bits: int):
         if bits not in LOW_BITS:
             raise ValueError(f"bits must be one of {LOW_BITS}, got {bits}")
-        if not inner.summable or len(inner.coeff_shape) == 0:
-            raise ValueError("LowBitPayload wraps a summable compressor with at least 1-D coefficients")
         super().__init__(inner)
-        self.summable = False
         self.bits = bits
-        self.rows = inner.coeff_shape[0]
 
-    @property
-    def wire_dtype(self) -> torch.dtype:
-        return torch.uint8
+    def code_bytes(self) -> int:
+        return -(-self.inner.coeff_numel() * self.bits // 8)
 
-    def wire_numel(self) -> int:
-        return self.rows * _SCALE_BYTES + -(-self.inner.coeff_numel() * self.bits // 8)
+    def quantize(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, steps = quantize_rows_lowbit(rows, self.bits)
+        return pack_codes(codes, self.bits), steps
 
-    def encode(self, grad: torch.Tensor) -> torch.Tensor:
-        coeffs = self.inner.decode(self.inner.encode(grad)).reshape(self.rows, -1)
-        codes, steps = quantize_rows_lowbit(coeffs, self.bits)
-        return torch.cat([steps.view(torch.uint8), pack_codes(codes, self.bits)])
-
-    def decode(self, wire: torch.Tensor) -> torch.Tensor:
-        split = self.rows * _SCALE_BYTES
-        steps = wire[:split].clone().view(torch.float32)
-        codes = unpack_codes(wire[split:], self.bits, self.inner.coeff_numel()).reshape(self.rows, -1)
-        return dequantize_rows_lowbit(codes, steps, self.bits).reshape(self.coeff_shape)
+    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        unpacked = unpack_codes(codes, self.bits, self.inner.coeff_numel()).reshape(self.rows, -1)
+        return dequantize_rows_lowbit(unpacked, scales, self.bits)
