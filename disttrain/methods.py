@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from disttrain.compress.factory import CompressionSpec
+from disttrain.optim.projected_adamw import RefreshMoments
 
 Engine = Literal["disttrain", "local_steps", "zeroth_order", "ddp", "ddp_powersgd", "ddp_hook"]
 OptimizerKind = Literal["adamw", "projected_adamw", "sgd"]
@@ -37,6 +38,7 @@ class Method:
     powersgd_rank: int = 4
     local_steps: int = 1
     galore_scale: float = 1.0  # ProjectedAdamW's update scale (alpha in GaLore)
+    refresh_moments: RefreshMoments = "keep"  # ProjectedAdamW's moments when the basis changes
     lr: float = 1e-3  # peak learning rate unless --optim.lr says otherwise
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
@@ -76,12 +78,20 @@ register(Method("ddp", "plain torch DDP: fp32 all-reduce of full gradients + Ada
 for _rank in (1, 4, 8):
     register(Method(f"powersgd-r{_rank}", f"torch DDP + powerSGD_hook rank {_rank}, one bucket (the baseline)", engine="ddp_powersgd", powersgd_rank=_rank))
 register(Method("svd-projected", "GaLore: SVD basis r=8 every 200 steps, Adam moments in the subspace", replace(_SVD, error_feedback=False), "projected_adamw"))
+for _policy in ("reproject", "reset"):
+    register(Method(
+        f"svd-projected-{_policy}", f"GaLore: SVD basis r=8 every 200 steps, Adam moments in the subspace, {_policy} at a refresh",
+        replace(_SVD, error_feedback=False), "projected_adamw", refresh_moments=_policy,
+    ))
 register(Method("svd-reconstruct", "SVD basis r=8 every 200 steps, error feedback, AdamW on the reconstruction", _SVD))
 register(Method("svd-int8-reconstruct", "SVD basis r=8, int8 payload, error feedback, AdamW on the reconstruction", replace(_SVD, payload="int8")))
 register(Method("seeded-projected", "seeded Gaussian basis r=8 every 200 steps, Adam moments in the subspace", _SEEDED_FIXED, "projected_adamw"))
 register(Method("seeded-reconstruct", "seeded Gaussian basis r=8 redrawn every step, error feedback, AdamW", _SEEDED))
 register(Method("seeded-int8-projected", "seeded basis r=8 every 200 steps, int8 payload, Adam moments in the subspace", replace(_SEEDED_FIXED, payload="int8"), "projected_adamw"))
 register(Method("seeded-int8-reconstruct", "seeded basis r=8 redrawn every step, int8, error feedback, AdamW", replace(_SEEDED, payload="int8")))
+_POWER = CompressionSpec(basis="power", rank=8, error_feedback=True)
+register(Method("power-r8", "basis that follows the gradient for free: one power step per exchange, sides alternate, r=8, error feedback, AdamW", _POWER))
+register(Method("power-int8-r8", "power-step basis r=8 (no basis bytes), int8 payload, error feedback, AdamW on the reconstruction", replace(_POWER, payload="int8")))
 _PSEUDO_INT8 = CompressionSpec(basis="dense", payload="int8", error_feedback=True)
 
 register(Method("diloco-h10", "DiLoCo: 10 local AdamW steps, fp32 pseudo-gradient, outer Nesterov", CompressionSpec(basis="dense"), engine="local_steps", local_steps=10))

@@ -61,7 +61,7 @@ def test_seeded_compressor_is_exact_on_gradients_inside_its_subspace(shape, rank
 payloads = st.sampled_from(["fp32", "int8", "int4", "int2", "int1"])
 
 
-@given(shapes, st.integers(1, 4), seeds, st.integers(2, 6), st.sampled_from(["svd", "seeded", "dense"]), payloads)
+@given(shapes, st.integers(1, 4), seeds, st.integers(2, 6), st.sampled_from(["svd", "seeded", "power", "dense"]), payloads)
 def test_error_feedback_sent_plus_residual_equals_sum_of_gradients(shape, rank, seed, steps, basis, payload):
     assume(basis != "dense" or payload != "fp32")  # sent whole: nothing to feed back
     if rank >= min(shape):
@@ -77,7 +77,9 @@ def test_error_feedback_sent_plus_residual_equals_sum_of_gradients(shape, rank, 
         compressor.begin_step(step)
         if compressor.needs_shared_basis(step):
             compressor.set_basis(compressor.propose_basis(grad))
-        sent_total += compressor.reconstruct(compressor.decode(compressor.encode(grad)))
+        coeffs = compressor.decode(compressor.encode(grad))
+        sent_total += compressor.reconstruct(coeffs)
+        compressor.accept_mean(coeffs)  # one worker: its own coefficients are the mean
         compressor.commit()
         grads_total += grad
     assert torch.allclose(sent_total + compressor.residual, grads_total, atol=1e-4)
@@ -111,7 +113,7 @@ def test_int8_of_zeros_decodes_to_zeros():
     assert torch.equal(payload.decode(payload.encode(torch.zeros(3, 5))), torch.zeros(3, 5))
 
 
-@pytest.mark.parametrize("basis", ["svd", "seeded"])
+@pytest.mark.parametrize("basis", ["svd", "seeded", "power"])
 @pytest.mark.parametrize("payload", ["fp32", "int8", "int2"])
 def test_state_dict_round_trips_exactly(basis, payload):
     spec = CompressionSpec(basis=basis, rank=3, payload=payload, dense_threshold=1)
@@ -120,7 +122,7 @@ def test_state_dict_round_trips_exactly(basis, payload):
     grad = torch.randn(20, 12)
     if source.needs_shared_basis(5):
         source.set_basis(source.propose_basis(grad))
-    source.encode(grad)
+    source.accept_mean(source.decode(source.encode(grad)))
     source.commit()
     restored = build_compressor(spec, torch.Size((20, 12)), 1, 42)
     restored.load_state_dict(source.state_dict())

@@ -5,11 +5,15 @@ import copy
 import pytest
 import torch
 from distributed import run_workers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_training import train_and_digest
 
 from disttrain.comm import CompressedAllReduce
 from disttrain.compress import CompressionSpec, build_compressor
 from disttrain.compress.svd import canonical_signs
 from disttrain.optim import ProjectedAdamW
+from disttrain.optim.projected_adamw import follow_basis
 
 LR, SCALE, BETAS, EPS, WD = 0.01, 0.25, (0.9, 0.999), 1e-6, 0.1
 RANK, REFRESH, STEPS = 3, 2, 5
@@ -110,3 +114,103 @@ def test_state_dict_round_trips_and_continues_identically():
 def test_invalid_hyper_parameters_are_refused():
     with pytest.raises(ValueError, match="invalid ProjectedAdamW hyper-parameters"):
         ProjectedAdamW([torch.nn.Parameter(torch.zeros(2))], lr=-1)
+
+
+def orthonormal(rows: int, rank: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, rank, generator=torch.Generator().manual_seed(seed)))[0]
+
+
+def seeded_refresh_setup(policy: str, refresh_every: int = 1):
+    """A (12 x 6) weight whose seeded rank-2 basis is redrawn every ``refresh_every`` steps."""
+    spec = CompressionSpec(basis="seeded", rank=2, refresh_every=refresh_every, error_feedback=False, dense_threshold=1)
+    compressor = build_compressor(spec, torch.Size((12, 6)), 0, 0)
+    weight = torch.nn.Parameter(torch.ones(12, 6))
+    source = Projections(compressor)
+    optimizer = ProjectedAdamW([weight], lr=0.01, betas=BETAS, source=source, refresh_moments=policy)
+    return compressor, weight, source, optimizer
+
+
+def first_two_steps(policy: str) -> tuple[dict, dict, torch.Tensor]:
+    """Optimizer state after a step in basis P0, and after a zero-gradient step in basis P1."""
+    compressor, weight, source, optimizer = seeded_refresh_setup(policy)
+    compressor.begin_step(0)
+    old_basis = compressor.basis_matrix()
+    source.grads[id(weight)] = gradients(0, (12, 6))
+    optimizer.step()
+    before = copy.deepcopy(optimizer.state[weight])
+    compressor.begin_step(1)
+    source.grads[id(weight)] = torch.zeros(12, 6)
+    optimizer.step()
+    transfer = compressor.basis_matrix().t() @ old_basis
+    return before, optimizer.state[weight], transfer
+
+
+def test_reproject_carries_the_moments_into_the_new_basis():
+    before, after, transfer = first_two_steps("reproject")
+    assert torch.allclose(after["exp_avg"], BETAS[0] * transfer @ before["exp_avg"], atol=1e-7)
+    assert torch.allclose(after["exp_avg_sq"], BETAS[1] * transfer.square() @ before["exp_avg_sq"], atol=1e-9)
+    assert after["step"].item() == 2
+
+
+def test_reset_zeroes_the_moments_and_restarts_bias_correction():
+    _, after, _ = first_two_steps("reset")
+    assert torch.count_nonzero(after["exp_avg"]) == 0 and torch.count_nonzero(after["exp_avg_sq"]) == 0
+    assert after["step"].item() == 1
+
+
+def test_keep_leaves_the_moments_and_stores_no_basis():
+    before, after, _ = first_two_steps("keep")
+    assert torch.allclose(after["exp_avg"], BETAS[0] * before["exp_avg"])
+    assert "basis" not in after
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(4, 24), rank=st.integers(1, 3))
+def test_reprojected_moment_is_the_old_moment_seen_from_the_new_basis(seed, rows, rank):
+    old, new = orthonormal(rows, rank, seed), orthonormal(rows, rank, seed + 1)
+    moments = torch.randn(rank, 5, generator=torch.Generator().manual_seed(seed + 2))
+    state = {"basis": old, "exp_avg": moments.clone(), "exp_avg_sq": moments.square(), "step": torch.tensor(3.0)}
+    follow_basis(state, new, "reproject")
+    assert torch.allclose(state["exp_avg"], new.t() @ (old @ moments), atol=1e-5)  # P_new^T of the full-size moment
+    assert bool((state["exp_avg_sq"] >= 0).all())
+    assert torch.equal(state["basis"], new)
+
+
+@given(seed=st.integers(0, 2**16), policy=st.sampled_from(["reproject", "reset"]))
+def test_an_unchanged_basis_leaves_the_moments_alone(seed, policy):
+    basis = orthonormal(8, 2, seed)
+    moments = torch.randn(2, 3, generator=torch.Generator().manual_seed(seed))
+    state = {"basis": basis.clone(), "exp_avg": moments.clone(), "exp_avg_sq": moments.square(), "step": torch.tensor(3.0)}
+    follow_basis(state, basis, policy)
+    assert torch.equal(state["exp_avg"], moments) and state["step"].item() == 3
+
+
+def test_reprojected_state_round_trips_through_a_checkpoint():
+    runs = [seeded_refresh_setup("reproject", refresh_every=2) for _ in range(2)]
+    (compressor, weight, source, first), (_, twin, twin_source, second) = runs
+    twin_source.compressor = compressor  # one basis schedule for both
+    for step in range(3):
+        compressor.begin_step(step)
+        source.grads[id(weight)] = gradients(step, (12, 6))
+        first.step()
+    twin.data.copy_(weight.data)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    compressor.begin_step(4)  # a new basis: the loaded basis decides the transfer
+    for optimizer, param, grads in ((first, weight, source), (second, twin, twin_source)):
+        grads.grads[id(param)] = gradients(4, (12, 6))
+        optimizer.step()
+    assert torch.equal(weight, twin)
+
+
+def test_unknown_refresh_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown refresh_moments 'forget'"):
+        ProjectedAdamW([torch.nn.Parameter(torch.zeros(2))], refresh_moments="forget")
+
+
+@pytest.mark.parametrize("method", ["svd-projected-reproject", "svd-projected-reset"])
+def test_replicas_stay_identical_across_refreshes_and_loss_falls(method):
+    overrides = {"method": method, "steps": 12, "refresh_every": 3, "eval_every": 4, "digest_every": 100}
+    results = run_workers(train_and_digest, 2, overrides)
+    assert len({r["digest"] for r in results}) == 1
+    history = results[0]["summary"].history
+    assert history[-1].val_loss < history[0].val_loss - 0.2

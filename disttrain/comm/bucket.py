@@ -42,8 +42,12 @@ class Bucket:
         dtypes = {c.wire_dtype for c in compressors}
         self.summable = all(c.summable for c in compressors) and len(dtypes) == 1
         self.dtype = dtypes.pop() if self.summable else torch.uint8
-        sizes = [c.wire_numel() if self.summable else c.wire_bytes() for c in compressors]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each payload starts in the flat tensor (sizes may change between steps)."""
+        sizes = [c.wire_numel() if self.summable else c.wire_bytes() for c in self.compressors]
+        return [sum(sizes[:i]) for i in range(len(sizes) + 1)]
 
     @property
     def numel(self) -> int:
@@ -95,19 +99,20 @@ class Bucket:
         return PendingExchange(work, output, self.payload_bytes)
 
     def mean_coefficients(self, output: torch.Tensor, world_size: int, divisor: int) -> list[torch.Tensor]:
-        """The workers' summed coefficients for each parameter over ``divisor``, from the collective's output."""
-        if self.summable:
-            return [
-                c.decode(output[lo:hi]) / divisor
-                for c, lo, hi in zip(self.compressors, self.offsets, self.offsets[1:])
-            ]
-        per_worker = output.reshape(world_size, -1)
+        """The workers' summed coefficients for each parameter over ``divisor``, from the collective's
+        output; each compressor is shown its mean (a basis that follows the average prepares its next one)."""
+        offsets = self.offsets
+        per_worker = output if self.summable else output.reshape(world_size, -1)
         means = []
-        for c, lo, hi in zip(self.compressors, self.offsets, self.offsets[1:]):
-            total = c.decode(_as_wire(per_worker[0, lo:hi], c))
-            for worker in range(1, world_size):
-                total = total + c.decode(_as_wire(per_worker[worker, lo:hi], c))
+        for c, lo, hi in zip(self.compressors, offsets, offsets[1:]):
+            if self.summable:
+                total = c.decode(output[lo:hi])
+            else:
+                total = c.decode(_as_wire(per_worker[0, lo:hi], c))
+                for worker in range(1, world_size):
+                    total = total + c.decode(_as_wire(per_worker[worker, lo:hi], c))
             means.append(total / divisor)
+            c.accept_mean(means[-1])
         return means
 
 

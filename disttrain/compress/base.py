@@ -90,8 +90,16 @@ class Compressor(ABC):
     def basis_numel(self) -> int:
         return 0
 
+    def basis_matrix(self) -> torch.Tensor | None:
+        """The current basis P (d x r) of a projecting compressor; None for the others."""
+        return None
+
     def set_basis(self, basis: torch.Tensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no data-dependent basis")
+
+    def accept_mean(self, coeffs: torch.Tensor) -> None:
+        """This step's averaged coefficients, identical on every worker; a basis that follows the
+        average derives its next one here (it lands on commit())."""
 
     # Transactional state (error feedback): a step's state changes only land on commit().
     def commit(self) -> None:
@@ -160,8 +168,14 @@ class CompressorWrapper(Compressor):
     def basis_numel(self) -> int:
         return self.inner.basis_numel()
 
+    def basis_matrix(self) -> torch.Tensor | None:
+        return self.inner.basis_matrix()
+
     def set_basis(self, basis: torch.Tensor) -> None:
         self.inner.set_basis(basis)
+
+    def accept_mean(self, coeffs: torch.Tensor) -> None:
+        self.inner.accept_mean(coeffs)
 
     def commit(self) -> None:
         self.inner.commit()

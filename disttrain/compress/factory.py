@@ -13,12 +13,14 @@ from disttrain.compress.error_feedback import ErrorFeedback
 from disttrain.compress.int8 import Int8Payload
 from disttrain.compress.lowbit import LowBitPayload
 from disttrain.compress.lowrank import LowRankCompressor, SideChoice, as_matrix_shape, choose_side
+from disttrain.compress.power_step import PowerStepCompressor
 from disttrain.compress.seeded import SeededBasis
 from disttrain.compress.sparse_momentum import SparseMomentum
 from disttrain.compress.svd import SVDBasis
 from disttrain.kernels.seeded import Distribution
 
-BasisKind = Literal["dense", "svd", "seeded", "sparse_momentum"]
+BasisKind = Literal["dense", "svd", "seeded", "power", "sparse_momentum"]
+BASIS_KINDS = ("dense", "svd", "seeded", "power", "sparse_momentum")
 PayloadKind = Literal["fp32", "bf16", "int8", "int4", "int2", "int1"]
 _WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUANTIZED_BITS = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}  # per-row scaled codes; int1 is a scaled sign
@@ -41,8 +43,8 @@ class CompressionSpec:
     momentum_decay: float = 0.9  # sparse_momentum: m <- decay * m + g
 
     def validate(self) -> None:
-        if self.basis not in ("dense", "svd", "seeded", "sparse_momentum"):
-            raise ValueError(f"unknown basis {self.basis!r}; use 'dense', 'svd', 'seeded' or 'sparse_momentum'")
+        if self.basis not in BASIS_KINDS:
+            raise ValueError(f"unknown basis {self.basis!r}; use one of {', '.join(map(repr, BASIS_KINDS))}")
         if self.basis == "sparse_momentum" and (self.payload != "fp32" or self.error_feedback):
             raise ValueError(
                 "sparse_momentum sends positions and signs and is its own error feedback: "
@@ -67,7 +69,7 @@ class CompressionSpec:
     @property
     def projects(self) -> bool:
         """Whether gradients are projected onto a low-rank basis."""
-        return self.basis in ("svd", "seeded")
+        return self.basis in ("svd", "seeded", "power")
 
     def compresses(self, shape: torch.Size) -> bool:
         """Whether a parameter of this shape is projected; 1-D and small ones go dense."""
@@ -83,7 +85,9 @@ def build_compressor(spec: CompressionSpec, shape: torch.Size, param_id: int, se
         return SparseMomentum(shape, spec.per_chunk, spec.momentum_decay)
     wire_dtype = _WIRE_DTYPES.get(spec.payload, torch.float32)  # quantised payloads wrap fp32 coefficients
     compressor: Compressor
-    if spec.compresses(shape):
+    if spec.compresses(shape) and spec.basis == "power":
+        compressor = PowerStepCompressor(shape, spec.rank, seed, param_id, wire_dtype)
+    elif spec.compresses(shape):
         side = choose_side(as_matrix_shape(shape), spec.side)
         reduced = as_matrix_shape(shape)[0 if side == "left" else 1]
         if spec.basis == "svd":

@@ -27,6 +27,10 @@ class Basis(ABC):
     def reconstruct(self, coeffs: torch.Tensor) -> torch.Tensor:
         """P R for (r x L) coefficients -> (d x L)."""
 
+    @abstractmethod
+    def explicit(self) -> torch.Tensor:
+        """The current P as a (d x r) fp32 matrix (optimizers carry their moments across a refresh with it)."""
+
     def begin_step(self, step: int) -> None:
         """Pick the basis for ``step`` (seeded bases move to the next refresh index here)."""
 
@@ -135,6 +139,9 @@ class LowRankCompressor(Compressor):
 
     def basis_numel(self) -> int:
         return self.basis.reduced_dim * self.basis.rank
+
+    def basis_matrix(self) -> torch.Tensor:
+        return self.basis.explicit()
 
     def set_basis(self, basis: torch.Tensor) -> None:
         self.basis.set(basis.reshape(self.basis.reduced_dim, self.basis.rank))

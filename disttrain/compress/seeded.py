@@ -51,6 +51,9 @@ class SeededBasis(Basis):
     def matrix(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return kernels.seeded_matrix(self.key, self.reduced_dim, self.rank, self.distribution, device=device)
 
+    def explicit(self) -> torch.Tensor:
+        return self.matrix()
+
     def project(self, oriented: torch.Tensor) -> torch.Tensor:
         return kernels.project(oriented, self.seeded, "left")
 

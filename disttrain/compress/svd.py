@@ -57,6 +57,9 @@ class SVDBasis(Basis):
             raise RuntimeError("the SVD basis has not been set yet: call set_basis() at the first step")
         return self.matrix
 
+    def explicit(self) -> torch.Tensor:
+        return self._require()
+
     def project(self, oriented: torch.Tensor) -> torch.Tensor:
         return kernels.project(oriented, self._require(), "left")
 

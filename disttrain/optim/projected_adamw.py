@@ -5,16 +5,24 @@ and the update is  W <- W - lr * scale * P (m_hat / (sqrt(v_hat) + eps)),  then 
 decay, as in GaLore (Zhao et al., 2024) and galore-torch's AdamW. Parameters that travel dense
 get plain AdamW. One worker with an SVD basis is GaLore; many workers stay identical because
 every input of the step (R, P, the moments) is identical on all of them.
+
+When the basis changes (a refresh), ``refresh_moments`` says what the r x n moments become:
+"keep" them as they are (galore-torch), "reproject" them into the new basis with
+T = P_new^T P_old (m <- T m, v <- (T*T) v, which keeps v >= 0; Flora's momentum transfer), or
+"reset" them and restart Adam's bias correction.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Protocol
+from typing import Iterable, Literal, Protocol
 
 import torch
 
 from disttrain.compress.base import Compressor
+
+RefreshMoments = Literal["keep", "reproject", "reset"]
+REFRESH_MOMENTS = ("keep", "reproject", "reset")
 
 
 class CoefficientSource(Protocol):
@@ -44,10 +52,13 @@ class ProjectedAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         scale: float = 0.25,
         source: CoefficientSource | None = None,
+        refresh_moments: RefreshMoments = "keep",
     ):
         if lr < 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid ProjectedAdamW hyper-parameters: lr={lr}, betas={betas}, eps={eps}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale)
+        if refresh_moments not in REFRESH_MOMENTS:
+            raise ValueError(f"unknown refresh_moments {refresh_moments!r}; use one of {', '.join(REFRESH_MOMENTS)}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, refresh_moments=refresh_moments)
         super().__init__(params, defaults)
         self.source = source
 
@@ -84,6 +95,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+                if compressor is not None and group["refresh_moments"] != "keep":
+                    follow_basis(state, compressor.basis_matrix().to(grad.device), group["refresh_moments"])
                 state["step"] += 1
                 step = state["step"].item()
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -100,3 +113,19 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         return optimizer_state_bytes(self)
+
+
+def follow_basis(state: dict, basis: torch.Tensor, policy: RefreshMoments) -> None:
+    """Carry the moments in ``state`` over a change of basis to ``basis`` (d x r), as ``policy`` says."""
+    previous = state.get("basis")
+    state["basis"] = basis.clone()
+    if previous is None or torch.equal(previous, basis):
+        return
+    if policy == "reset":
+        state["exp_avg"].zero_()
+        state["exp_avg_sq"].zero_()
+        state["step"].zero_()
+        return
+    transfer = basis.t() @ previous  # r x r: new coordinates of the old directions
+    state["exp_avg"].copy_(transfer @ state["exp_avg"])
+    state["exp_avg_sq"].copy_(transfer.square() @ state["exp_avg_sq"])

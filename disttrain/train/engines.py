@@ -78,7 +78,10 @@ def build_optimizer(params, method: Method, config: TrainConfig, source: Coeffic
     if method.optimizer != "projected_adamw":
         return torch.optim.AdamW(params, lr=config.peak_lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     scale = method.galore_scale if o.galore_scale is None else o.galore_scale
-    return ProjectedAdamW(params, lr=config.peak_lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, scale=scale, source=source)
+    return ProjectedAdamW(
+        params, lr=config.peak_lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, scale=scale, source=source,
+        refresh_moments=method.refresh_moments,
+    )
 
 
 class PerStepMembership:

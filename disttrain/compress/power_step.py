@@ -1,0 +1,105 @@
+"""A low-rank basis that follows the gradient for free: one power step per exchange, alternating sides.
+
+PowerSGD finds a gradient's top subspace with two all-reduces per step (M Q, then M^T P). This
+compressor does one of them per step. With the shared factor Q (n x r) every worker sends
+Q^T M^T, the r x m coefficients of M Q; their average is the same bit for bit on every worker,
+so its orthonormalised columns are the next factor P (m x r), and the next step sends P^T M.
+The basis is a power iteration driven by the averaged gradient and warm-started from step to
+step: it tracks the gradient's top subspace and costs no bytes of its own. It starts from a
+seeded random factor. The next factor is computed on the CPU in float64 from the identical
+average, so every worker derives the same one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from disttrain import kernels
+from disttrain.compress.base import Compressor, check_gradient
+from disttrain.compress.lowrank import as_matrix_shape
+from disttrain.kernels.seeded import StreamKey
+
+
+def orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
+    """Q of the QR decomposition of ``matrix`` (d x r), computed alike on every worker."""
+    return torch.linalg.qr(matrix.detach().to("cpu", torch.float64))[0].to(matrix.device, torch.float32)
+
+
+class PowerStepCompressor(Compressor):
+    """Sends factor^T X, where X is the gradient matrix M or its transpose, whichever the factor fits.
+
+    ``transposed`` False: the factor P lives in M's row space (m x r) and coefficients are P^T M
+    (r x n). True: the factor Q lives in the column space (n x r) and coefficients are Q^T M^T
+    (r x m). Each committed step swaps the two, with the next factor taken from this step's average.
+    """
+
+    def __init__(self, shape: torch.Size, rank: int, seed: int, param_id: int, wire_dtype: torch.dtype = torch.float32):
+        self.shape = torch.Size(shape)
+        self.dims = as_matrix_shape(self.shape)
+        if not 0 < rank < min(self.dims):
+            raise ValueError(f"rank must be in [1, {min(self.dims)}) for a {self.dims[0]}x{self.dims[1]} weight, got {rank}")
+        self.rank = rank
+        self._wire_dtype = wire_dtype
+        self.transposed = False
+        self.factor = kernels.seeded_matrix(StreamKey.derive(seed, 0, param_id), self.dims[0], rank, "gaussian")
+        self._next: tuple[torch.Tensor, bool] | None = None
+
+    @property
+    def coeff_shape(self) -> tuple[int, ...]:
+        return (self.rank, self.dims[0] if self.transposed else self.dims[1])
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        return self._wire_dtype
+
+    def wire_numel(self) -> int:
+        return self.coeff_numel()
+
+    def _oriented(self, grad: torch.Tensor) -> torch.Tensor:
+        matrix = grad.detach().float().reshape(self.dims)
+        return matrix.t() if self.transposed else matrix
+
+    def encode(self, grad: torch.Tensor) -> torch.Tensor:
+        check_gradient(grad, self.shape)
+        return (self.factor.t().to(grad.device) @ self._oriented(grad)).reshape(-1).to(self._wire_dtype)
+
+    def decode(self, wire: torch.Tensor) -> torch.Tensor:
+        return wire.float().reshape(self.coeff_shape)
+
+    def reconstruct(self, coeffs: torch.Tensor) -> torch.Tensor:
+        oriented = self.factor.to(coeffs.device) @ coeffs
+        return (oriented.t() if self.transposed else oriented).reshape(self.shape)
+
+    def captured_energy(self, grad: torch.Tensor) -> tuple[float, float]:
+        oriented = self._oriented(grad)
+        return (self.factor.t().to(oriented.device) @ oriented).square().sum().item(), oriented.square().sum().item()
+
+    def basis_matrix(self) -> torch.Tensor:
+        return self.factor
+
+    def accept_mean(self, coeffs: torch.Tensor) -> None:
+        self._next = (orthonormal_columns(coeffs.t()), not self.transposed)
+
+    def commit(self) -> None:
+        if self._next is not None:
+            (self.factor, self.transposed), self._next = self._next, None
+
+    def rollback(self) -> None:
+        self._next = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The factor is shared state: a joiner takes it from the others."""
+        return {"factor": self.factor.clone(), "transposed": self.transposed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = self.dims[1 if state["transposed"] else 0], self.rank
+        if tuple(state["factor"].shape) != expected:
+            raise ValueError(
+                f"saved power-step factor has shape {tuple(state['factor'].shape)}, expected {expected}: "
+                "the checkpoint was written for a different model or rank"
+            )
+        self.factor = state["factor"].float().clone()
+        self.transposed = bool(state["transposed"])
+        self._next = None

@@ -1,0 +1,90 @@
+"""A basis that follows the gradient for free: one power step per exchange, alternating sides."""
+
+import pytest
+import torch
+from distributed import run_workers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_training import train_and_digest
+
+from disttrain.compress import CompressionSpec, build_compressor
+from disttrain.compress.power_step import PowerStepCompressor
+
+shapes = st.tuples(st.integers(3, 24), st.integers(3, 24))
+seeds = st.integers(0, 2**16)
+
+
+def exchange(compressor: PowerStepCompressor, grad: torch.Tensor) -> torch.Tensor:
+    """One worker's step: what it rebuilds, then the next factor from its own (= the mean) coefficients."""
+    coeffs = compressor.decode(compressor.encode(grad))
+    rebuilt = compressor.reconstruct(coeffs)
+    compressor.accept_mean(coeffs)
+    compressor.commit()
+    return rebuilt
+
+
+@settings(deadline=None)
+@given(shapes, seeds, st.integers(1, 2))
+def test_each_step_projects_onto_the_factor_and_the_next_factor_is_the_mean_on_the_other_side(shape, seed, rank):
+    compressor = PowerStepCompressor(torch.Size(shape), rank, seed, param_id=0)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    factor = compressor.factor.clone()
+    rebuilt = exchange(compressor, grad)
+    assert torch.allclose(rebuilt, factor @ factor.t() @ grad, atol=1e-4)
+    assert compressor.transposed and compressor.factor.shape == (shape[1], rank)
+    assert torch.allclose(compressor.factor.t() @ compressor.factor, torch.eye(rank), atol=1e-5)
+    # The new factor spans the columns of (P^T G)^T = G^T P, the power step's product.
+    product = grad.t() @ factor
+    assert torch.allclose(compressor.factor @ compressor.factor.t() @ product, product, atol=1e-3)
+
+
+@settings(deadline=None)
+@given(shapes, seeds, st.integers(1, 2))
+def test_a_rank_r_gradient_is_sent_exactly_from_the_second_step(shape, seed, rank):
+    generator = torch.Generator().manual_seed(seed)
+    grad = torch.randn(shape[0], rank, generator=generator) @ torch.randn(rank, shape[1], generator=generator)
+    compressor = PowerStepCompressor(torch.Size(shape), rank, seed, param_id=0)
+    exchange(compressor, grad)
+    assert torch.allclose(exchange(compressor, grad), grad, atol=1e-3 * grad.abs().max().item())
+
+
+def test_rollback_keeps_the_factor_and_its_side():
+    compressor = PowerStepCompressor(torch.Size((16, 8)), 2, seed=0, param_id=0)
+    factor = compressor.factor.clone()
+    compressor.accept_mean(compressor.decode(compressor.encode(torch.randn(16, 8))))
+    compressor.rollback()
+    compressor.commit()  # nothing pending
+    assert torch.equal(compressor.factor, factor) and not compressor.transposed
+
+
+def test_payload_size_follows_the_side_the_factor_is_on():
+    compressor = PowerStepCompressor(torch.Size((16, 8)), 2, seed=0, param_id=0)
+    assert compressor.wire_numel() == 2 * 8
+    exchange(compressor, torch.randn(16, 8))
+    assert compressor.wire_numel() == 2 * 16
+
+
+def test_a_factor_saved_for_another_shape_is_refused():
+    compressor = PowerStepCompressor(torch.Size((16, 8)), 2, seed=0, param_id=0)
+    with pytest.raises(ValueError, match="different model or rank"):
+        compressor.load_state_dict({"factor": torch.zeros(16, 3), "transposed": False})
+
+
+def test_the_rank_must_fit_the_matrix():
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 8\)"):
+        PowerStepCompressor(torch.Size((16, 8)), 8, seed=0, param_id=0)
+
+
+def test_the_factory_builds_it_for_matrices_and_sends_vectors_whole():
+    spec = CompressionSpec(basis="power", rank=2, error_feedback=False, dense_threshold=1)
+    assert isinstance(build_compressor(spec, torch.Size((16, 8)), 0, 0), PowerStepCompressor)
+    assert not isinstance(build_compressor(spec, torch.Size((16,)), 0, 0), PowerStepCompressor)
+
+
+@pytest.mark.parametrize("method", ["power-r8", "power-int8-r8"])
+def test_replicas_stay_identical_while_the_basis_follows_and_loss_falls(method):
+    overrides = {"method": method, "rank": 4, "steps": 12, "eval_every": 4, "digest_every": 100}
+    results = run_workers(train_and_digest, 2, overrides)
+    assert len({r["digest"] for r in results}) == 1
+    history = results[0]["summary"].history
+    assert history[-1].val_loss < history[0].val_loss - 0.2
