@@ -109,6 +109,13 @@ register(Method(
     "DeMo-style: local momentum, its 4 largest entries per 256 sent as (position, sign) votes and removed, SGD on the mean vote",
     _VOTES, "sgd", lr=0.03,
 ))
+for _every in (5, 8):
+    register(Method(
+        f"sign-votes-1in{_every}",
+        f"Lion's sign of each worker's momentum, voted on a seeded rotating 1 in {_every} coordinates "
+        f"(one bit each, no positions: {32 * _every}x), SGD on the mean vote",
+        CompressionSpec(basis="sign_votes", error_feedback=False, vote_every=_every), "sgd", lr=1e-3,
+    ))
 for _rounds in (5, 10):
     register(Method(
         f"diloco-sparse-k4-h{_rounds}",

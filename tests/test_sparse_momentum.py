@@ -75,10 +75,11 @@ def test_state_round_trips_exactly_and_rollback_keeps_the_committed_momentum():
     assert source.shared_state_dict() == {}  # the momentum is this worker's own
 
 
+@pytest.mark.parametrize("basis", ["sparse_momentum", "sign_votes"])
 @pytest.mark.parametrize("changes", [{"payload": "int8", "error_feedback": False}, {"error_feedback": True}])
-def test_sparse_momentum_with_a_quantised_payload_or_error_feedback_is_refused(changes):
-    with pytest.raises(ValueError, match="its own error feedback"):
-        CompressionSpec(basis="sparse_momentum", **changes).validate()
+def test_votes_with_a_quantised_payload_or_error_feedback_are_refused(basis, changes):
+    with pytest.raises(ValueError, match=f"{basis} sends its own votes and keeps its own momentum"):
+        CompressionSpec(basis=basis, **changes).validate()
 
 
 def test_workers_hold_bit_identical_parameters_after_sparse_momentum_steps():

@@ -15,12 +15,14 @@ from disttrain.compress.lowbit import LowBitPayload
 from disttrain.compress.lowrank import LowRankCompressor, SideChoice, as_matrix_shape, choose_side
 from disttrain.compress.power_step import PowerStepCompressor
 from disttrain.compress.seeded import SeededBasis
+from disttrain.compress.sign_votes import SignVotes
 from disttrain.compress.sparse_momentum import SparseMomentum
 from disttrain.compress.svd import SVDBasis
 from disttrain.kernels.seeded import Distribution
 
-BasisKind = Literal["dense", "svd", "seeded", "power", "sparse_momentum"]
-BASIS_KINDS = ("dense", "svd", "seeded", "power", "sparse_momentum")
+BasisKind = Literal["dense", "svd", "seeded", "power", "sparse_momentum", "sign_votes"]
+BASIS_KINDS = ("dense", "svd", "seeded", "power", "sparse_momentum", "sign_votes")
+VOTE_KINDS = ("sparse_momentum", "sign_votes")  # payloads that are update directions, not gradients
 PayloadKind = Literal["fp32", "bf16", "int8", "int4", "int2", "int1"]
 _WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUANTIZED_BITS = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}  # per-row scaled codes; int1 is a scaled sign
@@ -41,13 +43,15 @@ class CompressionSpec:
     quantize_small: bool = False  # quantised payloads also for the parameters sent whole (1-D and small ones)
     per_chunk: int = 4  # sparse_momentum: entries sent per chunk of 256
     momentum_decay: float = 0.9  # sparse_momentum: m <- decay * m + g
+    vote_every: int = 5  # sign_votes: one coordinate in this many is voted per step
+    lion_betas: tuple[float, float] = (0.9, 0.99)  # sign_votes: Lion's interpolation and momentum decay
 
     def validate(self) -> None:
         if self.basis not in BASIS_KINDS:
             raise ValueError(f"unknown basis {self.basis!r}; use one of {', '.join(map(repr, BASIS_KINDS))}")
-        if self.basis == "sparse_momentum" and (self.payload != "fp32" or self.error_feedback):
+        if self.basis in VOTE_KINDS and (self.payload != "fp32" or self.error_feedback):
             raise ValueError(
-                "sparse_momentum sends positions and signs and is its own error feedback: "
+                f"{self.basis} sends its own votes and keeps its own momentum: "
                 "use payload='fp32' and error_feedback=False with it"
             )
         if self.payload not in _WIRE_DTYPES and self.payload not in QUANTIZED_BITS:
@@ -83,6 +87,8 @@ def build_compressor(spec: CompressionSpec, shape: torch.Size, param_id: int, se
     shape = torch.Size(shape)
     if spec.basis == "sparse_momentum":
         return SparseMomentum(shape, spec.per_chunk, spec.momentum_decay)
+    if spec.basis == "sign_votes":
+        return SignVotes(shape, spec.vote_every, *spec.lion_betas, seed, param_id)
     wire_dtype = _WIRE_DTYPES.get(spec.payload, torch.float32)  # quantised payloads wrap fp32 coefficients
     compressor: Compressor
     if spec.compresses(shape) and spec.basis == "power":
