@@ -13,7 +13,8 @@ from disttrain.compress.factory import CompressionSpec
 from disttrain.optim.projected_adamw import RefreshMoments
 
 Engine = Literal["disttrain", "local_steps", "zeroth_order", "ddp", "ddp_powersgd", "ddp_hook"]
-OptimizerKind = Literal["adamw", "projected_adamw", "sgd"]
+OptimizerKind = Literal["adamw", "projected_adamw", "orthogonal", "sgd"]
+PROJECTED_OPTIMIZERS = ("projected_adamw", "orthogonal")  # they read the averaged coefficients themselves
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class Method:
     pseudo-gradient and an outer SGD step (``outer_lr``; Nesterov with ``outer_momentum`` > 0):
     FedAvg is outer_lr 1 without momentum. "zeroth_order" sends one byte per step (shared-seed SPSA).
     optimizer "adamw" reconstructs the averaged gradient for torch AdamW; "projected_adamw"
-    keeps Adam moments in the projected space (GaLore); "sgd" applies the average as it is
+    keeps Adam moments in the projected space (GaLore); "orthogonal" moves projected weights by
+    the orthogonalised reconstruction F U V^T (Muon / Dion style); "sgd" applies the average as it is
     (for payloads that already are update directions, e.g. sparse momentum votes).
     """
 
@@ -92,6 +94,11 @@ register(Method("seeded-int8-reconstruct", "seeded basis r=8 redrawn every step,
 _POWER = CompressionSpec(basis="power", rank=8, error_feedback=True)
 register(Method("power-r8", "basis that follows the gradient for free: one power step per exchange, sides alternate, r=8, error feedback, AdamW", _POWER))
 register(Method("power-int8-r8", "power-step basis r=8 (no basis bytes), int8 payload, error feedback, AdamW on the reconstruction", replace(_POWER, payload="int8")))
+register(Method(
+    "power-int8-orth-r8",
+    "power-step basis r=8, int8, Dion-style error feedback (keeps 0.95 of what was sent as momentum), orthogonalised update F U V^T",
+    replace(_POWER, payload="int8", feedback_momentum=0.95), "orthogonal", lr=3e-3,
+))
 _PSEUDO_INT8 = CompressionSpec(basis="dense", payload="int8", error_feedback=True)
 
 register(Method("diloco-h10", "DiLoCo: 10 local AdamW steps, fp32 pseudo-gradient, outer Nesterov", CompressionSpec(basis="dense"), engine="local_steps", local_steps=10))

@@ -1,4 +1,5 @@
-"""A basis that follows the gradient for free: one power step per exchange, alternating sides."""
+"""A basis that follows the gradient for free (one power step per exchange, sides alternate), and
+orthogonalised low-rank updates on it."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from test_training import train_and_digest
 
 from disttrain.compress import CompressionSpec, build_compressor
 from disttrain.compress.power_step import PowerStepCompressor
+from disttrain.optim.lowrank_orthogonal import orthogonalise
 
 shapes = st.tuples(st.integers(3, 24), st.integers(3, 24))
 seeds = st.integers(0, 2**16)
@@ -84,6 +86,39 @@ def test_the_factory_builds_it_for_matrices_and_sends_vectors_whole():
 @pytest.mark.parametrize("method", ["power-r8", "power-int8-r8"])
 def test_replicas_stay_identical_while_the_basis_follows_and_loss_falls(method):
     overrides = {"method": method, "rank": 4, "steps": 12, "eval_every": 4, "digest_every": 100}
+    results = run_workers(train_and_digest, 2, overrides)
+    assert len({r["digest"] for r in results}) == 1
+    history = results[0]["summary"].history
+    assert history[-1].val_loss < history[0].val_loss - 0.2
+
+
+@settings(deadline=None)
+@given(st.integers(1, 4), st.integers(5, 12), seeds)
+def test_orthogonalised_coefficients_keep_the_directions_with_unit_singular_values(rank, width, seed):
+    coeffs = torch.randn(rank, width, generator=torch.Generator().manual_seed(seed))
+    orth = orthogonalise(coeffs)
+    assert torch.allclose(orth @ orth.t(), torch.eye(rank), atol=1e-5)
+    # orth is the polar factor: C = (C orth^T) orth with C orth^T = U S U^T symmetric and PSD
+    stretch = coeffs @ orth.t()
+    assert torch.allclose(stretch, stretch.t(), atol=1e-4) and torch.linalg.eigvalsh(stretch).min() > -1e-4
+    assert torch.allclose(stretch @ orth, coeffs, atol=1e-4)
+
+
+def test_zero_coefficients_give_no_update():
+    assert torch.count_nonzero(orthogonalise(torch.zeros(3, 7))) == 0
+
+
+def test_feedback_momentum_keeps_that_share_of_what_was_sent():
+    spec = CompressionSpec(basis="power", rank=2, dense_threshold=1, feedback_momentum=0.9)
+    compressor = build_compressor(spec, torch.Size((16, 8)), 0, 0)
+    grad = torch.randn(16, 8)
+    sent = compressor.reconstruct(compressor.decode(compressor.encode(grad)))
+    compressor.commit()
+    assert torch.allclose(compressor.residual, grad - 0.1 * sent, atol=1e-6)
+
+
+def test_replicas_stay_identical_with_orthogonalised_updates_and_loss_falls():
+    overrides = {"method": "power-int8-orth-r8", "rank": 4, "steps": 12, "eval_every": 4, "digest_every": 100}
     results = run_workers(train_and_digest, 2, overrides)
     assert len({r["digest"] for r in results}) == 1
     history = results[0]["summary"].history

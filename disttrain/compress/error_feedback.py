@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from disttrain.compress.base import CompressorWrapper, check_gradient
+from disttrain.compress.base import Compressor, CompressorWrapper, check_gradient
 
 
 class ErrorFeedback(CompressorWrapper):
@@ -14,11 +14,19 @@ class ErrorFeedback(CompressorWrapper):
 
     The residual computed by encode() stays pending until commit(), so a step whose collective
     fails can rollback() and leave the buffer exactly as it was. Summed over steps, what was
-    sent plus the current residual equals the sum of the gradients.
+    sent plus the current residual equals the sum of the gradients. With ``momentum`` mu > 0 the
+    buffer also keeps mu of what was sent, e <- (g + e) - (1 - mu) decode(encode(g + e)): it is
+    then the momentum as well (Dion's error feedback).
     """
 
     residual: torch.Tensor | None = None
     _pending: torch.Tensor | None = None
+
+    def __init__(self, inner: Compressor, momentum: float = 0.0):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"feedback momentum must lie in [0, 1), got {momentum}")
+        super().__init__(inner)
+        self.momentum = momentum
 
     def corrected(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient plus the committed residual."""
@@ -29,7 +37,7 @@ class ErrorFeedback(CompressorWrapper):
     def encode(self, grad: torch.Tensor) -> torch.Tensor:
         target = self.corrected(grad)
         wire = self.inner.encode(target)
-        self._pending = target - self.inner.reconstruct(self.inner.decode(wire))
+        self._pending = target - (1 - self.momentum) * self.inner.reconstruct(self.inner.decode(wire))
         return wire
 
     def commit(self) -> None:

@@ -43,6 +43,7 @@ class CompressionSpec:
     quantize_small: bool = False  # quantised payloads also for the parameters sent whole (1-D and small ones)
     per_chunk: int = 4  # sparse_momentum: entries sent per chunk of 256
     momentum_decay: float = 0.9  # sparse_momentum: m <- decay * m + g
+    feedback_momentum: float = 0.0  # error feedback keeps this share of what was sent (Dion's momentum)
     vote_every: int = 5  # sign_votes: one coordinate in this many is voted per step
     lion_betas: tuple[float, float] = (0.9, 0.99)  # sign_votes: Lion's interpolation and momentum decay
 
@@ -112,5 +113,5 @@ def build_compressor(spec: CompressionSpec, shape: torch.Size, param_id: int, se
     elif spec.quantized:
         compressor = LowBitPayload(compressor, QUANTIZED_BITS[spec.payload])
     if spec.error_feedback:
-        compressor = ErrorFeedback(compressor)
+        compressor = ErrorFeedback(compressor, spec.feedback_momentum)
     return compressor

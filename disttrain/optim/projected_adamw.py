@@ -82,34 +82,44 @@ class ProjectedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 entry = self._low_rank_gradient(p)
                 if entry is None:
                     continue
                 grad, compressor = entry
                 if grad.is_sparse:
-                    raise RuntimeError("ProjectedAdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
-                if compressor is not None and group["refresh_moments"] != "keep":
-                    follow_basis(state, compressor.basis_matrix().to(grad.device), group["refresh_moments"])
-                state["step"] += 1
-                step = state["step"].item()
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(grad.float(), 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad.float(), grad.float(), value=1 - beta2)
-                step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-                direction = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
-                if compressor is not None:
-                    direction = compressor.reconstruct(direction) * group["scale"]
-                p.add_(direction.to(p.dtype), alpha=-step_size)
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if compressor is None:
+                    self._adam_step(p, grad, None, group)
+                else:
+                    self._projected_step(p, grad, compressor, group)
                 if group["weight_decay"] > 0:
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss
+
+    def _projected_step(self, p: torch.nn.Parameter, coeffs: torch.Tensor, compressor: Compressor, group: dict) -> None:
+        """Update a projected weight from its averaged coefficients: Adam in the coefficient space."""
+        self._adam_step(p, coeffs, compressor, group)
+
+    def _adam_step(self, p: torch.nn.Parameter, grad: torch.Tensor, compressor: Compressor | None, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+        if compressor is not None and group["refresh_moments"] != "keep":
+            follow_basis(state, compressor.basis_matrix().to(grad.device), group["refresh_moments"])
+        state["step"] += 1
+        step = state["step"].item()
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad.float(), 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad.float(), grad.float(), value=1 - beta2)
+        step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        direction = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
+        if compressor is not None:
+            direction = compressor.reconstruct(direction) * group["scale"]
+        p.add_(direction.to(p.dtype), alpha=-step_size)
 
     def state_bytes(self) -> int:
         return optimizer_state_bytes(self)

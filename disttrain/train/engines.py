@@ -17,7 +17,8 @@ from disttrain.comm.allreduce import CompressedAllReduce
 from disttrain.comm.ddp_hook import DisttrainHookState, disttrain_hook
 from disttrain.comm.link import LinkEmulator, ring_wire_bytes
 from disttrain.compress.base import load_compressor_states
-from disttrain.methods import Method
+from disttrain.methods import PROJECTED_OPTIMIZERS, Method
+from disttrain.optim.lowrank_orthogonal import LowRankOrthogonal
 from disttrain.optim.projected_adamw import CoefficientSource, ProjectedAdamW
 from disttrain.train.config import TrainConfig
 from disttrain.train.task import Batch
@@ -70,15 +71,16 @@ def forward_loss(model: torch.nn.Module, batch: Batch, precision: str) -> torch.
 
 
 def build_optimizer(params, method: Method, config: TrainConfig, source: CoefficientSource | None = None) -> torch.optim.Optimizer:
-    """torch AdamW, ProjectedAdamW reading coefficients from ``source`` when the method keeps
-    its moments in the projected space, or plain SGD; hyper-parameters from the config."""
+    """torch AdamW, plain SGD, or an optimizer reading averaged coefficients from ``source``
+    (ProjectedAdamW, LowRankOrthogonal); hyper-parameters from the config."""
     o = config.optim
     if method.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.peak_lr, weight_decay=o.weight_decay)
-    if method.optimizer != "projected_adamw":
+    if method.optimizer not in PROJECTED_OPTIMIZERS:
         return torch.optim.AdamW(params, lr=config.peak_lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     scale = method.galore_scale if o.galore_scale is None else o.galore_scale
-    return ProjectedAdamW(
+    kind = LowRankOrthogonal if method.optimizer == "orthogonal" else ProjectedAdamW
+    return kind(
         params, lr=config.peak_lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, scale=scale, source=source,
         refresh_moments=method.refresh_moments,
     )
@@ -113,7 +115,7 @@ class DisttrainEngine(PerStepMembership):
             link=link,
             fixed_membership=not elastic,
         )
-        self.projected = method.optimizer == "projected_adamw"
+        self.projected = method.optimizer in PROJECTED_OPTIMIZERS
         self.optimizer = build_optimizer(model.parameters(), method, config, source=self.reducer)
         self.dense_bytes_per_step = self.reducer.dense_bytes_per_step
 
