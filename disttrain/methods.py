@@ -94,6 +94,7 @@ register(Method("seeded-int8-reconstruct", "seeded basis r=8 redrawn every step,
 _POWER = CompressionSpec(basis="power", rank=8, error_feedback=True)
 register(Method("power-r8", "basis that follows the gradient for free: one power step per exchange, sides alternate, r=8, error feedback, AdamW", _POWER))
 register(Method("power-int8-r8", "power-step basis r=8 (no basis bytes), int8 payload, error feedback, AdamW on the reconstruction", replace(_POWER, payload="int8")))
+register(Method("power-int4-r16", "power-step basis r=16, 4-bit payload (about the bytes of int8 at r=8), error feedback, AdamW", replace(_POWER, rank=16, payload="int4")))
 register(Method(
     "power-int8-orth-r8",
     "power-step basis r=8, int8, Dion-style error feedback (keeps 0.95 of what was sent as momentum), orthogonalised update F U V^T",
@@ -116,13 +117,12 @@ register(Method(
     "DeMo-style: local momentum, its 4 largest entries per 256 sent as (position, sign) votes and removed, SGD on the mean vote",
     _VOTES, "sgd", lr=0.03,
 ))
-for _every in (5, 8):
-    register(Method(
-        f"sign-votes-1in{_every}",
-        f"Lion's sign of each worker's momentum, voted on a seeded rotating 1 in {_every} coordinates "
-        f"(one bit each, no positions: {32 * _every}x), SGD on the mean vote",
-        CompressionSpec(basis="sign_votes", error_feedback=False, vote_every=_every), "sgd", lr=1e-3,
-    ))
+register(Method(
+    "sign-votes-1in5",
+    "Lion's sign of each worker's momentum, voted on a seeded rotating 1 in 5 coordinates "
+    "(one bit each, no positions: 160x), SGD on the mean vote",
+    CompressionSpec(basis="sign_votes", error_feedback=False, vote_every=5), "sgd", lr=1e-3,
+))
 for _rounds in (5, 10):
     register(Method(
         f"diloco-sparse-k4-h{_rounds}",
