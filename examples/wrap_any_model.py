@@ -21,6 +21,7 @@ from torch import nn
 import disttrain
 from disttrain.comm.process_group import close_process_group
 from disttrain.data import ByteCorpus, DataConfig
+from disttrain.methods import DEFAULT_PER_STEP_METHOD
 
 log = logging.getLogger("wrap_any_model")
 CONTEXT = 16
@@ -42,7 +43,7 @@ class NextByte(nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--method", default="svd-int8-reconstruct", help="a method wrap supports (the error for any other lists them)")
+    parser.add_argument("--method", default=DEFAULT_PER_STEP_METHOD, help="a method wrap supports (the error for any other lists them)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
