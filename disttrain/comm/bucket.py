@@ -102,15 +102,15 @@ class Bucket:
         """The workers' summed coefficients for each parameter over ``divisor``, from the collective's
         output; each compressor is shown its mean (a basis that follows the average prepares its next one)."""
         offsets = self.offsets
-        per_worker = output if self.summable else output.reshape(world_size, -1)
         means = []
         for c, lo, hi in zip(self.compressors, offsets, offsets[1:]):
             if self.summable:
                 total = c.decode(output[lo:hi])
             else:
-                total = c.decode(_as_wire(per_worker[0, lo:hi], c))
-                for worker in range(1, world_size):
-                    total = total + c.decode(_as_wire(per_worker[worker, lo:hi], c))
+                per_worker = output.view(world_size, -1)[:, lo:hi]
+                total = c.decode(_as_wire(per_worker[0], c))
+                for payload in per_worker[1:]:
+                    total = total + c.decode(_as_wire(payload, c))
             means.append(total / divisor)
             c.accept_mean(means[-1])
         return means

@@ -58,23 +58,23 @@ class PowerStepCompressor(Compressor):
         return self.coeff_numel()
 
     def _oriented(self, grad: torch.Tensor) -> torch.Tensor:
-        matrix = grad.detach().float().reshape(self.dims)
+        matrix = grad.detach().reshape(self.dims)
         return matrix.t() if self.transposed else matrix
 
     def encode(self, grad: torch.Tensor) -> torch.Tensor:
         check_gradient(grad, self.shape)
-        return (self.factor.t().to(grad.device) @ self._oriented(grad)).reshape(-1).to(self._wire_dtype)
+        return kernels.project(self._oriented(grad), self.factor, "left").reshape(-1).to(self._wire_dtype)
 
     def decode(self, wire: torch.Tensor) -> torch.Tensor:
         return wire.float().reshape(self.coeff_shape)
 
     def reconstruct(self, coeffs: torch.Tensor) -> torch.Tensor:
-        oriented = self.factor.to(coeffs.device) @ coeffs
+        oriented = kernels.reconstruct(coeffs, self.factor, "left")
         return (oriented.t() if self.transposed else oriented).reshape(self.shape)
 
     def captured_energy(self, grad: torch.Tensor) -> tuple[float, float]:
-        oriented = self._oriented(grad)
-        return (self.factor.t().to(oriented.device) @ oriented).square().sum().item(), oriented.square().sum().item()
+        oriented = self._oriented(grad).float()
+        return kernels.project(oriented, self.factor, "left").square().sum().item(), oriented.square().sum().item()
 
     def basis_matrix(self) -> torch.Tensor:
         return self.factor
