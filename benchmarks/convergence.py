@@ -346,12 +346,16 @@ def caption(results: dict[str, Any]) -> str:
 def plot(results: dict[str, Any], x_key: str, x_name: str, path: Path, log_x: bool) -> None:
     """One line per method at its best lr: val loss against ``x_key`` of the history."""
     fig, ax = plt.subplots(figsize=(10, 6))
-    for record in best_runs(results["methods"]):
-        if record.get("history"):
-            xs = [point[x_key] for point in record["history"]]
-            style = "--" if get_method(record["method"]).compression.quantized else "-"
-            losses = [point["val_loss"] for point in record["history"]]
-            ax.plot(xs, losses, style, marker="o", markersize=3, label=f"{label(record, results)} (lr {record['lr']:g})")
+    colors = plt.get_cmap("tab20").colors  # enough distinct colours for every method of the study
+    plotted = [record for record in best_runs(results["methods"]) if record.get("history")]
+    for index, record in enumerate(plotted):
+        xs = [point[x_key] for point in record["history"]]
+        style = "--" if get_method(record["method"]).compression.quantized else "-"
+        losses = [point["val_loss"] for point in record["history"]]
+        ax.plot(
+            xs, losses, style, color=colors[index % len(colors)], marker="o", markersize=3,
+            label=f"{label(record, results)} (lr {record['lr']:g})",
+        )
     if results["target_val_loss"] is not None:
         ax.axhline(results["target_val_loss"], color="grey", linestyle=":", linewidth=1, label="target (dense final + 2%)")
     if log_x:
