@@ -85,6 +85,11 @@ for _policy in ("reproject", "reset"):
         f"svd-projected-{_policy}", f"GaLore: SVD basis r=8 every 200 steps, Adam moments in the subspace, {_policy} at a refresh",
         replace(_SVD, error_feedback=False), "projected_adamw", refresh_moments=_policy,
     ))
+register(Method(
+    "flora-int8-r8",
+    "Flora-style: seeded basis r=8 redrawn every 10 steps (0 basis bytes), int8, Adam moments in the subspace re-projected at each redraw",
+    replace(_SEEDED_FIXED, refresh_every=10, payload="int8"), "projected_adamw", refresh_moments="reproject",
+))
 register(Method("svd-reconstruct", "SVD basis r=8 every 200 steps, error feedback, AdamW on the reconstruction", _SVD))
 register(Method("svd-int8-reconstruct", "SVD basis r=8, int8 payload, error feedback, AdamW on the reconstruction", replace(_SVD, payload="int8")))
 register(Method("seeded-projected", "seeded Gaussian basis r=8 every 200 steps, Adam moments in the subspace", _SEEDED_FIXED, "projected_adamw"))

@@ -1,6 +1,7 @@
 """ProjectedAdamW: one worker with an SVD basis is GaLore; state is low-rank and round-trips."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from distributed import run_workers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_training import train_and_digest
+from tiny import TINY_OPTIM
 
 from disttrain.comm import CompressedAllReduce
 from disttrain.compress import CompressionSpec, build_compressor
@@ -207,9 +209,9 @@ def test_unknown_refresh_policy_is_refused():
         ProjectedAdamW([torch.nn.Parameter(torch.zeros(2))], refresh_moments="forget")
 
 
-@pytest.mark.parametrize("method", ["svd-projected-reproject", "svd-projected-reset"])
-def test_replicas_stay_identical_across_refreshes_and_loss_falls(method):
-    overrides = {"method": method, "steps": 12, "refresh_every": 3, "eval_every": 4, "digest_every": 100}
+@pytest.mark.parametrize(("method", "lr"), [("svd-projected-reproject", 3e-3), ("svd-projected-reset", 3e-3), ("flora-int8-r8", 3e-2)])
+def test_replicas_stay_identical_across_refreshes_and_loss_falls(method, lr):
+    overrides = {"method": method, "steps": 12, "refresh_every": 3, "eval_every": 4, "digest_every": 100, "optim": replace(TINY_OPTIM, lr=lr)}
     results = run_workers(train_and_digest, 2, overrides)
     assert len({r["digest"] for r in results}) == 1
     history = results[0]["summary"].history
