@@ -10,6 +10,7 @@ from test_training import train_and_digest
 
 from disttrain.compress import CompressionSpec, build_compressor
 from disttrain.compress.power_step import PowerStepCompressor
+from disttrain.optim import ProjectedAdamW
 from disttrain.optim.lowrank_orthogonal import orthogonalise
 
 shapes = st.tuples(st.integers(3, 24), st.integers(3, 24))
@@ -123,3 +124,26 @@ def test_replicas_stay_identical_with_orthogonalised_updates_and_loss_falls():
     assert len({r["digest"] for r in results}) == 1
     history = results[0]["summary"].history
     assert history[-1].val_loss < history[0].val_loss - 0.2
+
+
+class OwnCoefficients:
+    """A coefficient source that hands the optimizer one worker's own coefficients."""
+
+    def __init__(self, compressor: PowerStepCompressor):
+        self.compressor = compressor
+        self.coeffs: torch.Tensor | None = None
+
+    def coefficients(self, param):
+        return self.coeffs, self.compressor
+
+
+def test_adam_moments_in_the_projected_space_are_refused_once_the_basis_changes_side():
+    weight = torch.nn.Parameter(torch.zeros(16, 8))
+    source = OwnCoefficients(PowerStepCompressor(torch.Size((16, 8)), 2, seed=0, param_id=0))
+    optimizer = ProjectedAdamW([weight], source=source)
+    source.coeffs = source.compressor.decode(source.compressor.encode(torch.randn(16, 8)))
+    optimizer.step()
+    exchange(source.compressor, torch.randn(16, 8))  # the next step sends the other side
+    source.coeffs = source.compressor.decode(source.compressor.encode(torch.randn(16, 8)))
+    with pytest.raises(ValueError, match="use it with the 'adamw' or 'orthogonal' optimizer"):
+        optimizer.step()

@@ -108,6 +108,12 @@ class ProjectedAdamW(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+        if state["exp_avg"].shape != grad.shape:
+            raise ValueError(
+                f"the coefficients changed shape from {tuple(state['exp_avg'].shape)} to {tuple(grad.shape)}, so Adam's "
+                "moments cannot follow them (a power-step basis changes side every step): use it with the "
+                "'adamw' or 'orthogonal' optimizer"
+            )
         if compressor is not None and group["refresh_moments"] != "keep":
             follow_basis(state, compressor.basis_matrix().to(grad.device), group["refresh_moments"])
         state["step"] += 1
