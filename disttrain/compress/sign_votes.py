@@ -11,41 +11,28 @@ At every=5 a worker sends one bit per five values: 160x fewer bytes than fp32.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from disttrain.compress.base import Compressor, check_gradient
+from disttrain.compress.base import check_gradient
 from disttrain.compress.lowbit import pack_codes, unpack_codes
+from disttrain.compress.votes import VoteCompressor
 from disttrain.kernels.seeded import StreamKey, mix32
 
 
-class SignVotes(Compressor):
+class SignVotes(VoteCompressor):
     """Sign of the local Lion interpolation at a seeded, rotating 1-in-``every`` share of coordinates."""
-
-    summable = False
 
     def __init__(self, shape: torch.Size, every: int, beta1: float, beta2: float, seed: int, param_id: int):
         if every < 1:
             raise ValueError(f"every must be >= 1 (one coordinate in `every` is voted per step), got {every}")
         if not (0.0 <= beta1 <= 1.0 and 0.0 <= beta2 <= 1.0):
             raise ValueError(f"Lion betas must lie in [0, 1], got beta1={beta1}, beta2={beta2}")
-        self.shape = torch.Size(shape)
+        super().__init__(shape)
         self.numel = self.shape.numel()
         self.every = min(every, self.numel)
         self.beta1, self.beta2 = beta1, beta2
         self.seed, self.param_id = seed, param_id
         self.phase = 0
-        self.momentum: torch.Tensor | None = None
-        self._pending: torch.Tensor | None = None
-
-    @property
-    def coeff_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape)
-
-    @property
-    def wire_dtype(self) -> torch.dtype:
-        return torch.uint8
 
     def _votes(self) -> int:
         """Voted coordinates per step (the phase with the most; shorter phases pad the last bit)."""
@@ -82,25 +69,3 @@ class SignVotes(Compressor):
         votes = torch.zeros(self.numel, device=wire.device)
         votes[positions] = bits.float() * 2 - 1
         return votes.reshape(self.shape)
-
-    def reconstruct(self, coeffs: torch.Tensor) -> torch.Tensor:
-        return coeffs.reshape(self.shape)
-
-    def commit(self) -> None:
-        if self._pending is not None:
-            self.momentum, self._pending = self._pending, None
-
-    def rollback(self) -> None:
-        self._pending = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.momentum is None else {"momentum": self.momentum.clone()}
-
-    def shared_state_dict(self) -> dict[str, Any]:
-        """The momentum belongs to this worker alone; the schedule comes from the seed and step."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        momentum = state.get("momentum")
-        self.momentum = None if momentum is None else momentum.float().reshape(-1).clone()
-        self._pending = None

@@ -11,42 +11,29 @@ At 4 of 256 values per chunk a worker sends 5 bytes where fp32 would send 1024.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from disttrain.compress.base import Compressor, check_gradient
+from disttrain.compress.base import check_gradient
 from disttrain.compress.lowbit import pack_codes, unpack_codes
+from disttrain.compress.votes import VoteCompressor
 
 CHUNK = 256  # positions within a chunk fit one byte
 
 
-class SparseMomentum(Compressor):
+class SparseMomentum(VoteCompressor):
     """Top-``per_chunk`` entries of the local momentum per chunk, sent as (position, sign) votes."""
-
-    summable = False
 
     def __init__(self, shape: torch.Size, per_chunk: int, decay: float):
         if per_chunk < 1:
             raise ValueError(f"per_chunk must be >= 1, got {per_chunk}")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"momentum decay must be in [0, 1], got {decay}")
-        self.shape = torch.Size(shape)
+        super().__init__(shape)
         numel = self.shape.numel()
         self.chunk = min(CHUNK, numel)
         self.chunks = -(-numel // self.chunk)
         self.per_chunk = min(per_chunk, self.chunk)
         self.decay = decay
-        self.momentum: torch.Tensor | None = None
-        self._pending: torch.Tensor | None = None
-
-    @property
-    def coeff_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape)
-
-    @property
-    def wire_dtype(self) -> torch.dtype:
-        return torch.uint8
 
     def _picks(self) -> int:
         return self.chunks * self.per_chunk
@@ -78,25 +65,3 @@ class SparseMomentum(Compressor):
         votes = torch.zeros(self.chunks, self.chunk, device=wire.device)
         votes.scatter_(1, positions, signs.float() - 1)
         return votes.reshape(-1)[: self.shape.numel()].reshape(self.shape)
-
-    def reconstruct(self, coeffs: torch.Tensor) -> torch.Tensor:
-        return coeffs.reshape(self.shape)
-
-    def commit(self) -> None:
-        if self._pending is not None:
-            self.momentum, self._pending = self._pending, None
-
-    def rollback(self) -> None:
-        self._pending = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.momentum is None else {"momentum": self.momentum.clone()}
-
-    def shared_state_dict(self) -> dict[str, Any]:
-        """The momentum belongs to this worker alone."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        momentum = state.get("momentum")
-        self.momentum = None if momentum is None else momentum.float().clone()
-        self._pending = None
