@@ -147,5 +147,5 @@ register(Method("zo-1byte", "shared-seed zeroth-order SPSA: two forward passes, 
 DEFAULT_METHOD = "diloco-sparse-k4-h5"  # the convergence study's winner (docs/convergence.md)
 # wrap() and the Hugging Face Trainer keep the user's optimizer and exchange every step: their
 # default is the best per-step method of the study that hands that optimizer a reconstructed gradient.
-DEFAULT_PER_STEP_METHOD = "power-int8-r8"
+DEFAULT_PER_STEP_METHOD = "power-int4-r16"
 DEFAULT_FEDERATED_METHOD = "fedavg-subspace-int8-h10"

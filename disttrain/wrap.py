@@ -1,6 +1,6 @@
 """``disttrain.wrap``: compressed gradient averaging for any torch model and optimizer, in your loop.
 
-    dt = disttrain.wrap(model, optimizer, method="power-int8-r8")
+    dt = disttrain.wrap(model, optimizer, method="power-int4-r16")
     for x, y in batches:
         dt.backward(loss_fn(model(x), y))  # or loss.backward(): collectives launch during backward
         dt.step()                          # averaged gradients -> optimizer.step() -> commit

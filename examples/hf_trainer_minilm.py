@@ -1,7 +1,7 @@
 """Fine-tune the bundled all-MiniLM-L6-v2 to tell which section of the Bible a verse is from,
 with the Hugging Face Trainer, its gradients exchanged compressed by disttrain. Offline.
 
-    torchrun --nproc-per-node 2 examples/hf_trainer_minilm.py [--method power-int8-r8]
+    torchrun --nproc-per-node 2 examples/hf_trainer_minilm.py [--method power-int4-r16]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Hugging Face ``Trainer`` integration: gradients cross the network compressed, exactly once.
 
     trainer = Trainer(model=model, args=args, train_dataset=train)
-    exchange = compress_gradients(trainer, "power-int8-r8")
+    exchange = compress_gradients(trainer, "power-int4-r16")
     trainer.train()                      # under torchrun --nproc-per-node N
     exchange.bytes_sent, exchange.dense_bytes
 
