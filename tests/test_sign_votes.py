@@ -59,24 +59,6 @@ def test_a_zero_blend_votes_both_ways_instead_of_drifting_up():
     assert votes.sum() == 0 and torch.count_nonzero(votes) == 64
 
 
-def test_rollback_keeps_the_committed_momentum_and_state_round_trips():
-    source = SignVotes(torch.Size((12, 9)), 3, *BETAS, seed=4, param_id=2)
-    source.begin_step(0)
-    source.encode(torch.randn(12, 9))
-    source.commit()
-    committed = source.momentum.clone()
-    source.encode(torch.randn(12, 9))
-    source.rollback()
-    assert torch.equal(source.momentum, committed)
-    restored = SignVotes(torch.Size((12, 9)), 3, *BETAS, seed=4, param_id=2)
-    restored.load_state_dict(source.state_dict())
-    grad = torch.randn(12, 9)
-    for compressor in (source, restored):
-        compressor.begin_step(1)
-    assert torch.equal(restored.encode(grad), source.encode(grad))
-    assert source.shared_state_dict() == {}  # the momentum is this worker's own
-
-
 @pytest.mark.parametrize(("every", "betas", "message"), [(0, BETAS, "every must be >= 1"), (5, (0.9, 1.5), "Lion betas")])
 def test_bad_settings_are_refused_by_name(every, betas, message):
     with pytest.raises(ValueError, match=message):

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from test_training import train_and_digest
 from tiny import TINY_OPTIM
 
-from disttrain.compress import CompressionSpec
 from disttrain.compress.sparse_momentum import CHUNK, SparseMomentum
 
 shapes = st.tuples(st.integers(1, 40), st.integers(1, 40))
@@ -58,28 +57,6 @@ def test_wire_is_one_byte_per_position_and_two_bits_per_sign():
 def test_a_zero_momentum_entry_sends_no_vote():
     compressor = SparseMomentum(torch.Size((3,)), 2, 0.9)
     assert torch.equal(compressor.decode(compressor.encode(torch.tensor([0.0, 0.0, 5.0]))), torch.tensor([0.0, 0.0, 1.0]))
-
-
-def test_state_round_trips_exactly_and_rollback_keeps_the_committed_momentum():
-    source = SparseMomentum(torch.Size((20, 30)), 3, 0.9)
-    source.encode(torch.randn(20, 30))
-    source.commit()
-    committed = source.momentum.clone()
-    source.encode(torch.randn(20, 30))
-    source.rollback()
-    assert torch.equal(source.momentum, committed)
-    restored = SparseMomentum(torch.Size((20, 30)), 3, 0.9)
-    restored.load_state_dict(source.state_dict())
-    grad = torch.randn(20, 30)
-    assert torch.equal(restored.encode(grad), source.encode(grad))
-    assert source.shared_state_dict() == {}  # the momentum is this worker's own
-
-
-@pytest.mark.parametrize("basis", ["sparse_momentum", "sign_votes"])
-@pytest.mark.parametrize("changes", [{"payload": "int8", "error_feedback": False}, {"error_feedback": True}])
-def test_votes_with_a_quantised_payload_or_error_feedback_are_refused(basis, changes):
-    with pytest.raises(ValueError, match=f"{basis} sends its own votes and keeps its own momentum"):
-        CompressionSpec(basis=basis, **changes).validate()
 
 
 def test_workers_hold_bit_identical_parameters_after_sparse_momentum_steps():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -21,7 +21,7 @@ from disttrain.compress.svd import SVDBasis
 from disttrain.kernels.seeded import Distribution
 
 BasisKind = Literal["dense", "svd", "seeded", "power", "sparse_momentum", "sign_votes"]
-BASIS_KINDS = ("dense", "svd", "seeded", "power", "sparse_momentum", "sign_votes")
+BASIS_KINDS = get_args(BasisKind)
 VOTE_KINDS = ("sparse_momentum", "sign_votes")  # payloads that are update directions, not gradients
 PayloadKind = Literal["fp32", "bf16", "int8", "int4", "int2", "int1"]
 _WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -15,14 +15,14 @@ T = P_new^T P_old (m <- T m, v <- (T*T) v, which keeps v >= 0; Flora's momentum 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal, Protocol
+from typing import Iterable, Literal, Protocol, get_args
 
 import torch
 
 from disttrain.compress.base import Compressor
 
 RefreshMoments = Literal["keep", "reproject", "reset"]
-REFRESH_MOMENTS = ("keep", "reproject", "reset")
+REFRESH_MOMENTS = get_args(RefreshMoments)
 
 
 class CoefficientSource(Protocol):
@@ -134,8 +134,10 @@ class ProjectedAdamW(torch.optim.Optimizer):
 def follow_basis(state: dict, basis: torch.Tensor, policy: RefreshMoments) -> None:
     """Carry the moments in ``state`` over a change of basis to ``basis`` (d x r), as ``policy`` says."""
     previous = state.get("basis")
+    if previous is not None and torch.equal(previous, basis):
+        return
     state["basis"] = basis.clone()
-    if previous is None or torch.equal(previous, basis):
+    if previous is None:
         return
     if policy == "reset":
         state["exp_avg"].zero_()
