@@ -100,6 +100,12 @@ _POWER = CompressionSpec(basis="power", rank=8, error_feedback=True)
 register(Method("power-r8", "basis that follows the gradient for free: one power step per exchange, sides alternate, r=8, error feedback, AdamW", _POWER))
 register(Method("power-int8-r8", "power-step basis r=8 (no basis bytes), int8 payload, error feedback, AdamW on the reconstruction", replace(_POWER, payload="int8")))
 register(Method("power-int4-r16", "power-step basis r=16, 4-bit payload (about the bytes of int8 at r=8), error feedback, AdamW", replace(_POWER, rank=16, payload="int4")))
+for _bits, _rank in ((2, 32), (1, 64)):
+    register(Method(
+        f"power-int{_bits}-r{_rank}",
+        f"power-step basis r={_rank}, {_bits}-bit payload (the payload bytes of power-int4-r16), error feedback, AdamW",
+        replace(_POWER, rank=_rank, payload=f"int{_bits}"),
+    ))
 register(Method(
     "power-int8-orth-r8",
     "power-step basis r=8, int8, Dion-style error feedback (keeps 0.95 of what was sent as momentum), orthogonalised update F U V^T",
