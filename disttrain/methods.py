@@ -100,6 +100,11 @@ _POWER = CompressionSpec(basis="power", rank=8, error_feedback=True)
 register(Method("power-r8", "basis that follows the gradient for free: one power step per exchange, sides alternate, r=8, error feedback, AdamW", _POWER))
 register(Method("power-int8-r8", "power-step basis r=8 (no basis bytes), int8 payload, error feedback, AdamW on the reconstruction", replace(_POWER, payload="int8")))
 register(Method("power-int4-r16", "power-step basis r=16, 4-bit payload (about the bytes of int8 at r=8), error feedback, AdamW", replace(_POWER, rank=16, payload="int4")))
+register(Method(
+    "power-int4-r16-explore4",
+    "power-int4-r16 whose factor follows the top 12 directions and explores 4 fresh seeded random ones each step",
+    replace(_POWER, rank=16, payload="int4", explore=4),
+))
 for _bits, _rank in ((2, 32), (1, 64)):
     register(Method(
         f"power-int{_bits}-r{_rank}",

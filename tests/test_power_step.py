@@ -60,6 +60,38 @@ def test_rollback_keeps_the_factor_and_its_side():
     assert torch.equal(compressor.factor, factor) and not compressor.transposed
 
 
+@settings(deadline=None)
+@given(st.tuples(st.integers(4, 24), st.integers(4, 24)), seeds, st.integers(2, 3), st.integers(0, 5))
+def test_an_exploring_factor_follows_the_top_directions_and_adds_fresh_orthogonal_ones(shape, seed, rank, step):
+    explore = 1
+    compressor = PowerStepCompressor(torch.Size(shape), rank, seed, param_id=0, explore=explore)
+    compressor.begin_step(step)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    product = grad.t() @ compressor.factor
+    exchange(compressor, grad)
+    factor = compressor.factor
+    assert torch.allclose(factor.t() @ factor, torch.eye(rank), atol=1e-5)
+    top = torch.linalg.svd(product.double(), full_matrices=False)[0][:, : rank - explore].float()
+    followed = factor[:, : rank - explore]
+    assert torch.allclose(followed @ followed.t() @ top, top, atol=1e-3)
+    # The explored direction is the same on every worker at a step and new at the next one.
+    twin = PowerStepCompressor(torch.Size(shape), rank, seed, param_id=0, explore=explore)
+    twin.begin_step(step)
+    exchange(twin, grad)
+    assert torch.equal(twin.factor, factor)
+    later = PowerStepCompressor(torch.Size(shape), rank, seed, param_id=0, explore=explore)
+    later.begin_step(step + 1)
+    exchange(later, grad)
+    assert not torch.allclose(later.factor[:, -1].abs(), factor[:, -1].abs(), atol=1e-3)
+
+
+def test_exploring_needs_a_followed_direction_and_a_power_basis():
+    with pytest.raises(ValueError, match=r"explore must be in \[0, rank\)"):
+        PowerStepCompressor(torch.Size((16, 8)), 2, seed=0, param_id=0, explore=2)
+    with pytest.raises(ValueError, match="needs basis='power'"):
+        CompressionSpec(basis="seeded", explore=2).validate()
+
+
 def test_payload_size_follows_the_side_the_factor_is_on():
     compressor = PowerStepCompressor(torch.Size((16, 8)), 2, seed=0, param_id=0)
     assert compressor.wire_numel() == 2 * 8
@@ -84,9 +116,9 @@ def test_the_factory_builds_it_for_matrices_and_sends_vectors_whole():
     assert not isinstance(build_compressor(spec, torch.Size((16,)), 0, 0), PowerStepCompressor)
 
 
-@pytest.mark.parametrize("method", ["power-r8", "power-int8-r8"])
-def test_replicas_stay_identical_while_the_basis_follows_and_loss_falls(method):
-    overrides = {"method": method, "rank": 4, "steps": 12, "eval_every": 4, "digest_every": 100}
+@pytest.mark.parametrize(("method", "rank"), [("power-r8", 4), ("power-int8-r8", 4), ("power-int4-r16-explore4", 8)])
+def test_replicas_stay_identical_while_the_basis_follows_and_loss_falls(method, rank):
+    overrides = {"method": method, "rank": rank, "steps": 12, "eval_every": 4, "digest_every": 100}
     results = run_workers(train_and_digest, 2, overrides)
     assert len({r["digest"] for r in results}) == 1
     history = results[0]["summary"].history

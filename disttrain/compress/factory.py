@@ -46,6 +46,7 @@ class CompressionSpec:
     feedback_momentum: float = 0.0  # error feedback keeps this share of what was sent (Dion's momentum)
     vote_every: int = 5  # sign_votes: one coordinate in this many is voted per step
     lion_betas: tuple[float, float] = (0.9, 0.99)  # sign_votes: Lion's interpolation and momentum decay
+    explore: int = 0  # power: of the rank's directions, this many are fresh seeded random ones each step
 
     def validate(self) -> None:
         if self.basis not in BASIS_KINDS:
@@ -60,6 +61,11 @@ class CompressionSpec:
             raise ValueError(f"unknown payload {self.payload!r}; use one of {known}")
         if self.projects and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.explore and (self.basis != "power" or not 0 < self.explore < self.rank):
+            raise ValueError(
+                f"explore={self.explore} needs basis='power' and 0 < explore < rank (rank is {self.rank}): "
+                "exploring directions replace some of a power-step factor's followed ones"
+            )
         if self.refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
         if self.distribution not in ("gaussian", "rademacher"):
@@ -93,7 +99,7 @@ def build_compressor(spec: CompressionSpec, shape: torch.Size, param_id: int, se
     wire_dtype = _WIRE_DTYPES.get(spec.payload, torch.float32)  # quantised payloads wrap fp32 coefficients
     compressor: Compressor
     if spec.compresses(shape) and spec.basis == "power":
-        compressor = PowerStepCompressor(shape, spec.rank, seed, param_id, wire_dtype)
+        compressor = PowerStepCompressor(shape, spec.rank, seed, param_id, wire_dtype, spec.explore)
     elif spec.compresses(shape):
         side = choose_side(as_matrix_shape(shape), spec.side)
         reduced = as_matrix_shape(shape)[0 if side == "left" else 1]

@@ -8,6 +8,10 @@ The basis is a power iteration driven by the averaged gradient and warm-started 
 step: it tracks the gradient's top subspace and costs no bytes of its own. It starts from a
 seeded random factor. The next factor is computed on the CPU in float64 from the identical
 average, so every worker derives the same one.
+
+With ``explore`` > 0, only the product's top rank - explore directions are followed, and the rest
+of the factor is seeded random directions orthogonal to them, drawn anew each step: they probe
+what the followed subspace misses, still at no bytes.
 """
 
 from __future__ import annotations
@@ -22,9 +26,22 @@ from disttrain.compress.lowrank import as_matrix_shape
 from disttrain.kernels.seeded import StreamKey
 
 
+_EXPLORE_STREAM = 1  # tells the exploring directions' random stream apart from the starting factor's
+
+
 def orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
     """Q of the QR decomposition of ``matrix`` (d x r), computed alike on every worker."""
     return torch.linalg.qr(matrix.detach().to("cpu", torch.float64))[0].to(matrix.device, torch.float32)
+
+
+def followed_and_explored(product: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns: the top ``r - e`` left singular vectors of ``product`` (d x r), then
+    the ``e`` columns of ``probe`` (d x e) made orthogonal to them. Float64 on the CPU, alike everywhere."""
+    kept = product.shape[1] - probe.shape[1]
+    followed = torch.linalg.svd(product.detach().to("cpu", torch.float64), full_matrices=False)[0][:, :kept]
+    probe = probe.to("cpu", torch.float64)
+    explored = torch.linalg.qr(probe - followed @ (followed.t() @ probe))[0]
+    return torch.cat([followed, explored], dim=1).to(product.device, torch.float32)
 
 
 class PowerStepCompressor(Compressor):
@@ -35,12 +52,23 @@ class PowerStepCompressor(Compressor):
     (r x m). Each committed step swaps the two, with the next factor taken from this step's average.
     """
 
-    def __init__(self, shape: torch.Size, rank: int, seed: int, param_id: int, wire_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        shape: torch.Size,
+        rank: int,
+        seed: int,
+        param_id: int,
+        wire_dtype: torch.dtype = torch.float32,
+        explore: int = 0,
+    ):
         self.shape = torch.Size(shape)
         self.dims = as_matrix_shape(self.shape)
         if not 0 < rank < min(self.dims):
             raise ValueError(f"rank must be in [1, {min(self.dims)}) for a {self.dims[0]}x{self.dims[1]} weight, got {rank}")
-        self.rank = rank
+        if not 0 <= explore < rank:
+            raise ValueError(f"explore must be in [0, rank) = [0, {rank}): the factor follows at least one direction; got {explore}")
+        self.rank, self.explore = rank, explore
+        self.seed, self.param_id, self.step = seed, param_id, 0
         self._wire_dtype = wire_dtype
         self.transposed = False
         self.factor = kernels.seeded_matrix(StreamKey.derive(seed, 0, param_id), self.dims[0], rank, "gaussian")
@@ -79,8 +107,17 @@ class PowerStepCompressor(Compressor):
     def basis_matrix(self) -> torch.Tensor:
         return self.factor
 
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
     def accept_mean(self, coeffs: torch.Tensor) -> None:
-        self._next = (orthonormal_columns(coeffs.t()), not self.transposed)
+        product = coeffs.t()
+        if self.explore:
+            key = StreamKey.derive(self.seed, self.step, self.param_id, _EXPLORE_STREAM)
+            probe = kernels.seeded_matrix(key, product.shape[0], self.explore, "gaussian")
+            self._next = (followed_and_explored(product, probe), not self.transposed)
+        else:
+            self._next = (orthonormal_columns(product), not self.transposed)
 
     def commit(self) -> None:
         if self._next is not None:
