@@ -90,6 +90,19 @@ register(Method(
     "Flora-style: seeded basis r=8 redrawn every 10 steps (0 basis bytes), int8, Adam moments in the subspace re-projected at each redraw",
     replace(_SEEDED_FIXED, refresh_every=10, payload="int8"), "projected_adamw", refresh_moments="reproject",
 ))
+_ROWS = CompressionSpec(basis="sparse_rows", rank=8, refresh_every=10, payload="int8", error_feedback=True)
+register(Method(
+    "grass-int8-r8",
+    "GRASS-style sparse projection: the 8 rows of largest norm in rank 0's gradient + residual, "
+    "re-chosen every 10 steps (8 indices broadcast), int8, error feedback, AdamW on the reconstruction",
+    _ROWS,
+))
+register(Method(
+    "grass-projected-r8",
+    "GRASS as published: the 8 rows of largest norm, re-chosen every 200 steps, Adam moments in the subspace "
+    "(re-projected at a refresh), no error feedback",
+    replace(_ROWS, refresh_every=200, payload="fp32", error_feedback=False), "projected_adamw", refresh_moments="reproject",
+))
 register(Method("svd-reconstruct", "SVD basis r=8 every 200 steps, error feedback, AdamW on the reconstruction", _SVD))
 register(Method("svd-int8-reconstruct", "SVD basis r=8, int8 payload, error feedback, AdamW on the reconstruction", replace(_SVD, payload="int8")))
 register(Method("seeded-projected", "seeded Gaussian basis r=8 every 200 steps, Adam moments in the subspace", _SEEDED_FIXED, "projected_adamw"))

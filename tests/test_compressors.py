@@ -61,7 +61,7 @@ def test_seeded_compressor_is_exact_on_gradients_inside_its_subspace(shape, rank
 payloads = st.sampled_from(["fp32", "int8", "int4", "int2", "int1"])
 
 
-@given(shapes, st.integers(1, 4), seeds, st.integers(2, 6), st.sampled_from(["svd", "seeded", "power", "dense"]), payloads)
+@given(shapes, st.integers(1, 4), seeds, st.integers(2, 6), st.sampled_from(["svd", "seeded", "power", "sparse_rows", "dense"]), payloads)
 def test_error_feedback_sent_plus_residual_equals_sum_of_gradients(shape, rank, seed, steps, basis, payload):
     assume(basis != "dense" or payload != "fp32")  # sent whole: nothing to feed back
     if rank >= min(shape):
@@ -113,7 +113,7 @@ def test_int8_of_zeros_decodes_to_zeros():
     assert torch.equal(payload.decode(payload.encode(torch.zeros(3, 5))), torch.zeros(3, 5))
 
 
-@pytest.mark.parametrize("basis", ["svd", "seeded", "power"])
+@pytest.mark.parametrize("basis", ["svd", "seeded", "power", "sparse_rows"])
 @pytest.mark.parametrize("payload", ["fp32", "int8", "int2"])
 def test_state_dict_round_trips_exactly(basis, payload):
     spec = CompressionSpec(basis=basis, rank=3, payload=payload, dense_threshold=1)

@@ -17,10 +17,11 @@ from disttrain.compress.power_step import PowerStepCompressor
 from disttrain.compress.seeded import SeededBasis
 from disttrain.compress.sign_votes import SignVotes
 from disttrain.compress.sparse_momentum import SparseMomentum
+from disttrain.compress.sparse_rows import SparseRowsBasis
 from disttrain.compress.svd import SVDBasis
 from disttrain.kernels.seeded import Distribution
 
-BasisKind = Literal["dense", "svd", "seeded", "power", "sparse_momentum", "sign_votes"]
+BasisKind = Literal["dense", "svd", "seeded", "power", "sparse_rows", "sparse_momentum", "sign_votes"]
 BASIS_KINDS = get_args(BasisKind)
 VOTE_KINDS = ("sparse_momentum", "sign_votes")  # payloads that are update directions, not gradients
 PayloadKind = Literal["fp32", "bf16", "int8", "int4", "int2", "int1"]
@@ -80,7 +81,7 @@ class CompressionSpec:
     @property
     def projects(self) -> bool:
         """Whether gradients are projected onto a low-rank basis."""
-        return self.basis in ("svd", "seeded", "power")
+        return self.basis in ("svd", "seeded", "power", "sparse_rows")
 
     def compresses(self, shape: torch.Size) -> bool:
         """Whether a parameter of this shape is projected; 1-D and small ones go dense."""
@@ -105,6 +106,8 @@ def build_compressor(spec: CompressionSpec, shape: torch.Size, param_id: int, se
         reduced = as_matrix_shape(shape)[0 if side == "left" else 1]
         if spec.basis == "svd":
             basis = SVDBasis(reduced, spec.rank, spec.refresh_every)
+        elif spec.basis == "sparse_rows":
+            basis = SparseRowsBasis(reduced, spec.rank, spec.refresh_every)
         else:
             basis = SeededBasis(reduced, spec.rank, seed, param_id, spec.refresh_every, spec.distribution)
         compressor = LowRankCompressor(shape, basis, side, wire_dtype)

@@ -46,6 +46,14 @@ class Basis(ABC):
     def set(self, matrix: torch.Tensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} is not data-dependent")
 
+    def shared_numel(self) -> int:
+        """How many fp32 values a refresh broadcasts: the d x r matrix unless the basis says less."""
+        return self.reduced_dim * self.rank
+
+    def receive(self, shared: torch.Tensor) -> None:
+        """Take the broadcast of what rank 0 proposed (flat)."""
+        self.set(shared.reshape(self.reduced_dim, self.rank))
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -138,13 +146,13 @@ class LowRankCompressor(Compressor):
         return self.basis.project(oriented).square().sum().item(), oriented.square().sum().item()
 
     def basis_numel(self) -> int:
-        return self.basis.reduced_dim * self.basis.rank
+        return self.basis.shared_numel()
 
     def basis_matrix(self) -> torch.Tensor:
         return self.basis.explicit()
 
     def set_basis(self, basis: torch.Tensor) -> None:
-        self.basis.set(basis.reshape(self.basis.reduced_dim, self.basis.rank))
+        self.basis.receive(basis)
 
     def state_dict(self) -> dict[str, Any]:
         return self.basis.state_dict()
