@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
+from disttrain.launcher.elastic_job import ElasticJob, WorkersStillRunning  # noqa: E402
 from disttrain.launcher.local import launch_local  # noqa: E402
 from disttrain.methods import get_method  # noqa: E402
 from disttrain.train.config import TrainConfig  # noqa: E402
@@ -72,6 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--steps-factor", type=float, default=1.0,
         help="run the selected methods for this many times --steps (their schedule spans it); such runs get their own rows",
     )
+    parser.add_argument(
+        "--adaptive-refresh", type=float, metavar="ENERGY",
+        help="run the selected methods under a local coordinator that also refreshes their data-dependent bases "
+        "whenever rank 0's captured energy |P^T G|^2/|G|^2 drops below ENERGY; such runs get their own rows",
+    )
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="give up on one method's run after this long")
     parser.add_argument("--out", type=Path, help="results file (default: results/convergence.json, convergence-small.json with --small)")
     parser.add_argument("--readme", type=Path, default=common.REPO_ROOT / "README.md")
@@ -84,6 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else None
     if args.lrs and any(lr <= 0 for lr in args.lrs):
         parser.error(f"--lrs must be positive learning rates, got {args.lrs}")
+    if args.adaptive_refresh is not None and not 0 < args.adaptive_refresh < 1:
+        parser.error(f"--adaptive-refresh is a share of the gradient's energy in (0, 1), got {args.adaptive_refresh}")
     return args
 
 
@@ -154,19 +162,48 @@ def output_to(path: Path) -> Iterator[None]:
                 os.close(copy)
 
 
-def run_method(name: str, lr: float, steps: int, settings: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+def launch_with_coordinator(flags: list[str], energy: float, workdir: Path, timeout_s: float) -> int:
+    """Run WORKERS workers that take their ranks from a local coordinator with adaptive refresh;
+    the first failing exit code, or 0. Each process logs to its own file in ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    job = ElasticJob(workdir, flags, link_mbit=0)
+    try:
+        job.start_coordinator(WORKERS, ["--refresh", "adaptive", "--energy-threshold", repr(energy)])
+        for _ in range(WORKERS):
+            job.start_worker()
+        return next((code for code in job.wait_for_exit(list(range(WORKERS)), timeout_s) if code), 0)
+    finally:
+        job.close()
+
+
+def refresh_label(energy: float | None) -> str | None:
+    """How a run's bases were refreshed, when not on the method's own schedule alone."""
+    return None if energy is None else f"also when energy < {energy:g}"
+
+
+def run_method(
+    name: str, lr: float, steps: int, settings: dict[str, Any], timeout_s: float, adaptive_energy: float | None = None
+) -> dict[str, Any]:
     """Train with one method at one peak lr for ``steps`` steps; its record, with an ``error`` field if the run failed."""
-    stem = f"{name}-{steps}steps-lr{lr:g}"
+    refresh = refresh_label(adaptive_energy)
+    stem = f"{name}-{steps}steps-lr{lr:g}" + ("" if adaptive_energy is None else f"-adaptive{adaptive_energy:g}")
     summary_file, log_file = LOGS_DIR / f"{stem}.summary.json", LOGS_DIR / f"{stem}.log"
     summary_file.unlink(missing_ok=True)
     record: dict[str, Any] = {
         "method": name, "lr": lr, "steps": steps, "summary": get_method(name).summary,
         "log": str(log_file.relative_to(common.REPO_ROOT)),
+        **({"refresh": refresh} if refresh else {}),
     }
+    flags = worker_flags(name, lr, steps, settings, summary_file)
     try:
-        with output_to(log_file):
-            code = launch_local(WORKERS, worker_flags(name, lr, steps, settings, summary_file), timeout_s=timeout_s)
-    except subprocess.TimeoutExpired:
+        if adaptive_energy is None:
+            with output_to(log_file):
+                code = launch_local(WORKERS, flags, timeout_s=timeout_s)
+        else:
+            log_file = LOGS_DIR / stem  # a folder: the coordinator's and each worker's log
+            record["log"] = str(log_file.relative_to(common.REPO_ROOT))
+            code = launch_with_coordinator(flags, adaptive_energy, log_file, timeout_s)
+    except (subprocess.TimeoutExpired, WorkersStillRunning):
         return {**record, "error": f"timed out after {timeout_s:.0f} s; see {log_file}"}
     if summary_file.is_file():
         record.update(summary_fields(json.loads(summary_file.read_text())))
@@ -251,12 +288,12 @@ def earlier_records(path: Path, settings: dict[str, Any], machine: dict[str, Any
     return earlier["methods"]
 
 
-def variant(record: dict[str, Any]) -> tuple[str, int]:
-    """What a table row stands for: a method run for a number of steps."""
-    return record["method"], record["steps"]
+def variant(record: dict[str, Any]) -> tuple[str, int, str | None]:
+    """What a table row stands for: a method run for a number of steps, its bases refreshed its way."""
+    return record["method"], record["steps"], record.get("refresh")
 
 
-def run_key(record: dict[str, Any]) -> tuple[str, int, float]:
+def run_key(record: dict[str, Any]) -> tuple[str, int, str | None, float]:
     return *variant(record), record["lr"]
 
 
@@ -270,7 +307,7 @@ def merge_records(earlier: list[dict[str, Any]], fresh: list[dict[str, Any]]) ->
 def best_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each variant's run at its best peak lr: the lowest final val loss among the runs that
     finished without error (any run if none did), in the records' order."""
-    best: dict[tuple[str, int], dict[str, Any]] = {}
+    best: dict[tuple[str, int, str | None], dict[str, Any]] = {}
     for record in records:
         current = best.get(variant(record))
         if current is None or sort_key(record) < sort_key(current):
@@ -301,7 +338,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     with logging_redirect_tqdm():
         for name, lr in (bar := tqdm(runs, desc="runs", unit="run")):
             bar.set_postfix_str(f"{name} lr {lr:g}")
-            fresh.append({**run_method(name, lr, steps, settings, args.timeout_s), "command": command})
+            fresh.append({**run_method(name, lr, steps, settings, args.timeout_s, args.adaptive_refresh), "command": command})
             log.info("%s at lr %g: %s", name, lr, outcome(fresh[-1]))
     return derive({
         "machine": machine,
@@ -319,7 +356,7 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         record.setdefault("steps", steps)  # as in earlier_records
     best = best_runs(results["methods"])
     target, target_note = target_loss(best, steps)
-    baseline = next((r for r in best if variant(r) == (BASELINE, steps) and r.get("history")), None)
+    baseline = next((r for r in best if variant(r) == (BASELINE, steps, None) and r.get("history")), None)
     for record in results["methods"]:
         add_derived_fields(record, target, baseline)
     return {**results, "target_val_loss": target, "target_note": target_note}
@@ -380,9 +417,11 @@ def plot_all(results: dict[str, Any], out: Path) -> None:
 
 
 def label(record: dict[str, Any], results: dict[str, Any]) -> str:
-    """The method's name, with its step count when it differs from the headline's."""
-    steps = results["settings"]["steps"]
-    return record["method"] if record["steps"] == steps else f"{record['method']} ({record['steps']} steps)"
+    """The method's name, with its step count when it differs from the headline's and its refresh
+    when it is not the method's own."""
+    notes = [f"{record['steps']} steps"] if record["steps"] != results["settings"]["steps"] else []
+    notes += [f"refresh {record['refresh']}"] if record.get("refresh") else []
+    return f"{record['method']} ({', '.join(notes)})" if notes else record["method"]
 
 
 def sweep_text(record: dict[str, Any], records: list[dict[str, Any]]) -> str:

@@ -20,6 +20,10 @@ from disttrain.launcher.local import free_port
 STEP_LINE = re.compile(rb"step (\d+): val loss")
 
 
+class WorkersStillRunning(AssertionError):
+    """Workers did not exit in the time given (an AssertionError, as tests expect of this helper)."""
+
+
 class ElasticJob:
     """Start, disturb and inspect a coordinator and its workers."""
 
@@ -98,7 +102,7 @@ class ElasticJob:
             try:
                 codes.append(self.workers[index].wait(timeout=max(1, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
-                raise AssertionError(f"worker {index} still running:\n{self.log(index).decode()[-3000:]}") from None
+                raise WorkersStillRunning(f"worker {index} still running:\n{self.log(index).decode()[-3000:]}") from None
         return codes
 
     def summary(self, index: int) -> dict:

@@ -28,6 +28,13 @@ def test_a_longer_run_of_a_method_is_a_row_of_its_own():
     assert len(convergence.best_runs(records)) == 2
 
 
+def test_a_run_with_adaptive_refresh_is_a_row_of_its_own_and_says_so():
+    adaptive = {**run("x", 1e-3, 1.8), "refresh": convergence.refresh_label(0.3)}
+    best = convergence.best_runs([run("x", 1e-3, 2.0), adaptive])
+    assert len(best) == 2
+    assert convergence.label(adaptive, {"settings": {"steps": 100}}) == "x (refresh also when energy < 0.3)"
+
+
 def test_fresh_runs_replace_earlier_runs_of_the_same_method_steps_and_lr():
     earlier = [run("dense", 1e-3, 2.0), run("x", 1e-3, 3.0)]
     merged = convergence.merge_records(earlier, [run("x", 1e-3, 2.5), run("x", 2e-3, 2.4)])
