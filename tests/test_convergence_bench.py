@@ -62,3 +62,8 @@ def test_a_curve_below_the_baseline_at_every_shared_byte_count_is_below_it():
 def test_the_baseline_is_interpolated_in_log_bytes():
     baseline = curve((100, 3.0), (10000, 1.0))
     assert convergence.loss_at_bytes(baseline, 1000) == pytest.approx(2.0)
+
+
+def test_the_generated_by_line_leaves_out_where_results_were_written():
+    command = "python benchmarks/convergence.py --small --out /tmp/x.json --readme=/tmp/r.md --docs /tmp/d.md --methods a --lrs 0.001"
+    assert convergence.measuring_command(command) == "python benchmarks/convergence.py --small --methods a --lrs 0.001"
