@@ -37,7 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from disttrain.elastic.protocol import SECRET_ENV  # noqa: E402
 from disttrain.launcher.local import TIMED_OUT, wait_for_workers, worker_env  # noqa: E402
-from disttrain.methods import DEFAULT_METHOD, get_method  # noqa: E402
+from disttrain.methods import DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD, get_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings also when run via `disttrain bench`
 import common  # noqa: E402
@@ -48,7 +48,8 @@ log = logging.getLogger("benchmarks.cluster")
 LIMIT = "ddp"  # the method whose uncapped run is the compute-bound limit and sets the target
 HEADLINE_METHODS = (
     "ddp", "powersgd-r1", "powersgd-r4", "powersgd-r8", "svd-reconstruct", "svd-int8-reconstruct",
-    "seeded-reconstruct", "seeded-int8-reconstruct", "diloco-int8-h30", "diloco-svd-int8-h10", DEFAULT_METHOD,
+    "seeded-reconstruct", "seeded-int8-reconstruct", "diloco-int8-h30", "diloco-svd-int8-h10", DEFAULT_PER_STEP_METHOD,
+    DEFAULT_METHOD,
 )
 OTHER_RATE_METHODS = ("ddp", "powersgd-r4", DEFAULT_METHOD, "diloco-int8-h30")
 SMALL_METHODS = ("ddp", "powersgd-r4", DEFAULT_METHOD, "diloco-int8-h30")
