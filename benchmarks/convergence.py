@@ -60,6 +60,7 @@ SMALL_STEPS, SMALL_EVAL_EVERY = 300, 25
 TARGET_SLACK = 1.02  # "reaches dense's loss": within 2% of the dense run's final val loss
 BASELINE = "powersgd-r4"  # the curve every method should beat at equal cumulative bytes
 LOGS_DIR = common.RESULTS_DIR / "logs"
+MARKERS = "os^"  # past the colour map's 20 colours, the next methods get the next marker
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -390,7 +391,7 @@ def plot(results: dict[str, Any], x_key: str, x_name: str, path: Path, log_x: bo
         style = "--" if get_method(record["method"]).compression.quantized else "-"
         losses = [point["val_loss"] for point in record["history"]]
         ax.plot(
-            xs, losses, style, color=colors[index % len(colors)], marker="o", markersize=3,
+            xs, losses, style, color=colors[index % len(colors)], marker=MARKERS[index // len(colors) % len(MARKERS)], markersize=3,
             label=f"{label(record, results)} (lr {record['lr']:g})",
         )
     if results["target_val_loss"] is not None:
