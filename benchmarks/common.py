@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import re
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -138,3 +139,20 @@ def publish_table(table: str, marker_name: str, readme: Path, out_dir: Path = RE
         return False
     logging.getLogger(__name__).info("updated the %s table in %s", marker_name, readme)
     return True
+
+
+OUTPUT_FLAGS = ("--out", "--readme", "--docs")  # where a benchmark writes, not how it measured
+
+
+def measuring_command(command: str) -> str:
+    """``command`` without the flags that only say where its results were written."""
+    words, kept = shlex.split(command), []
+    skip_value = False
+    for word in words:
+        if skip_value:
+            skip_value = False
+        elif word in OUTPUT_FLAGS:
+            skip_value = True
+        elif not word.startswith(tuple(f"{flag}=" for flag in OUTPUT_FLAGS)):
+            kept.append(word)
+    return shlex.join(kept)

@@ -453,23 +453,6 @@ def table_row(record: dict[str, Any], results: dict[str, Any]) -> list[str]:
     ]
 
 
-OUTPUT_FLAGS = ("--out", "--readme", "--docs")  # where results go, not how they were measured
-
-
-def measuring_command(command: str) -> str:
-    """``command`` without the flags that only say where its results were written."""
-    words, kept = shlex.split(command), []
-    skip_value = False
-    for word in words:
-        if skip_value:
-            skip_value = False
-        elif word in OUTPUT_FLAGS:
-            skip_value = True
-        elif not word.startswith(tuple(f"{flag}=" for flag in OUTPUT_FLAGS)):
-            kept.append(word)
-    return shlex.join(kept)
-
-
 def render_table(results: dict[str, Any]) -> str:
     """The README table, with a line saying how it was measured."""
     headers = [
@@ -479,7 +462,7 @@ def render_table(results: dict[str, Any]) -> str:
     records = results["methods"]
     table = common.markdown_table(headers, [table_row(record, results) for record in best_runs(records)])
     target = results["target_val_loss"]
-    commands = "; ".join(f"`{c}`" for c in dict.fromkeys(measuring_command(r["command"]) for r in records))
+    commands = "; ".join(f"`{c}`" for c in dict.fromkeys(common.measuring_command(r["command"]) for r in records))
     target_text = f"target = {target:.4f} ({results['target_note']})" if target is not None else results["target_note"]
     return (
         f"{table}\n\n"

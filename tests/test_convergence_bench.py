@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import common  # noqa: E402
 import convergence  # noqa: E402
 
 
@@ -66,4 +67,4 @@ def test_the_baseline_is_interpolated_in_log_bytes():
 
 def test_the_generated_by_line_leaves_out_where_results_were_written():
     command = "python benchmarks/convergence.py --small --out /tmp/x.json --readme=/tmp/r.md --docs /tmp/d.md --methods a --lrs 0.001"
-    assert convergence.measuring_command(command) == "python benchmarks/convergence.py --small --methods a --lrs 0.001"
+    assert common.measuring_command(command) == "python benchmarks/convergence.py --small --methods a --lrs 0.001"
