@@ -152,21 +152,14 @@ register(Method(
     "(one bit each, no positions: 160x), SGD on the mean vote",
     CompressionSpec(basis="sign_votes", error_feedback=False, vote_every=5), "sgd", lr=1e-3,
 ))
-for _rounds in (5, 10):
+for _votes, _rounds in ((4, 5), (4, 10), (8, 10)):
     register(Method(
-        f"diloco-sparse-k4-h{_rounds}",
-        f"DiLoCo: {_rounds} local AdamW steps, the pseudo-gradient sent as sparse momentum votes (4 per 256), "
+        f"diloco-sparse-k{_votes}-h{_rounds}",
+        f"DiLoCo: {_rounds} local AdamW steps, the pseudo-gradient sent as sparse momentum votes ({_votes} per 256), "
         "outer SGD lr 0.05 following the schedule, no outer momentum",
-        _VOTES, engine="local_steps", local_steps=_rounds, lr=3e-3,
+        replace(_VOTES, per_chunk=_votes), engine="local_steps", local_steps=_rounds, lr=3e-3,
         outer_lr=0.05, outer_momentum=0.0, outer_lr_scheduled=True,
     ))
-register(Method(
-    "diloco-sparse-k8-h10",
-    "DiLoCo: 10 local AdamW steps, the pseudo-gradient sent as sparse momentum votes (8 per 256: the bytes per step of "
-    "diloco-sparse-k4-h5), outer SGD lr 0.05 following the schedule, no outer momentum",
-    replace(_VOTES, per_chunk=8), engine="local_steps", local_steps=10, lr=3e-3,
-    outer_lr=0.05, outer_momentum=0.0, outer_lr_scheduled=True,
-))
 register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8, error feedback)", replace(_SEEDED, payload="int8"), engine="ddp_hook"))
 
 _FEDAVG = dict(engine="local_steps", local_steps=10, outer_lr=1.0, outer_momentum=0.0)

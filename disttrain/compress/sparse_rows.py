@@ -37,7 +37,8 @@ class SparseRowsBasis(SVDBasis):
 
     def receive(self, shared: torch.Tensor) -> None:
         rows = shared.long()
-        if rows.numel() != self.rank or rows.unique().numel() != self.rank or not 0 <= int(rows.min()) <= int(rows.max()) < self.reduced_dim:
+        distinct = rows.numel() == self.rank and rows.unique().numel() == self.rank
+        if not distinct or int(rows.min()) < 0 or int(rows.max()) >= self.reduced_dim:
             raise ValueError(
                 f"a sparse-rows basis needs {self.rank} distinct row indices in [0, {self.reduced_dim}), got {rows.tolist()}: "
                 "the basis was written for a different model or rank"
