@@ -383,7 +383,7 @@ def caption(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], x_key: str, x_name: str, path: Path, log_x: bool) -> None:
     """One line per method at its best lr: val loss against ``x_key`` of the history."""
-    fig, ax = plt.subplots(figsize=(10, 6))
+    fig, ax = plt.subplots(figsize=(14, 6))  # the legend sits right of the axes, off the curves
     colors = plt.get_cmap("tab20").colors  # enough distinct colours for every method of the study
     plotted = [record for record in best_runs(results["methods"]) if record.get("history")]
     for index, record in enumerate(plotted):
@@ -402,7 +402,7 @@ def plot(results: dict[str, Any], x_key: str, x_name: str, path: Path, log_x: bo
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title(f"Small GPT: validation loss vs {x_name}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, title="dashed: quantised payload", title_fontsize=7)
+    ax.legend(fontsize=7, title="dashed: quantised payload", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.text(0.5, 0.01, caption(results), ha="center", fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
