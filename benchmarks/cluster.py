@@ -322,6 +322,9 @@ def target_checks(records: list[dict[str, Any]], settings: Settings) -> dict[str
     }
 
 
+EQUAL_BYTES_VERDICT = {True: "yes", False: "no", None: "not comparable, no logged byte count reached by both runs"}
+
+
 def lower_at_equal_bytes(ours: dict[str, Any], records: list[dict[str, Any]], settings: Settings) -> bool | None:
     """Whether ``ours`` has a lower loss than powersgd-r4 at every byte count both runs reached."""
     theirs = next((r for r in records if r["method"] == "powersgd-r4" and r["rate_mbit"] == settings.headline_mbit and "history" in r), None)
@@ -444,7 +447,7 @@ def render_table(results: dict[str, Any]) -> str:
         f"{_number(t['x_limit'], '.2f')}x the compute-bound limit's time (target <= 1.2), "
         f"{_number(t['x_faster_than_ddp'], '.1f')}x faster than DDP (target >= 10), "
         f"{_number(t['x_faster_than_best_powersgd'], '.1f')}x faster than the best PowerSGD, {t['best_powersgd']} (target >= 2); "
-        f"lower loss than powersgd-r4 at equal bytes at every logged point: {t['lower_loss_than_powersgd_r4_at_equal_bytes']}"
+        f"lower loss than powersgd-r4 at equal bytes at every logged point: {EQUAL_BYTES_VERDICT[t['lower_loss_than_powersgd_r4_at_equal_bytes']]}"
     )
     return (
         f"{table}\n\n"
