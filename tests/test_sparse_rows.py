@@ -46,6 +46,20 @@ def test_the_explicit_basis_is_unit_columns_that_project_alike(m, n, seed):
     assert torch.equal(twin.rows, basis.rows)
 
 
+def test_rows_are_re_chosen_on_the_refresh_schedule_not_every_step():
+    compressor = build_compressor(CompressionSpec(basis="sparse_rows", rank=2, refresh_every=5, dense_threshold=1), torch.Size((16, 8)), 0, 0)
+    due = []
+    for step in range(12):
+        compressor.begin_step(step)
+        grad = torch.randn(16, 8)
+        if compressor.needs_shared_basis(step):
+            due.append(step)
+            compressor.set_basis(compressor.propose_basis(grad))
+        compressor.encode(grad)
+        compressor.commit()
+    assert due == [0, 5, 10]
+
+
 def test_a_refresh_broadcasts_the_row_indices_not_a_matrix():
     assert rows_compressor(768, 256, 8).basis_numel() == 8
 

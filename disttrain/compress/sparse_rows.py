@@ -44,18 +44,12 @@ class SparseRowsBasis(SVDBasis):
                 "the basis was written for a different model or rank"
             )
         self.rows = rows
-        self.matrix = None
-        self.refresh_requested = False
+        super().set(torch.eye(self.reduced_dim)[:, rows])  # SVDBasis's schedule reads its matrix
 
     def _require_rows(self) -> torch.Tensor:
         if self.rows is None:
             raise RuntimeError("the sparse-rows basis has not been set yet: call set_basis() at the first step")
         return self.rows
-
-    def explicit(self) -> torch.Tensor:
-        if self.matrix is None:  # built on demand: only optimizers that carry moments across a refresh ask
-            self.matrix = torch.eye(self.reduced_dim)[:, self._require_rows()].contiguous()
-        return self.matrix
 
     def project(self, oriented: torch.Tensor) -> torch.Tensor:
         return oriented.float().index_select(0, self._require_rows().to(oriented.device))
