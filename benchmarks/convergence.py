@@ -1,15 +1,17 @@
 """Convergence benchmark: every method trains the small GPT with 4 local workers on the same
 seed, data and steps; records val loss against steps, payload and wire bytes and wall-clock,
-plots it, and regenerates the README table from the JSON. A method may be run at several peak
-learning rates (a sweep); the table and plots show each method at its best one, and the JSON
-keeps every run. Re-running some (method, lr) pairs replaces their rows in the results file (if
-it was measured with the same settings on this machine) and keeps the rest.
+plots it, and regenerates its table in docs/benchmarks.md and docs/convergence.md from the
+JSON. A method may be run at several peak learning rates (a sweep); the table and plots show
+each method at its best one, and the JSON keeps every run. Re-running some (method, lr) pairs
+replaces their rows in the results file (if it was measured with the same settings on this
+machine) and keeps the rest.
 
     python benchmarks/convergence.py                   # the headline run: 1000 steps
     python benchmarks/convergence.py --small           # 300 steps, its own results file and table
     python benchmarks/convergence.py --methods dense,diloco-int1-h40 --lrs 1e-3,2e-3
     python benchmarks/convergence.py --methods diloco-sparse-k4-h5 --steps-factor 1.25   # its own row
     python benchmarks/convergence.py --render-only     # plots + table from the existing JSON
+    python benchmarks/convergence.py --small --render-only
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
+from disttrain import method_listing  # noqa: E402
 from disttrain.launcher.elastic_job import ElasticJob, WorkersStillRunning  # noqa: E402
 from disttrain.launcher.local import launch_local  # noqa: E402
 from disttrain.methods import get_method  # noqa: E402
@@ -81,8 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="give up on one method's run after this long")
     parser.add_argument("--out", type=Path, help="results file (default: results/convergence.json, convergence-small.json with --small)")
-    parser.add_argument("--readme", type=Path, default=common.REPO_ROOT / "README.md")
-    parser.add_argument("--docs", type=Path, default=common.REPO_ROOT / "docs" / "convergence.md", help="the study's write-up, which gets the table too")
+    parser.add_argument("--doc", type=Path, default=common.DOC, help="the document the table goes into, between its markers")
+    parser.add_argument(
+        "--study-doc", "--docs", dest="study_doc", type=Path, default=common.REPO_ROOT / "docs" / "convergence.md",
+        help="the study's write-up, which gets the table too",
+    )
     parser.add_argument("--render-only", action="store_true", help="only redraw plots and the table from --out")
     args = parser.parse_args(argv)
     args.steps = args.steps or (SMALL_STEPS if args.small else FULL_STEPS)
@@ -432,7 +438,7 @@ def sweep_text(record: dict[str, Any], records: list[dict[str, Any]]) -> str:
 
 
 def table_row(record: dict[str, Any], results: dict[str, Any]) -> list[str]:
-    """One variant's row of the README table (its best run), with its whole lr sweep."""
+    """One variant's row of the table (its best run), with its whole lr sweep."""
     records = results["methods"]
     if "final_val_loss" not in record:
         return [f"{label(record, results)} (failed)"] + ["—"] * 8 + [sweep_text(record, records)]
@@ -453,8 +459,24 @@ def table_row(record: dict[str, Any], results: dict[str, Any]) -> list[str]:
     ]
 
 
-def render_table(results: dict[str, Any]) -> str:
-    """The README table, with a line saying how it was measured."""
+def base_command(settings: dict[str, Any]) -> str:
+    """The invocation that measures with ``settings`` (sweeps and extra rows add their own flags)."""
+    words = ["python", "benchmarks/convergence.py"]
+    if (settings["steps"], settings["eval_every"]) == (SMALL_STEPS, SMALL_EVAL_EVERY):
+        words.append("--small")
+    elif (settings["steps"], settings["eval_every"]) != (FULL_STEPS, FULL_EVAL_EVERY):
+        words += ["--steps", str(settings["steps"]), "--eval-every", str(settings["eval_every"])]
+    return shlex.join(words)
+
+
+def default_results_file(settings: dict[str, Any]) -> Path:
+    """Where the results measured with ``settings`` are kept unless --out said otherwise."""
+    small = (settings["steps"], settings["eval_every"]) == (SMALL_STEPS, SMALL_EVAL_EVERY)
+    return common.RESULTS_DIR / ("convergence-small.json" if small else "convergence.json")
+
+
+def render_table(results: dict[str, Any], results_file: Path | None = None) -> str:
+    """The table, with a line saying how it was measured and one saying how it was made."""
     headers = [
         "method", "bytes/step", "wire/step", "x fewer bytes than dense", "final val loss", "steps to target",
         "bytes to target", f"below {BASELINE} at equal bytes", "wall s", "lr sweep (peak lr: final val loss)",
@@ -462,21 +484,23 @@ def render_table(results: dict[str, Any]) -> str:
     records = results["methods"]
     table = common.markdown_table(headers, [table_row(record, results) for record in best_runs(records)])
     target = results["target_val_loss"]
-    commands = "; ".join(f"`{c}`" for c in dict.fromkeys(common.measuring_command(r["command"]) for r in records))
+    results_file = results_file or default_results_file(results["settings"])
+    generated = common.generated_by(base_command(results["settings"]), results_file, runs=len(records))
     target_text = f"target = {target:.4f} ({results['target_note']})" if target is not None else results["target_note"]
     return (
         f"{table}\n\n"
         f"Measured on {common.machine_line(results['machine'])}: {results['method_note']}. "
         f"Each row is the method at its best peak lr. Steps/bytes to target are the first eval at or below the {target_text}. "
-        f"Generated by {commands}."
+        f"{generated}"
     )
 
 
 def render(results: dict[str, Any], documents: list[Path], out: Path) -> bool:
-    """Plots and the table (next to ``out``, in the README and the write-up) from a results
-    document; False if a document was not updated."""
+    """Plots and the table (next to ``out``, in docs/benchmarks.md and the write-up) from a results
+    document, and the figures `disttrain methods` ships; False if a document was not updated."""
     plot_all(results, out)
-    table, marker = render_table(results), f"{out.stem}-table"
+    method_listing.write_measured(common.RESULTS_DIR)
+    table, marker = render_table(results, out), f"{out.stem}-table"
     return all([common.publish_table(table, marker, document, out.parent) for document in documents])
 
 
@@ -486,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args))
     if results is None:
         return 2
-    return 0 if render(derive(results), [args.readme, args.docs], args.out) else 1
+    return 0 if render(derive(results), [args.doc, args.study_doc], args.out) else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The ``disttrain`` command: demo, train, coordinator, methods, bench, doctor."""
+"""The ``disttrain`` command: demo, train, coordinator, methods, bench, doctor.
+
+Every flag is checked here, once, in the process the user started: a bad one is one line on
+stderr and exit status 2, before any coordinator or worker is started.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,16 @@ import sys
 import threading
 from pathlib import Path
 
-from disttrain import doctor
+from disttrain import doctor, method_listing
 from disttrain.elastic.coordinator import Coordinator, CoordinatorConfig
 from disttrain.elastic.protocol import SECRET_ENV, load_secret
 from disttrain.launcher import worker
 from disttrain.launcher.local import free_port, launch_local
-from disttrain.methods import DEFAULT_METHOD, METHODS
+from disttrain.logs import set_tag, setup_logging
+from disttrain.methods import DEFAULT_METHOD
+from disttrain.train.flags import OneLineParser, canonical_flags
+
+log = logging.getLogger("disttrain")
 
 DEMO_WORKERS = 4
 DEMO_STEPS = 200
@@ -25,29 +33,51 @@ DEMO_LINK_MBIT = 20.0
 BENCHMARKS = ("convergence", "memory", "chaos", "kernels", "cluster")
 
 
+class UsageError(ValueError):
+    """A flag's value that argparse cannot judge alone."""
+
+
+def _positive(kind: type):
+    """An argparse type: a number of ``kind`` that must be > 0."""
+
+    def convert(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" errors
+    return convert
+
+
+def _demo_worker_flags(args: argparse.Namespace, coordinator: str) -> list[str]:
+    return [
+        "--coordinator", coordinator,
+        "--method", args.method,
+        "--steps", str(args.steps),
+        "--eval-every", str(max(1, args.steps // 4)),
+        "--link-mbit", str(args.link_mbit),
+    ]
+
+
 def _demo(args: argparse.Namespace) -> int:
     os.environ.setdefault(SECRET_ENV, secrets.token_hex(32))
     config = CoordinatorConfig(
         bind=f"tcp://127.0.0.1:{free_port()}", start_workers=args.workers, store_port=free_port()
     )
+    flags = _demo_worker_flags(args, config.bind)
+    worker.check_worker_args(worker.build_parser().parse_args(flags))
     stop = threading.Event()
     coordinator = threading.Thread(
         target=Coordinator(config, load_secret()).serve, args=(stop,), name="coordinator", daemon=True
     )
     coordinator.start()
-    flags = [
-        "--coordinator", config.bind,
-        "--method", args.method,
-        "--steps", str(args.steps),
-        "--eval_every", str(max(1, args.steps // 4)),
-        "--link_mbit", str(args.link_mbit),
-    ]
-    logging.info(
+    log.info(
         "demo: coordinator on %s, %d workers on localhost, method %s, %d steps, uplink paced to %.0f Mbit/s",
         config.bind, args.workers, args.method, args.steps, args.link_mbit,
     )
     try:
-        return launch_local(args.workers, flags)
+        return launch_local(args.workers, flags, elastic=True)
     finally:
         stop.set()
         coordinator.join(timeout=5)
@@ -65,11 +95,8 @@ def _coordinator(args: argparse.Namespace) -> int:
         refresh=args.refresh,
         energy_threshold=args.energy_threshold,
     )
-    try:
-        coordinator = Coordinator(config, load_secret(args.secret_file))
-    except (ValueError, FileNotFoundError) as error:
-        logging.error("%s", error)
-        return 2
+    coordinator = Coordinator(config, load_secret(args.secret_file))
+    set_tag("coordinator")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -77,82 +104,128 @@ def _coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace, extra: list[str]) -> int:
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    """Under torchrun: be one worker. Else check everything, then start ``--nproc`` local workers."""
+    worker_argv = _without_nproc(argv)
     if "RANK" in os.environ:
-        return worker.main(extra)
-    return launch_local(args.nproc, extra)
+        return worker.main(worker_argv)
+    worker.check_worker_args(args)
+    return launch_local(args.nproc, worker_argv, elastic=bool(args.coordinator))
 
 
-def _methods(_: argparse.Namespace) -> int:
-    width = max(map(len, METHODS))
-    for name, method in METHODS.items():
-        marker = "*" if name == DEFAULT_METHOD else " "
-        sys.stdout.write(f"{marker} {name:<{width}}  lr {method.lr:<6g} {method.summary}\n")
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The ``train`` flags a worker takes: all but ``--nproc N``."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            kept.append(token)
+    return kept
+
+
+def _methods(args: argparse.Namespace) -> int:
+    sys.stdout.write(method_listing.render(show_all=args.all) + "\n")
     return 0
 
 
 def _bench(args: argparse.Namespace, extra: list[str]) -> int:
     script = Path(args.repo) / "benchmarks" / f"{args.name}.py"
     if not script.is_file():
-        logging.error("benchmark %s not found: run `disttrain bench` from a disttrain checkout or pass --repo", script)
-        return 2
+        raise UsageError(f"benchmark {script} not found: run `disttrain bench` from a disttrain checkout or pass --repo")
     sys.argv = [str(script), *extra]
     runpy.run_path(str(script), run_name="__main__")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="disttrain", description="Training over slow links.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", help="train the small GPT with 4 local workers on an emulated slow link")
-    demo.add_argument("--workers", type=int, default=DEMO_WORKERS)
-    demo.add_argument("--steps", type=int, default=DEMO_STEPS)
-    demo.add_argument("--method", default=DEFAULT_METHOD, help="see `disttrain methods`")
-    demo.add_argument("--link-mbit", type=float, default=DEMO_LINK_MBIT, help="emulated uplink of every worker")
-
-    train = commands.add_parser(
-        "train",
-        help="train (under torchrun, or start --nproc local workers); other flags: python -m disttrain.launcher -h",
+def _add_demo(commands) -> None:
+    demo = commands.add_parser(
+        "demo", help="train the small GPT with 4 local workers and a coordinator on an emulated slow link",
+        description="A coordinator and local workers train the small GPT on the bundled text, each uplink paced.",
     )
-    train.add_argument("--nproc", type=int, default=1, help="local workers to start when not under torchrun")
+    demo.add_argument("--workers", type=_positive(int), default=DEMO_WORKERS, metavar="N", help=f"local workers (default: {DEMO_WORKERS})")
+    demo.add_argument("--steps", type=_positive(int), default=DEMO_STEPS, metavar="N", help=f"training steps (default: {DEMO_STEPS})")
+    demo.add_argument("--method", default=DEFAULT_METHOD, help=f"see `disttrain methods` (default: {DEFAULT_METHOD})")
+    demo.add_argument(
+        "--link-mbit", type=_positive(float), default=DEMO_LINK_MBIT,
+        help=f"emulated uplink of every worker in Mbit/s (default: {DEMO_LINK_MBIT:g})",
+    )
 
-    coordinator = commands.add_parser("coordinator", help="run the coordinator: membership, generations, rendezvous")
-    coordinator.add_argument("--bind", default="tcp://0.0.0.0:29400", help="tcp://HOST:PORT to listen on")
-    coordinator.add_argument("--job", default="disttrain", help="job id the workers must name")
+
+def _add_train(commands) -> None:
+    train = commands.add_parser(
+        "train", help="train: start --nproc local workers, or be one worker under torchrun",
+        description="Train with every worker's flags below. Outside torchrun it starts --nproc local workers; "
+        "under torchrun (RANK set) it is one worker, like `python -m disttrain.launcher`.",
+        usage="%(prog)s [--nproc N] [--config FILE] [--FLAG VALUE ...]  (every flag below)",
+    )
+    train.add_argument(
+        "--nproc", type=_positive(int), default=1, metavar="N", help="local workers to start when not under torchrun (default: 1)"
+    )
+    worker.add_worker_arguments(train)
+
+
+def _add_coordinator(commands) -> None:
+    coordinator = commands.add_parser(
+        "coordinator", help="run the coordinator: membership, generations, rendezvous",
+        description="The control plane of an elastic job: workers join and leave through it.",
+    )
+    coordinator.add_argument("--bind", default="tcp://0.0.0.0:29400", help="tcp://HOST:PORT to listen on (default: %(default)s)")
+    coordinator.add_argument("--job", default="disttrain", help="job id the workers must name (default: %(default)s)")
     coordinator.add_argument("--secret-file", help=f"file holding the job secret (default: ${SECRET_ENV})")
-    coordinator.add_argument("--min-workers", type=int, default=1, help="quorum: no generation with fewer")
-    coordinator.add_argument("--max-workers", type=int, default=64)
-    coordinator.add_argument("--start-workers", type=int, default=0, help="the first generation waits for this many")
-    coordinator.add_argument("--heartbeat-timeout-s", type=float, default=3.0)
-    coordinator.add_argument("--store-port", type=int, default=0, help="rendezvous store port (default: bind port + 1)")
+    coordinator.add_argument("--min-workers", type=_positive(int), default=1, help="quorum: no generation with fewer (default: 1)")
+    coordinator.add_argument("--max-workers", type=_positive(int), default=64, help="no generation with more (default: 64)")
+    coordinator.add_argument(
+        "--start-workers", type=int, default=0, help="the first generation waits for this many (default: 0, min-workers)"
+    )
+    coordinator.add_argument(
+        "--heartbeat-timeout-s", type=_positive(float), default=3.0,
+        help="a worker silent this long leaves its generation (default: 3.0)",
+    )
+    coordinator.add_argument("--store-port", type=int, default=0, help="rendezvous store port (default: 0, the bind port + 1)")
     coordinator.add_argument(
         "--refresh", choices=["fixed", "adaptive"], default="fixed",
-        help="adaptive: also refresh SVD bases whenever rank 0 reports captured energy below --energy-threshold",
+        help="adaptive: also refresh SVD bases whenever rank 0 reports captured energy below --energy-threshold "
+        "(default: fixed)",
     )
-    coordinator.add_argument("--energy-threshold", type=float, default=0.5)
+    coordinator.add_argument(
+        "--energy-threshold", type=float, default=0.5, help="captured energy that triggers an adaptive refresh (default: 0.5)"
+    )
 
-    commands.add_parser("methods", help="list the registered methods (* marks the default)")
 
-    bench = commands.add_parser("bench", help="run a benchmark from benchmarks/")
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="disttrain", description="Training over slow links.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(commands)
+    _add_train(commands)
+    _add_coordinator(commands)
+    methods = commands.add_parser("methods", help="list the methods: recommended, baselines, the study's others")
+    methods.add_argument("--all", action="store_true", help="show every method of the convergence study, not the best few")
+    bench = commands.add_parser("bench", help="run a benchmark from benchmarks/ (its own flags follow its name)")
     bench.add_argument("name", choices=BENCHMARKS)
-    bench.add_argument("--repo", default=".", help="the disttrain checkout holding benchmarks/")
-
+    bench.add_argument("--repo", default=".", help="the disttrain checkout holding benchmarks/ (default: .)")
     doctor.add_arguments(commands.add_parser("doctor", help="check this machine (and a coordinator) before a run"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args, extra = build_parser().parse_known_args(argv)
-    if args.command == "train":
-        return _train(args, extra)
-    if args.command == "bench":
-        return _bench(args, extra)
-    if extra:
-        logging.error("unrecognised arguments: %s", " ".join(extra))
+    argv = canonical_flags(sys.argv[1:] if argv is None else argv)
+    setup_logging("main")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    try:
+        if args.command == "train":
+            return _train(args, argv[1:])
+        if args.command == "bench":
+            return _bench(args, extra)
+        return {"demo": _demo, "methods": _methods, "coordinator": _coordinator, "doctor": doctor.command}[args.command](args)
+    except (ValueError, FileNotFoundError) as error:
+        sys.stderr.write(f"disttrain {args.command}: error: {error}\n")
         return 2
-    return {"demo": _demo, "methods": _methods, "coordinator": _coordinator, "doctor": doctor.command}[args.command](args)
 
 
 if __name__ == "__main__":

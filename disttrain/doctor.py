@@ -95,7 +95,8 @@ def check_distributed() -> Check:
                      "see the interface and hostname checks: Gloo must find an address to bind")
     if torch.cuda.is_available() and not dist.is_nccl_available():
         return Check("distributed", WARN, "Gloo works; CUDA is present but NCCL is not in this torch build",
-                     "training runs on Gloo today; for NCCL install a CUDA build of torch from pytorch.org")
+                     "--backend auto picks NCCL for GPU training: pass --backend gloo, or install a CUDA build "
+                     "of torch with NCCL from pytorch.org")
     return Check("distributed", OK, "Gloo works" + (", NCCL available" if dist.is_nccl_available() else ""))
 
 
@@ -119,13 +120,15 @@ def check_triton() -> Check:
 
 
 def check_cuda() -> Check:
+    """Which device `--device auto` (the default) trains on here: a GPU when torch sees one, else the CPU."""
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        return Check("cuda", OK, f"{len(names)} device(s): {', '.join(names)}")
+        found = f"{len(names)} device(s): {', '.join(names)}; --device auto trains on them (LOCAL_RANK picks each worker's)"
+        return Check("cuda", OK, found)
     if torch.version.cuda:
-        return Check("cuda", WARN, f"torch is built for CUDA {torch.version.cuda} but sees no device",
-                     "check the driver with nvidia-smi; in Docker start the container with --gpus all")
-    return Check("cuda", OK, "no CUDA in this torch build: training runs on the CPU (as it does everywhere today)")
+        found = f"torch is built for CUDA {torch.version.cuda} but sees no device: --device auto trains on the CPU"
+        return Check("cuda", WARN, found, "check the driver with nvidia-smi; in Docker start the container with --gpus all")
+    return Check("cuda", OK, "no CUDA in this torch build: --device auto trains on the CPU")
 
 
 def _ifname_problems(variable: str, value: str, interfaces: set[str]) -> list[str]:

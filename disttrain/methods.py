@@ -6,6 +6,7 @@ without touching the data path.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -14,7 +15,10 @@ from disttrain.optim.projected_adamw import RefreshMoments
 
 Engine = Literal["disttrain", "local_steps", "zeroth_order", "ddp", "ddp_powersgd", "ddp_hook"]
 OptimizerKind = Literal["adamw", "projected_adamw", "orthogonal", "sgd"]
+Role = Literal["baseline", "study"]
 PROJECTED_OPTIMIZERS = ("projected_adamw", "orthogonal")  # they read the averaged coefficients themselves
+COMPRESSING_ENGINES: tuple[Engine, ...] = ("disttrain", "local_steps", "ddp_hook")
+REFRESHED_BASES = ("svd", "seeded", "sparse_rows")  # bases redrawn or recomputed every refresh_every steps
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Method:
     keeps Adam moments in the projected space (GaLore); "orthogonal" moves projected weights by
     the orthogonalised reconstruction F U V^T (Muon / Dion style); "sgd" applies the average as it is
     (for payloads that already are update directions, e.g. sparse momentum votes).
+    role "baseline" marks what the methods are measured against (dense, DDP, PowerSGD); `disttrain methods` groups by it.
     """
 
     name: str
@@ -45,6 +50,37 @@ class Method:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     outer_lr_scheduled: bool = False  # the outer lr follows the inner lr's warm-up and decay (for vote payloads)
+    role: Role = "study"
+
+    @property
+    def compresses(self) -> bool:
+        """Whether the engine runs this method's CompressionSpec (torch DDP and zeroth-order steps do not)."""
+        return self.engine in COMPRESSING_ENGINES
+
+    @property
+    def overrides(self) -> frozenset[str]:
+        """The config overrides this method takes: rank, refresh_every, local_steps."""
+        spec, taken = self.compression, set()
+        if self.compresses and spec.projects:
+            taken.add("rank")
+        if self.compresses and spec.basis in REFRESHED_BASES:
+            taken.add("refresh_every")
+        if self.engine == "local_steps":
+            taken.add("local_steps")
+        return frozenset(taken)
+
+    def why_not(self, override: str) -> str:
+        """Why this method does not take ``override``, and which methods do."""
+        takers = [m.name for m in METHODS.values() if override in m.overrides]
+        hint = f"{len(takers)} methods take it, e.g. {', '.join(takers[:3])} (see `disttrain methods`)"
+        if override == "rank" and self.engine == "ddp_powersgd":
+            return f"a PowerSGD baseline's rank is part of its name (powersgd-r1, -r4, -r8); {hint}"
+        if override == "local_steps":
+            return f"it exchanges every step; {hint}"
+        if not self.compresses:
+            return f"it runs {self.engine} and compresses nothing; {hint}"
+        what = {"rank": "has no low-rank basis", "refresh_every": "has no basis to refresh"}[override]
+        return f"its {self.compression.basis} payload {what}; {hint}"
 
 
 METHODS: dict[str, Method] = {}
@@ -61,8 +97,9 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        known = ", ".join(sorted(METHODS))
-        raise ValueError(f"unknown method {name!r}; choose one of: {known}") from None
+        close = difflib.get_close_matches(name, METHODS, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ValueError(f"unknown method {name!r}; {hint}`disttrain methods` lists them all") from None
 
 
 def with_overrides(method: Method, **compression: object) -> Method:
@@ -75,10 +112,10 @@ _SVD = CompressionSpec(basis="svd", rank=8, refresh_every=200, error_feedback=Tr
 _SEEDED = CompressionSpec(basis="seeded", rank=8, refresh_every=1, error_feedback=True)
 _SEEDED_FIXED = CompressionSpec(basis="seeded", rank=8, refresh_every=200, error_feedback=False)
 
-register(Method("dense", "fp32 all-reduce of full gradients + AdamW (what DDP sends)", CompressionSpec(basis="dense")))
-register(Method("ddp", "plain torch DDP: fp32 all-reduce of full gradients + AdamW", CompressionSpec(basis="dense"), engine="ddp"))
+register(Method("dense", "fp32 all-reduce of full gradients + AdamW (what DDP sends)", CompressionSpec(basis="dense"), role="baseline"))
+register(Method("ddp", "plain torch DDP: fp32 all-reduce of full gradients + AdamW", CompressionSpec(basis="dense"), engine="ddp", role="baseline"))
 for _rank in (1, 4, 8):
-    register(Method(f"powersgd-r{_rank}", f"torch DDP + powerSGD_hook rank {_rank}, one bucket (the baseline)", engine="ddp_powersgd", powersgd_rank=_rank))
+    register(Method(f"powersgd-r{_rank}", f"torch DDP + powerSGD_hook rank {_rank}, one bucket (the baseline)", engine="ddp_powersgd", powersgd_rank=_rank, role="baseline"))
 register(Method("svd-projected", "GaLore: SVD basis r=8 every 200 steps, Adam moments in the subspace", replace(_SVD, error_feedback=False), "projected_adamw"))
 for _policy in ("reproject", "reset"):
     register(Method(

@@ -15,34 +15,62 @@ import torch.distributed as dist
 
 from disttrain.comm.device import resolve_device
 from disttrain.comm.process_group import close_process_group
-from disttrain.elastic.agent import Agent, CoordinatorUnreachable, WorkerRefused
+from disttrain.elastic.agent import Agent, CoordinatorUnreachable, GenerationTimeout, JobFinished, WorkerRefused
 from disttrain.elastic.membership import ElasticConfig, ElasticMembership
-from disttrain.elastic.protocol import SECRET_ENV, load_secret
-from disttrain.train.config import TrainConfig, add_config_flags, config_from_args
+from disttrain.elastic.protocol import SECRET_ENV, check_address, load_secret
+from disttrain.logs import set_tag, setup_logging
+from disttrain.train.config import TrainConfig
+from disttrain.train.flags import OneLineParser, add_config_flags, config_from_args
 from disttrain.train.trainer import RunSummary, Trainer
 
 log = logging.getLogger("disttrain.worker")
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+WORKER_USAGE = "%(prog)s [--config FILE] [--FLAG VALUE ...]  (every flag below)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m disttrain.launcher", description=__doc__)
-    parser.add_argument("--config", help="TOML or JSON file with config fields; flags override it")
-    parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
-    parser.add_argument(
-        "--summary-file", help="rank 0 also writes the summary (with history) here; with {pid} in the name, every worker does"
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag of a training worker: the process, elastic membership, then the run's config."""
+    process = parser.add_argument_group("process")
+    process.add_argument("--config", metavar="FILE", help="TOML or JSON file with config fields; flags override it")
+    process.add_argument(
+        "--backend", choices=["auto", "gloo", "nccl"], default="auto",
+        help="collective backend; auto: NCCL with a GPU per local worker, else Gloo (default: auto)",
     )
-    parser.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout")
+    process.add_argument(
+        "--summary-file", metavar="FILE",
+        help="rank 0 also writes the summary (with history) here; with {pid} in the name, every worker does",
+    )
+    process.add_argument("--timeout-s", type=float, metavar="S", default=300.0, help="collective timeout in seconds (default: 300)")
+    process.add_argument("--log-all-ranks", action="store_true", help="INFO logs from every worker, not only rank 0")
     elastic = parser.add_argument_group("elastic membership (ranks come from the coordinator, not torchrun)")
-    elastic.add_argument("--coordinator", help="tcp://HOST:PORT of a running `disttrain coordinator`")
-    elastic.add_argument("--job", default="disttrain", help="job id; must match the coordinator's")
-    elastic.add_argument("--secret-file", help=f"file holding the job secret (default: ${SECRET_ENV})")
-    elastic.add_argument("--heartbeat-s", type=float, default=0.25)
-    elastic.add_argument("--sync-every", type=int, default=5, help="steps between membership checks")
-    elastic.add_argument("--log-all-ranks", action="store_true", help="INFO logs from every worker, not only rank 0")
+    elastic.add_argument("--coordinator", metavar="tcp://HOST:PORT", help="address of a running `disttrain coordinator`")
+    elastic.add_argument("--job", default="disttrain", metavar="ID", help="job id; must match the coordinator's (default: disttrain)")
+    elastic.add_argument("--secret-file", metavar="FILE", help=f"file holding the job secret (default: ${SECRET_ENV})")
+    elastic.add_argument("--heartbeat-s", type=float, metavar="S", default=0.25, help="seconds between heartbeats (default: 0.25)")
+    elastic.add_argument("--sync-every", type=int, metavar="N", default=5, help="steps between membership checks (default: 5)")
+    elastic.add_argument(
+        "--connect-timeout-s", type=float, metavar="S", default=60.0,
+        help="give up when the coordinator has not answered usably for this long (default: 60)",
+    )
     add_config_flags(parser)
+
+
+def build_parser(prog: str = "python -m disttrain.launcher") -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=prog, description=__doc__, usage=WORKER_USAGE)
+    add_worker_arguments(parser)
     return parser
+
+
+def check_worker_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config from the flags, validated, with the worker's own flags checked: what
+    ``disttrain train`` runs once before it starts any worker."""
+    for name in ("timeout_s", "heartbeat_s", "sync_every", "connect_timeout_s"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.coordinator:
+        check_address(args.coordinator)
+    return config_from_args(args)
 
 
 class NotLaunched(RuntimeError):
@@ -79,7 +107,11 @@ def init_process_group(backend: str, timeout_s: float) -> None:
 
 
 def start_membership(args: argparse.Namespace, config: TrainConfig, backend: str) -> ElasticMembership:
-    agent = Agent(args.coordinator, load_secret(args.secret_file), args.job, config.fingerprint(), args.heartbeat_s)
+    agent = Agent(
+        args.coordinator, load_secret(args.secret_file), args.job, config.fingerprint(), args.heartbeat_s,
+        args.connect_timeout_s,
+    )
+    set_tag(lambda: agent.name)
     log.info("asking the coordinator at %s to join job %r", args.coordinator, args.job)
     agent.start()
     settings = ElasticConfig(
@@ -98,16 +130,16 @@ def write_summary(path: str, config: TrainConfig, summary: RunSummary) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    static_rank = os.environ.get("RANK", "0")
     # Under a coordinator, ranks are known only once a generation forms, and change over time.
-    tag = f"pid {os.getpid()}" if args.coordinator else f"rank {os.environ.get('RANK', '?')}"
-    logging.basicConfig(
-        level=logging.INFO if args.coordinator or os.environ.get("RANK", "0") == "0" else logging.WARNING,
-        format=f"%(asctime)s [{tag}] %(levelname)s %(name)s: %(message)s",
+    setup_logging(
+        f"pid{os.getpid()}" if args.coordinator else f"w{static_rank}",
+        logging.INFO if args.coordinator or static_rank == "0" else logging.WARNING,
     )
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     membership = None
     try:
-        config = config_from_args(args)
+        config = check_worker_args(args)
         local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         backend = resolve_backend(args.backend, select_device(config), local_workers)
         if args.coordinator:
@@ -118,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.rank != 0 and not args.log_all_ranks:
             logging.getLogger().setLevel(logging.WARNING)
         summary = trainer.run()
-    except (ValueError, FileNotFoundError, NotLaunched, WorkerRefused, CoordinatorUnreachable) as error:
+        if membership is not None and summary.steps >= config.steps:
+            membership.agent.mark_finished(summary.steps, summary.parameter_digest)
+    except JobFinished as finished:
+        log.info("%s", finished)
+        return 0
+    except (ValueError, FileNotFoundError, NotLaunched, WorkerRefused, CoordinatorUnreachable, GenerationTimeout) as error:
         log.error("%s", error)
         return 2
     finally:

@@ -16,7 +16,6 @@ from torch.distributed.run import get_args_parser as torchrun_parser
 
 from disttrain import cli
 from disttrain.launcher import worker
-from disttrain.train.config import config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -79,14 +78,14 @@ def parse_command(argv: list) -> argparse.Namespace:
         program, rest = launch.training_script, launch.training_script_args
     if program == "disttrain":
         args, extra = strict(cli.build_parser()).parse_known_args(rest)
-        if args.command != "train":
-            assert not extra, f"disttrain {args.command} does not know {extra}"
-            return args
-        program, rest = "disttrain.launcher", extra
+        assert not extra, f"disttrain {args.command} does not know {extra}"
+        if args.command == "train":
+            worker.check_worker_args(args)  # values the trainer would refuse
+        return args
     assert program == "disttrain.launcher", f"{argv[0]} does not start a disttrain command"
     args, extra = strict(worker.build_parser()).parse_known_args(rest)
     assert not extra, f"the worker does not know {extra}"
-    config_from_args(args)  # values the trainer would refuse
+    worker.check_worker_args(args)
     return args
 
 

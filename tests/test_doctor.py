@@ -128,3 +128,18 @@ def test_a_hostname_that_resolves_only_to_loopback_warns_unless_gloo_is_told_an_
     assert doctor.check_hostname().status == WARN
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     assert doctor.check_hostname().status == OK
+
+
+def test_the_cuda_check_says_where_device_auto_trains(monkeypatch):
+    monkeypatch.setattr(doctor.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(doctor.torch.version, "cuda", None)
+    check = doctor.check_cuda()
+    assert check.status == OK and check.detail == "no CUDA in this torch build: --device auto trains on the CPU"
+    monkeypatch.setattr(doctor.torch.version, "cuda", "13.0")
+    check = doctor.check_cuda()
+    assert check.status == WARN and "sees no device: --device auto trains on the CPU" in check.detail
+    monkeypatch.setattr(doctor.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(doctor.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(doctor.torch.cuda, "get_device_name", lambda index: "NVIDIA H200")
+    check = doctor.check_cuda()
+    assert check.status == OK and check.detail.startswith("1 device(s): NVIDIA H200; --device auto trains on them")

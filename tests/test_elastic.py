@@ -4,6 +4,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from tiny import TINY_FLAGS, TINY_PER_STEP_FLAGS
@@ -77,12 +78,36 @@ def test_workers_keep_training_while_the_coordinator_restarts(job):
     assert_identical_and_complete(job, [0, 1, 2])
 
 
-def test_a_worker_without_the_job_secret_is_refused_and_the_coordinator_survives(job):
+def coordinator_log(job: ElasticJob) -> str:
+    return (job.workdir / "coordinator-1.log").read_text()
+
+
+def test_a_worker_without_the_job_secret_is_told_why_once_and_the_coordinator_survives(job):
     job.start_coordinator()
-    intruder = job.start_worker(secret="wrong-secret-wrong-secret-wrong")
-    assert intruder.wait(timeout=120) == 2
-    assert b"bad signature" in job.log(0)
+    job.start_worker(secret="wrong-secret-wrong-secret-wrong")
+    deadline = time.monotonic() + 120
+    while b"fail authentication" not in job.log(0):
+        assert time.monotonic() < deadline and job.workers[0].poll() is None, job.log(0).decode()[-3000:]
+        time.sleep(0.1)
+    time.sleep(2)  # eight more refused heartbeats
+    assert job.log(0).count(b"unusable answer") == 1 and b"DISTTRAIN_SECRET" in job.log(0)
     assert job.coordinator.poll() is None
+    assert coordinator_log(job).count("bad signature") == 1
+
+
+def test_a_worker_that_joins_after_the_last_step_is_told_the_job_finished_and_exits_0(tmp_path):
+    job = ElasticJob(tmp_path, TINY_PER_STEP_FLAGS, steps=20)
+    try:
+        start(job, workers=2)
+        assert job.wait_for_exit([0, 1]) == [0, 0]
+        digest = job.summary(0)["parameter_digest"]
+        assert job.start_worker().wait(timeout=120) == 0
+        assert f"already finished at step 20 (parameter digest {digest})".encode() in job.log(2)
+        log = coordinator_log(job)
+        assert log.count("left (run finished)") == 2 and "must be replaced" not in log
+        assert log.count(f"finished at step 20 (parameter digest {digest})") == 1
+    finally:
+        job.close()
 
 
 def test_torchrun_processes_join_through_the_coordinator(job):

@@ -115,7 +115,7 @@ def test_federated_mode_defaults_to_a_round_method():
 
 @pytest.mark.parametrize("bad", [{"round_quorum": 0.0}, {"round_quorum": 1.5}, {"round_deadline_s": -1.0}])
 def test_round_closing_settings_out_of_range_are_refused(bad):
-    with pytest.raises(ValueError, match="round_"):
+    with pytest.raises(ValueError, match="round-"):
         TrainConfig(method="fedavg-h10", **bad).validate()
 
 

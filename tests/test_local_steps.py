@@ -62,7 +62,7 @@ def test_a_resumed_local_step_run_ends_bit_identical_to_an_uninterrupted_one(tmp
 
 
 def test_local_steps_on_a_per_step_method_is_refused_with_the_fix():
-    with pytest.raises(ValueError, match="local_steps applies to local-step methods only.*diloco"):
+    with pytest.raises(ValueError, match="--local-steps does not apply to 'svd-int8-reconstruct': it exchanges every step.*diloco"):
         TrainConfig(method="svd-int8-reconstruct", local_steps=4).validate()
 
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import hmac
+import re
 import time
 
 import msgpack
@@ -58,11 +59,12 @@ def test_a_message_signed_with_another_secret_is_refused():
         protocol.decode(protocol.encode(join(), b"another-secret-of-some-length"), SECRET, JOB)
 
 
-def test_a_message_for_another_job_is_refused():
+def test_a_message_for_another_job_is_refused_and_names_that_job():
     message = join()
     message.job = "other-job"
-    with pytest.raises(ProtocolError, match="for job 'other-job'"):
+    with pytest.raises(protocol.JobMismatch, match="for job 'other-job'") as refused:
         protocol.decode(protocol.encode(message, SECRET), SECRET, JOB)
+    assert refused.value.job == "other-job"
 
 
 def test_a_stale_message_is_refused():
@@ -114,8 +116,60 @@ def test_coordinator_refuses_a_worker_with_a_different_config():
 
 def test_workers_may_not_send_coordinator_messages():
     coord = coordinator()
-    fake = Message("view", JOB, "w", 0, {"you": "w", "gen": 9, "roster": [], "store_port": 1, "status": "active", "last_break": 0, "refresh_epoch": 0})
-    assert reply(coord, fake).type == "refused"
+    body = {
+        "you": "w", "gen": 9, "roster": [], "store_port": 1, "status": "active", "last_break": 0, "refresh_epoch": 0,
+        "joined": 1, "needed": 1,
+    }
+    answer = reply(coord, Message("view", JOB, "w", 0, body))
+    assert answer.type == "refused" and "may not send 'view'" in answer.body["reason"]
+
+
+# A value of each type a schema names, and of types no schema field has.
+TYPED = {
+    int: st.integers(-(2**40), 2**40),
+    float: st.floats(allow_nan=False, allow_infinity=False),
+    str: st.text(max_size=8),
+    bool: st.booleans(),
+    list: st.lists(st.text(max_size=4), max_size=3),
+}
+ANY_VALUE = st.one_of(*TYPED.values(), st.binary(max_size=4), st.none())
+
+
+@given(st.sampled_from(sorted(protocol.SCHEMAS)), st.data())
+def test_a_body_decodes_exactly_when_every_field_has_its_schema_type(kind, data):
+    """Strict schemas: a bool is not an int, an int may stand for a float, nothing else converts."""
+    schema = protocol.SCHEMAS[kind]
+    body = {name: data.draw(TYPED[want] if data.draw(st.booleans()) else ANY_VALUE, label=name) for name, want in schema.items()}
+    well_typed = all(type(body[name]) is want or (want is float and type(body[name]) is int) for name, want in schema.items())
+    frame = protocol.encode(Message(kind, JOB, "w", 0, body), SECRET)
+    if well_typed:
+        assert protocol.decode(frame, SECRET, JOB).body == body
+    else:
+        with pytest.raises(ProtocolError, match="has type"):
+            protocol.decode(frame, SECRET, JOB)
+
+
+HOSTS = st.from_regex(r"[a-z0-9][a-z0-9.-]{0,20}", fullmatch=True) | st.sampled_from(["*", "[::1]"])
+
+
+@given(HOSTS, st.integers(1, 65535))
+def test_check_address_reads_host_and_port(host, port):
+    assert protocol.check_address(f"tcp://{host}:{port}") == (host, port)
+
+
+@given(HOSTS, st.integers(-5, 10**6).filter(lambda port: not 1 <= port <= 65535))
+def test_check_address_refuses_ports_out_of_range(host, port):
+    address = f"tcp://{host}:{port}"
+    with pytest.raises(ValueError, match=re.escape(repr(address)) + ".*tcp://HOST:PORT"):
+        protocol.check_address(address)
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:29400", "tcp://127.0.0.1", "tcp://:29400", "udp://h:1", "tcp://h:port", "tcp://h:29400/"]
+)
+def test_check_address_refuses_malformed_addresses_naming_them_and_the_form(address):
+    with pytest.raises(ValueError, match=re.escape(repr(address)) + ".*tcp://HOST:PORT"):
+        protocol.check_address(address)
 
 
 @given(st.binary(max_size=512))

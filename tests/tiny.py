@@ -1,6 +1,9 @@
 """A tiny model and data config that trains in seconds, for multi-process tests."""
 
+from dataclasses import replace
+
 from disttrain.data.corpus import DataConfig
+from disttrain.methods import get_method
 from disttrain.models.gpt import GPTConfig
 from disttrain.train.config import OptimConfig, TrainConfig
 
@@ -11,16 +14,18 @@ PER_STEP_METHOD = "svd-int8-reconstruct"  # tests of per-step behaviour pin it: 
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    defaults = dict(
-        method=PER_STEP_METHOD, steps=8, eval_every=4, digest_every=4, model=TINY_MODEL, data=TINY_DATA, optim=TINY_OPTIM, rank=4
-    )
+    """The tiny run; a method with a low-rank basis gets rank 4 unless ``overrides`` say otherwise."""
+    defaults = dict(method=PER_STEP_METHOD, steps=8, eval_every=4, digest_every=4, model=TINY_MODEL, data=TINY_DATA, optim=TINY_OPTIM)
     defaults.update(overrides)
-    return TrainConfig(**defaults)
+    config = TrainConfig(**defaults)
+    if "rank" not in overrides and "rank" in get_method(config.method_name).overrides:
+        config = replace(config, rank=4)
+    return config
+
 
 # The same tiny setup as command-line flags, for tests that start real worker processes.
 TINY_FLAGS = [
-    "--model.n_layer", "1", "--model.n_embd", "64", "--model.n_head", "2", "--model.block_size", "32",
-    "--data.block_size", "32", "--data.batch_size", "4", "--data.val_batches", "2", "--rank", "4",
-    "--optim.warmup_steps", "2",
+    "--model.n-layer", "1", "--model.n-embd", "64", "--model.n-head", "2", "--model.block-size", "32",
+    "--data.block-size", "32", "--data.batch-size", "4", "--data.val-batches", "2", "--optim.warmup-steps", "2",
 ]
-TINY_PER_STEP_FLAGS = [*TINY_FLAGS, "--method", PER_STEP_METHOD]
+TINY_PER_STEP_FLAGS = [*TINY_FLAGS, "--method", PER_STEP_METHOD, "--rank", "4"]

@@ -52,7 +52,7 @@ class CompressedAllReduce:
         self._index_of = {id(p): i for i, p in enumerate(self.params)}
         self.group = group
         self.link = link
-        _check_rank_fits(spec, self.params)
+        check_rank_fits(spec, [p.shape for p in self.params])
         self.abort_check: AbortCheck | None = None  # set by elastic training: give up on a broken generation
         self.measure_energy = False  # measure captured energy while encoding (adaptive refresh)
         self._energy = (0.0, 0.0)
@@ -238,13 +238,13 @@ def cheaper_payload(spec: CompressionSpec, shapes: list[torch.Size], world_size:
     return fp32
 
 
-def _check_rank_fits(spec: CompressionSpec, params: list[torch.nn.Parameter]) -> None:
+def check_rank_fits(spec: CompressionSpec, shapes: list[torch.Size]) -> None:
     """A rank that leaves every matrix dense is a mistake worth naming."""
-    matrices = [p for p in params if p.dim() >= 2 and p.numel() >= spec.dense_threshold]
+    matrices = [shape for shape in shapes if len(shape) >= 2 and shape.numel() >= spec.dense_threshold]
     if not spec.projects or not matrices:
         return
-    if not any(spec.compresses(p.shape) for p in matrices):
-        widest = max(min(p.shape[0], p[0].numel()) for p in matrices)
+    if not any(spec.compresses(shape) for shape in matrices):
+        widest = max(min(shape[0], shape[1:].numel()) for shape in matrices)
         raise ValueError(
             f"rank {spec.rank} is >= min(m, n) of every weight matrix (the largest is {widest}), "
             f"so nothing would be compressed; choose a rank below {widest}"

@@ -15,18 +15,20 @@ from typing import Literal
 import torch
 
 from disttrain.kernels.seeded import StreamKey
+from disttrain.options import option
 
 BUNDLED_CORPUS = "kjv"
+Sharding = Literal["iid", "contiguous"]
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = BUNDLED_CORPUS  # "kjv" for the bundled text, or a path to a .txt / .txt.gz file
-    val_fraction: float = 0.05
-    sharding: Literal["iid", "contiguous"] = "iid"
-    batch_size: int = 8
-    block_size: int = 128
-    val_batches: int = 8
+    corpus: str = option(BUNDLED_CORPUS, "'kjv' for the bundled King James text, or the path of a .txt / .txt.gz file")
+    val_fraction: float = option(0.05, "share of the text held out for validation")
+    sharding: Sharding = option("iid", "iid: every worker samples the whole text; contiguous: each worker its own slice (non-IID)")
+    batch_size: int = option(8, "sequences per worker per step")
+    block_size: int = option(128, "tokens per training sequence (at most model.block-size)")
+    val_batches: int = option(8, "validation batches per evaluation (split across workers)")
 
     def validate(self) -> None:
         if not 0 < self.val_fraction < 1:

@@ -8,6 +8,11 @@ A generation changes when a roster member leaves, falls silent past the heartbea
 when a failed collective is reported (then every member must confirm the failure or fall
 silent for ``suspect_after_s``), and when new workers are waiting to join. Survivors keep
 their order, so rank 0 stays rank 0 while it lives; joiners are appended.
+
+A coordinator serves one job, ``CoordinatorConfig.job``: messages that name another job are
+refused. The job has finished once a member that completed its last step leaves saying so:
+from then on every join is answered "finished" (the step and parameter digest) instead of a
+place in a generation. To run the job again, restart the coordinator.
 """
 
 from __future__ import annotations
@@ -22,10 +27,26 @@ import torch.distributed as dist
 import zmq
 
 from disttrain.elastic import protocol
-from disttrain.elastic.protocol import Message, ProtocolError, ReplayGuard
+from disttrain.elastic.protocol import Message, ProtocolError, ReplayGuard, short_id
+from disttrain.elastic.throttle import Throttle
 
 log = logging.getLogger(__name__)
 COORDINATOR_ID = "coordinator"
+WORKER_MESSAGES = ("join", "heartbeat", "failed", "leave", "energy")
+_BIND_FIX = "pick another port, or an address of this machine, with --bind"
+_STORE_ROLE = "the rendezvous store's port (the bind port + 1 unless --store-port is given)"
+_STORE_FIX = "pass --store-port with a free port"
+
+
+class PortError(ValueError):
+    """A coordinator port is out of range or cannot be listened on; the text names it and what to do."""
+
+
+def _unavailable(port: int, role: str, fix: str, reason: str | None) -> PortError:
+    """The error for a port that cannot be listened on (``reason`` None: it is in use)."""
+    if reason is None:
+        return PortError(f"port {port}, {role}, is in use: stop whatever holds it (another coordinator?), or {fix}")
+    return PortError(f"cannot listen on port {port}, {role}: {reason}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -43,8 +64,13 @@ class CoordinatorConfig:
     energy_threshold: float = 0.5
 
     def validate(self) -> None:
-        if not self.bind.startswith("tcp://") or ":" not in self.bind[6:]:
-            raise ValueError(f"--bind must look like tcp://HOST:PORT, got {self.bind!r}")
+        port = self.port  # refuses a malformed --bind
+        if not 0 <= self.store_port <= 65535:
+            raise PortError(f"--store-port {self.store_port} is out of range: give a port in 1-65535 (0: the bind port + 1)")
+        if self.rendezvous_port > 65535:
+            raise PortError(f"{_STORE_ROLE} would be {self.rendezvous_port}, out of range: {_STORE_FIX}, or bind a lower port")
+        if self.rendezvous_port == port:
+            raise PortError(f"--store-port {self.store_port} is the bind port: {_STORE_FIX}")
         if not 1 <= self.min_workers <= self.max_workers:
             raise ValueError(f"need 1 <= min_workers <= max_workers, got {self.min_workers} and {self.max_workers}")
         if self.start_workers and not self.min_workers <= self.start_workers <= self.max_workers:
@@ -58,7 +84,12 @@ class CoordinatorConfig:
 
     @property
     def port(self) -> int:
-        return int(self.bind.rsplit(":", 1)[1])
+        return protocol.check_address(self.bind, "--bind")[1]
+
+    @property
+    def rendezvous_port(self) -> int:
+        """The rendezvous store's port: ``store_port``, or else the bind port + 1."""
+        return self.store_port or self.port + 1
 
 
 @dataclass
@@ -85,6 +116,8 @@ class Coordinator:
         self.last_break = 0
         self.last_join = 0.0
         self.refusals = 0
+        self._refusal_log = Throttle(log)
+        self.finished: tuple[int, str] | None = None  # (step, parameter digest) once the job is done
         self.job_config: str | None = None  # the fingerprint every worker's config must match
         self.refresh_epoch = 0  # bumped to ask every worker for a fresh SVD basis
         self._refresh_step = -1
@@ -96,16 +129,17 @@ class Coordinator:
         try:
             message = protocol.decode(frame, self.secret, self.config.job)
             self.replays.check(message)
-            if message.type not in ("join", "heartbeat", "failed", "leave", "energy"):
+            if message.type not in WORKER_MESSAGES:
                 raise ProtocolError(f"workers may not send {message.type!r} messages")
         except ProtocolError as error:
-            self.refusals += 1
-            log.warning("refused a message from %r: %s", identity[:16], error)
+            self._note_refusal(type(error).__name__, f"refused a message from peer {identity[:8].hex()}: {error}", now)
             return self._reply("refused", {"reason": str(error)})
+        if self.finished is not None and (message.type == "join" or message.sender in self._waiting()):
+            return self._tell_finished(message.sender, *self.finished)
         if message.type == "join":
             if self.job_config not in (None, message.body["config"]):
-                self.refusals += 1
-                log.warning("refused worker %s: its config differs from the running job's", message.sender)
+                text = f"refused worker {short_id(message.sender)}: its config differs from the running job's"
+                self._note_refusal("config", text, now)
                 return self._reply(
                     "refused",
                     {"reason": "this worker's config differs from the running job's: start it with the same flags and config file"},
@@ -120,7 +154,7 @@ class Coordinator:
             elif message.type == "failed":
                 self._on_failed(member, message)
             elif message.type == "leave":
-                self._remove(message.sender, "left")
+                self._on_leave(message)
             elif message.type == "energy":
                 self._on_energy(message.body["step"], message.body["energy"])
         self.tick(now)
@@ -131,13 +165,13 @@ class Coordinator:
         claim_gen, claim_roster = body["claim_gen"], body["claim_roster"]
         if claim_gen > self.gen and sender in claim_roster and all(isinstance(w, str) for w in claim_roster):
             # This coordinator restarted: adopt the generation the workers are still running.
-            log.info("adopting generation %d (%d workers) reported by %s", claim_gen, len(claim_roster), sender)
+            log.info("adopting generation %d (%d workers) reported by %s", claim_gen, len(claim_roster), short_id(sender))
             self.gen, self.roster, self.broken, self.last_break = claim_gen, list(claim_roster), False, 0
             self.refresh_epoch = max(self.refresh_epoch, body["refresh_epoch"])
             for worker in claim_roster:
                 self.members.setdefault(worker, Member(worker, None, now))
         if sender not in self.members:
-            log.info("worker %s (%s, pid %d) asks to join", sender, body["host"], body["pid"])
+            log.info("worker %s (%s, pid %d) asks to join", short_id(sender), body["host"], body["pid"])
             self.members[sender] = Member(sender, identity, now)
             self.last_join = now
 
@@ -146,7 +180,10 @@ class Coordinator:
             return  # a report about an older generation: that one is already replaced
         member.failed_gen = message.gen
         if not self.broken:
-            log.info("generation %d broken: %s reports a failed collective at step %d", self.gen, member.worker_id, message.body["step"])
+            log.info(
+                "generation %d broken: %s reports a failed collective at step %d",
+                self.gen, short_id(member.worker_id), message.body["step"],
+            )
         self._break()
 
     def _on_energy(self, step: int, energy: float) -> None:
@@ -156,10 +193,35 @@ class Coordinator:
             self._refresh_step = step
             log.info("captured energy %.3f < %.3f at step %d: refresh %d requested", energy, self.config.energy_threshold, step, self.refresh_epoch)
 
+    def _on_leave(self, message: Message) -> None:
+        body = message.body
+        if body["finished"] and self.finished is None and message.sender in self.roster:
+            self.finished = (body["step"], body["digest"])
+            log.info(
+                "job %r finished at step %d (parameter digest %s): workers that join from now on are told so",
+                self.config.job, body["step"], body["digest"] or "not reported",
+            )
+        self._remove(message.sender, "left")
+
+    def _tell_finished(self, worker_id: str, step: int, digest: str) -> bytes:
+        """The answer to a worker that joins, or still waits to, once the job has finished."""
+        self.members.pop(worker_id, None)
+        log.info("told worker %s that the job finished at step %d", short_id(worker_id), step)
+        return self._reply("finished", {"step": step, "digest": digest})
+
+    def _note_refusal(self, kind: str, text: str, now: float) -> None:
+        """Count a refused message and log it, a flood of like ones as one line per window."""
+        self.refusals += 1
+        self._refusal_log.warning(kind, text, now)
+
     def _remove(self, worker_id: str, why: str) -> None:
         self.members.pop(worker_id, None)
-        if worker_id in self.roster:
-            log.info("worker %s %s; generation %d must be replaced", worker_id, why, self.gen)
+        if worker_id not in self.roster:
+            return
+        if self.finished is not None:
+            log.info("worker %s %s (run finished)", short_id(worker_id), why)
+        else:
+            log.info("worker %s %s; generation %d must be replaced", short_id(worker_id), why, self.gen)
             self._break()
 
     def _break(self) -> None:
@@ -171,6 +233,7 @@ class Coordinator:
     def tick(self, now: float | None = None) -> None:
         """Time-outs, failure resolution and new generations."""
         now = time.monotonic() if now is None else now
+        self._refusal_log.flush(now)
         for worker_id, member in list(self.members.items()):
             if now - member.last_seen > self.config.heartbeat_timeout_s:
                 self._remove(worker_id, f"silent for {now - member.last_seen:.1f} s")
@@ -182,7 +245,7 @@ class Coordinator:
             unresolved = [w for w in self.roster if w in self.members and self.members[w].failed_gen != self.gen]
             if not unresolved:
                 self._new_generation(now)
-        elif self._waiting() and (self.gen > 0 or self._first_generation_ready(now)):
+        elif self._waiting() and len(self._candidates()) >= self._needed():
             if now - self.last_join >= self.config.join_grace_s or len(self._candidates()) >= self.config.max_workers:
                 self._new_generation(now)
 
@@ -193,8 +256,9 @@ class Coordinator:
         survivors = [w for w in self.roster if w in self.members]
         return (survivors + self._waiting())[: self.config.max_workers]
 
-    def _first_generation_ready(self, now: float) -> bool:
-        return len(self._candidates()) >= (self.config.start_workers or self.config.min_workers)
+    def _needed(self) -> int:
+        """Workers the next generation needs: the first waits for start_workers."""
+        return self.config.min_workers if self.gen else self.config.start_workers or self.config.min_workers
 
     def _new_generation(self, now: float) -> None:
         candidates = self._candidates()
@@ -203,7 +267,7 @@ class Coordinator:
         self.gen += 1
         self.roster = candidates
         self.broken = False
-        log.info("generation %d: %d workers %s", self.gen, len(self.roster), self.roster)
+        log.info("generation %d: %d workers (%s)", self.gen, len(self.roster), ", ".join(map(short_id, self.roster)))
 
     # --- replies ----------------------------------------------------------------------
     def status_of(self, worker_id: str) -> str:
@@ -216,43 +280,57 @@ class Coordinator:
             "you": worker_id,
             "gen": self.gen,
             "roster": list(self.roster),
-            "store_port": self.store_port,
+            "store_port": self.config.rendezvous_port,
             "status": self.status_of(worker_id),
             "last_break": self.last_break,
             "refresh_epoch": self.refresh_epoch,
+            "joined": len(self._candidates()),
+            "needed": self._needed(),
         }
         return self._reply("view", body)
 
     def _reply(self, kind: str, body: dict) -> bytes:
         return protocol.encode(Message(kind, self.config.job, COORDINATOR_ID, self.gen, body), self.secret)
 
-    @property
-    def store_port(self) -> int:
-        return self.config.store_port or self.config.port + 1
-
     # --- serving ----------------------------------------------------------------------
     def serve(self, stop: threading.Event | None = None, tick_s: float = 0.05) -> None:
-        """Host the rendezvous store and answer workers until ``stop`` is set."""
+        """Host the rendezvous store and answer workers until ``stop`` is set; PortError if a port is not free."""
         stop = stop or threading.Event()
-        # The rendezvous store lives as long as this loop: workers form each generation's group on it.
-        self._store = dist.TCPStore(
-            "0.0.0.0", self.store_port, None, True, timeout=timedelta(seconds=60), wait_for_workers=False
-        )
-        context = zmq.Context.instance()
-        socket = context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES + 1024)
-        socket.bind(self.config.bind)
-        log.info("coordinator for job %r on %s, rendezvous store on port %d", self.config.job, self.config.bind, self.store_port)
+        socket = self._listen()
+        config = self.config
+        log.info("coordinator for job %r on %s, rendezvous store on port %d", config.job, config.bind, config.rendezvous_port)
         try:
             while not stop.is_set():
                 if socket.poll(int(tick_s * 1000)):
                     parts = socket.recv_multipart()
                     if len(parts) != 2:
-                        log.warning("refused a message with %d frames", len(parts) - 1)
+                        self._note_refusal("frames", f"refused a message of {len(parts) - 1} frames", time.monotonic())
                         continue
                     socket.send_multipart([parts[0], self.handle(parts[0], parts[1])])
                 else:
                     self.tick()
         finally:
             socket.close(0)
+
+    def _listen(self) -> zmq.Socket:
+        """Bind the coordinator's socket, then host the rendezvous store on its port."""
+        config = self.config
+        socket = zmq.Context.instance().socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES + 1024)
+        try:
+            socket.bind(config.bind)
+        except zmq.ZMQError as error:
+            socket.close(0)
+            reason = None if error.errno == zmq.EADDRINUSE else zmq.strerror(error.errno)
+            raise _unavailable(config.port, f"the coordinator's port (--bind {config.bind})", _BIND_FIX, reason) from None
+        try:
+            # The store lives as long as this coordinator: workers form each generation's group on it.
+            self._store = dist.TCPStore(
+                "0.0.0.0", config.rendezvous_port, None, True, timeout=timedelta(seconds=60), wait_for_workers=False
+            )
+        except RuntimeError as error:  # torch's DistNetworkError
+            socket.close(0)
+            reason = None if "EADDRINUSE" in str(error) else str(error).rpartition("message: ")[2]
+            raise _unavailable(config.rendezvous_port, _STORE_ROLE, _STORE_FIX, reason) from None
+        return socket

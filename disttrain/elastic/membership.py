@@ -61,8 +61,9 @@ class ElasticMembership:
         while True:
             view = self.agent.wait_for_view(self._wanted, self.config.generation_wait_s)
             if view.status == "evicted":
-                log.warning("this worker was evicted; joining again with fresh state")
+                evicted = self.agent.name
                 self.agent.rejoin()
+                log.warning("this worker (%s) was evicted; joining again as %s with fresh state", evicted, self.agent.name)
                 self.fresh = True
                 continue
             try:
@@ -97,7 +98,7 @@ class ElasticMembership:
         set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
         if set_timeout is not None:
             set_timeout(timedelta(seconds=self.config.collective_timeout_s))
-        log.info("entered generation %d as rank %d of %d", view.gen, dist.get_rank(), dist.get_world_size())
+        log.info("%s entered generation %d as rank %d of %d", self.agent.name, view.gen, dist.get_rank(), dist.get_world_size())
 
     def switch_due(self, step: int, request_refresh: Callable[[], None]) -> bool:
         """Has any member heard of a newer generation? Also applies a basis refresh the coordinator

@@ -4,7 +4,7 @@ A frame is msgpack([payload, mac]) where payload is msgpack of the message map a
 HMAC-SHA256(secret, payload). Every message carries the protocol version, its type, the job
 id, the sender's generation, a random nonce and a timestamp. Receivers refuse oversized,
 malformed, unsigned, mis-signed, replayed, stale and unknown messages with a ProtocolError
-that names the reason.
+that names the reason. Addresses have the form tcp://HOST:PORT (``check_address``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-VERSION = 1
+VERSION = 2  # 2: views count joined and needed workers, leaves say whether the run finished, "finished" replies
 MAX_FRAME_BYTES = 64 * 1024
 MAX_CLOCK_SKEW_S = 60.0
 SECRET_ENV = "DISTTRAIN_SECRET"
@@ -30,7 +30,7 @@ SECRET_ENV = "DISTTRAIN_SECRET"
 SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "join": {"host": str, "pid": int, "config": str, "claim_gen": int, "claim_roster": list, "refresh_epoch": int},
     "heartbeat": {"step": int},
-    "leave": {},
+    "leave": {"step": int, "finished": bool, "digest": str},  # finished: this worker completed the job's last step
     "failed": {"step": int},
     "energy": {"step": int, "energy": float},
     "view": {
@@ -41,13 +41,41 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "status": str,
         "last_break": int,
         "refresh_epoch": int,
+        "joined": int,  # workers the next generation would hold
+        "needed": int,  # workers it needs before it forms
     },
     "refused": {"reason": str},
+    "finished": {"step": int, "digest": str},  # the answer to a join once the job is done
 }
 
 
 class ProtocolError(ValueError):
     """A message was refused; the text says why."""
+
+
+class BadSignature(ProtocolError):
+    """A frame not signed with this job's secret."""
+
+
+class JobMismatch(ProtocolError):
+    """A correctly signed message names another job (``job``)."""
+
+    def __init__(self, job: str, ours: str):
+        super().__init__(f"message for job {job!r}, this is job {ours!r}")
+        self.job = job
+
+
+def check_address(address: str, name: str = "coordinator address") -> tuple[str, int]:
+    """(host, port) of an address of the form tcp://HOST:PORT; else a ValueError that names it."""
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    if not address.startswith("tcp://") or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{name} {address!r} is malformed: use tcp://HOST:PORT with PORT in 1-65535, e.g. tcp://10.0.0.5:29400")
+    return host, int(port)
+
+
+def short_id(worker_id: str) -> str:
+    """A worker's name in logs: "w" and the first 4 characters of its id (messages carry the whole id)."""
+    return "w" + worker_id[:4]
 
 
 def load_secret(path: str | None = None) -> bytes:
@@ -102,14 +130,19 @@ def _unpack(data: bytes) -> Any:
         raise ProtocolError(f"malformed frame: {type(error).__name__}") from None
 
 
+def _has_type(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """isinstance, except that a bool is no int and an int is a float."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
+
+
 def _check_fields(values: dict, schema: dict[str, Any], where: str) -> None:
     for name, kind in schema.items():
         if name not in values:
             raise ProtocolError(f"{where} lacks field {name!r}")
-        value = values[name]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            if not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
-                raise ProtocolError(f"{where} field {name!r} has type {type(value).__name__}")
+        if not _has_type(values[name], kind):
+            raise ProtocolError(f"{where} field {name!r} has type {type(values[name]).__name__}")
     extra = set(values) - set(schema)
     if extra:
         raise ProtocolError(f"{where} has unknown fields {sorted(extra)}")
@@ -127,7 +160,7 @@ def decode(frame: bytes, secret: bytes, job: str) -> Message:
         raise ProtocolError("malformed frame: expected [payload, mac]")
     payload, mac = outer
     if not hmac.compare_digest(hmac.new(secret, payload, hashlib.sha256).digest(), mac):
-        raise ProtocolError("bad signature: sender does not hold this job's secret")
+        raise BadSignature("bad signature: sender does not hold this job's secret")
     values = _unpack(payload)
     if not isinstance(values, dict):
         raise ProtocolError("malformed message: not a map")
@@ -138,7 +171,7 @@ def decode(frame: bytes, secret: bytes, job: str) -> Message:
         raise ProtocolError(f"unknown message type {values['type']!r}")
     _check_fields(values["body"], SCHEMAS[values["type"]], f"{values['type']} body")
     if values["job"] != job:
-        raise ProtocolError(f"message for job {values['job']!r}, this is job {job!r}")
+        raise JobMismatch(values["job"], job)
     if abs(time.time() - values["ts"]) > MAX_CLOCK_SKEW_S:
         raise ProtocolError("stale or future timestamp: check the clocks (NTP) on both nodes")
     if len(values["nonce"]) != 16 or not values["sender"] or len(values["sender"]) > 128:
@@ -160,3 +193,4 @@ class ReplayGuard:
         if message.nonce in self._seen:
             raise ProtocolError("replayed message (nonce already seen)")
         self._seen[message.nonce] = now
+

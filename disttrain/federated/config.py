@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-from disttrain.data.verses import LABEL_KINDS
+from disttrain.data.verses import LABEL_KINDS, LabelKind
+from disttrain.options import option
 
-PARTITIONS = ("dirichlet", "iid")
+Partition = Literal["dirichlet", "iid"]
+PARTITIONS = get_args(Partition)
 
 
 @dataclass(frozen=True)
@@ -14,15 +17,15 @@ class FederatedConfig:
     """``clients`` data shards are cut from the training verses; worker ``rank`` trains on shard
     ``rank % clients``. ``layers`` keeps the first layers of the pretrained encoder (6 = all)."""
 
-    label: str = "section"
-    clients: int = 4
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    max_length: int = 48
-    batch_size: int = 16
-    eval_samples: int = 512
-    layers: int = 6
-    freeze_embeddings: bool = True
+    label: LabelKind = option("section", "what the classifier predicts of a verse: testament, section or book")
+    clients: int = option(4, "data shards cut from the training verses; worker r trains on shard r % clients")
+    partition: Partition = option("dirichlet", "dirichlet: label-skewed shards (non-IID); iid: uniform shards")
+    alpha: float = option(0.5, "Dirichlet concentration: smaller is more skewed")
+    max_length: int = option(48, "tokens per verse after truncation")
+    batch_size: int = option(16, "verses per worker per step")
+    eval_samples: int = option(512, "held-out verses per evaluation")
+    layers: int = option(6, "first layers of the pretrained encoder to keep (6 = all)")
+    freeze_embeddings: bool = option(True, "keep the pretrained embeddings fixed")
 
     def validate(self) -> None:
         if self.label not in LABEL_KINDS:

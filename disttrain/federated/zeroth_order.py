@@ -30,6 +30,7 @@ from torch import nn
 from disttrain import kernels
 from disttrain.comm.bucket import all_gather_flat
 from disttrain.kernels.seeded import Distribution, StreamKey, random_bits
+from disttrain.options import option
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,12 @@ class ZOConfig:
     rounds g to one of its two neighbouring codes with a seeded coin (unbiased below the clip).
     """
 
-    eps: float = 1e-3
-    lr: float = 1e-6
-    clip: float = 16.0
-    distribution: Distribution = "rademacher"
-    rounding: Rounding = "stochastic"
-    chunk_numel: int = 2**20
+    eps: float = option(1e-3, "size of the SPSA perturbation along each seeded direction")
+    lr: float = option(1e-6, "step size applied to the mean projected gradient")
+    clip: float = option(16.0, "largest |projected gradient| one int8 code can carry")
+    distribution: Distribution = option("rademacher", "the seeded directions' entries: rademacher (+-1) or gaussian")
+    rounding: Rounding = option("stochastic", "stochastic (unbiased, seeded coin) or nearest rounding to a code")
+    chunk_numel: int = option(2**20, "parameters perturbed per generated chunk (memory, not maths)")
 
     def __post_init__(self) -> None:
         for name in ("eps", "clip", "chunk_numel"):

@@ -9,18 +9,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from disttrain.options import option
+
 
 @dataclass(frozen=True)
 class GPTConfig:
     """Defaults give a 3.2 M-parameter byte-level model that 4 workers train on 2 CPU cores."""
 
-    vocab_size: int = 256
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
-    dropout: float = 0.0
-    bias: bool = False
+    vocab_size: int = option(256, "tokens in the vocabulary (256: one per byte)")
+    block_size: int = option(128, "longest context the model attends over, in tokens")
+    n_layer: int = option(4, "transformer blocks")
+    n_head: int = option(4, "attention heads per block (must divide n-embd)")
+    n_embd: int = option(256, "width of the residual stream")
+    dropout: float = option(0.0, "dropout probability in attention and MLP")
+    bias: bool = option(False, "biases in linear layers and layer norms")
 
     def validate(self) -> None:
         if self.n_embd % self.n_head:

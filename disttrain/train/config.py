@@ -1,76 +1,87 @@
-"""Config dataclasses for a training run, and their command-line flags."""
+"""Config dataclasses for a training run: one section per concern, each field with its one-line help."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
-import tomllib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+import typing
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
+import torch
+
+from disttrain.comm.allreduce import check_rank_fits
 from disttrain.data.corpus import DataConfig
 from disttrain.federated.config import FederatedConfig
 from disttrain.federated.zeroth_order import ZOConfig
-from disttrain.methods import DEFAULT_FEDERATED_METHOD, DEFAULT_METHOD, get_method
-from disttrain.models.gpt import GPTConfig
+from disttrain.methods import DEFAULT_FEDERATED_METHOD, DEFAULT_METHOD, Method, get_method, with_overrides
+from disttrain.models.gpt import GPT, GPTConfig
+from disttrain.options import option, section
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float | None = None  # peak learning rate; None: the method's own (Method.lr)
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    galore_scale: float | None = None  # ProjectedAdamW's update scale; None: the method's own
+    lr: float | None = option(None, "peak learning rate (default: the method's own, see `disttrain methods`)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    warmup_steps: int = option(20, "linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at this share of the peak lr")
+    galore_scale: float | None = option(None, "ProjectedAdamW's update scale (default: the method's own)")
 
     def validate(self) -> None:
         if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ValueError(f"optim.warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
+# Fields that do not change the maths: a checkpoint may be resumed with other values of them.
 RUNTIME_FIELDS = (
     "eval_every", "digest_every", "checkpoint_dir", "checkpoint_every", "link_mbit", "overlap", "stop_at", "device",
     "round_quorum", "round_deadline_s",
 )
-PRECISIONS = ("fp32", "bf16")
-MODES = ("lm", "federated")
+Mode = Literal["lm", "federated"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "bf16"]
 ROUND_ENGINES = ("local_steps", "zeroth_order")
+RUN, METHOD, ROUNDS = "run", "method and compression", "local-step rounds (quorum and deadline)"  # groups of flags
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a run. Every worker must start with the same one."""
 
-    mode: str = "lm"  # lm: pretrain the small GPT on the bundled text; federated: fine-tune a pretrained classifier
-    method: str | None = None  # None: the mode's default method
-    rank: int | None = None  # overrides the method's projection rank
-    refresh_every: int | None = None  # overrides the method's basis refresh interval
-    local_steps: int | None = None  # overrides a local-step method's round length H
-    steps: int = 300
-    stop_at: int | None = None  # stop after this step (the schedule still spans `steps`)
-    round_quorum: float = 1.0  # a local-step round closes once this share of the workers has finished it
-    round_deadline_s: float | None = None  # ... or this long after the first finished; late work is dropped
-    seed: int = 0
-    eval_every: int = 50
-    digest_every: int = 25
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0
-    link_mbit: float | None = None  # emulate a slow uplink by pacing collectives
-    overlap: bool = True
-    device: str = "auto"  # auto: this process's GPU if torch sees one (NCCL), else the CPU (Gloo)
-    precision: str = "fp32"  # bf16: forward and backward under bf16 autocast; weights, bytes and optimizer stay fp32
-    model: GPTConfig = field(default_factory=GPTConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    federated: FederatedConfig = field(default_factory=FederatedConfig)
-    zeroth_order: ZOConfig = field(default_factory=ZOConfig)
+    mode: Mode = option("lm", "lm: pretrain the small GPT on the bundled text; federated: fine-tune the pretrained classifier", RUN)
+    task: str | None = option(
+        None, "your own task: path/to/file.py:function or module:function returning the model and its data "
+        "(see docs/own-model.md)", RUN,
+    )
+    method: str | None = option(None, "how updates are exchanged; see `disttrain methods` (default: the mode's own)", METHOD)
+    rank: int | None = option(None, "rank of the method's low-rank basis (default: the method's own)", METHOD)
+    refresh_every: int | None = option(None, "steps between basis refreshes of an SVD, seeded or sparse-rows basis", METHOD)
+    local_steps: int | None = option(None, "round length H of a local-step method (diloco-*, fedavg-*)", METHOD)
+    steps: int = option(300, "training steps (the learning-rate schedule spans them)", RUN)
+    stop_at: int | None = option(None, "stop after this step; the schedule still spans --steps", RUN)
+    round_quorum: float = option(1.0, "a local-step round closes once this share of the workers has finished it", ROUNDS)
+    round_deadline_s: float | None = option(None, "... or this many seconds after the first finished; late work is dropped", ROUNDS)
+    seed: int = option(0, "seeds the model, the data order and every shared random basis", RUN)
+    eval_every: int = option(50, "steps between validation evaluations", RUN)
+    digest_every: int = option(25, "steps between replica checks (a SHA-256 of every parameter, compared across workers)", RUN)
+    checkpoint_dir: str | None = option(None, "directory for checkpoints; a run resumes from one found there", RUN)
+    checkpoint_every: int = option(0, "steps between checkpoints (0: none)", RUN)
+    link_mbit: float | None = option(None, "emulate a slow uplink of this many Mbit/s by pacing every collective", METHOD)
+    overlap: bool = option(True, "launch each bucket's collective during backward", METHOD)
+    device: Device = option("auto", "auto: this process's GPU if torch sees one, else the CPU", RUN)
+    precision: Precision = option("fp32", "bf16: forward and backward under autocast; weights, bytes and optimizer stay fp32", RUN)
+    model: GPTConfig = section(GPTConfig, "model: the small GPT of --mode lm")
+    data: DataConfig = section(DataConfig, "data: the text corpus of --mode lm")
+    optim: OptimConfig = section(OptimConfig, "optimizer and learning-rate schedule")
+    federated: FederatedConfig = section(FederatedConfig, "federated: the classifier fine-tune of --mode federated")
+    zeroth_order: ZOConfig = section(ZOConfig, "zeroth-order steps (method zo-1byte)")
 
     @property
     def method_name(self) -> str:
@@ -85,14 +96,12 @@ class TrainConfig:
         return get_method(self.method_name).lr if self.optim.lr is None else self.optim.lr
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        engine = get_method(self.method_name).engine
-        if self.local_steps is not None and engine != "local_steps":
-            raise ValueError(
-                f"local_steps applies to local-step methods only, and {self.method_name!r} exchanges every step; "
-                "drop --local_steps or pick a diloco-* or fedavg-* method (see `disttrain methods`)"
-            )
+        check_literals(self)
+        method = get_method(self.method_name)
+        for name in ("rank", "refresh_every", "local_steps"):
+            if getattr(self, name) is not None and name not in method.overrides:
+                raise ValueError(f"--{flag_name(name)} does not apply to {method.name!r}: {method.why_not(name)}")
+        engine = method.engine
         if self.mode == "federated" and engine not in ROUND_ENGINES:
             raise ValueError(
                 f"federated mode trains in rounds, and {self.method_name!r} exchanges gradients every step: "
@@ -100,31 +109,44 @@ class TrainConfig:
             )
         if (self.round_quorum < 1 or self.round_deadline_s is not None) and engine != "local_steps":
             raise ValueError(
-                f"round_quorum and round_deadline_s close local-step rounds, and {self.method_name!r} has none: "
+                f"round-quorum and round-deadline-s close local-step rounds, and {self.method_name!r} has none: "
                 "drop them or pick a fedavg-* or diloco-* method"
             )
         if not 0 < self.round_quorum <= 1:
-            raise ValueError(f"round_quorum is a share of the workers in (0, 1], got {self.round_quorum}")
+            raise ValueError(f"round-quorum is a share of the workers in (0, 1], got {self.round_quorum}")
         if self.round_deadline_s is not None and self.round_deadline_s <= 0:
-            raise ValueError(f"round_deadline_s must be > 0 seconds (or unset), got {self.round_deadline_s}")
-        if self.local_steps is not None and self.local_steps < 1:
-            raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.eval_every < 1 or self.digest_every < 1:
-            raise ValueError("eval_every and digest_every must be >= 1")
+            raise ValueError(f"round-deadline-s must be > 0 seconds (or unset), got {self.round_deadline_s}")
+        for name in ("rank", "refresh_every", "local_steps", "steps", "eval_every", "digest_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{flag_name(name)} must be >= 1, got {value}")
+        if self.stop_at is not None and self.stop_at < 0:
+            raise ValueError(f"--stop-at must be >= 0, got {self.stop_at}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("--checkpoint-every needs --checkpoint-dir: the directory the checkpoints go to")
+        if self.link_mbit is not None and not self.link_mbit > 0:
+            raise ValueError(f"--link-mbit is a rate in Mbit/s and must be > 0, got {self.link_mbit}")
         if self.data.block_size > self.model.block_size:
             raise ValueError(
-                f"data.block_size ({self.data.block_size}) exceeds model.block_size ({self.model.block_size})"
+                f"data.block-size ({self.data.block_size}) exceeds model.block-size ({self.model.block_size})"
             )
         self.model.validate()
         self.data.validate()
         self.optim.validate()
         self.federated.validate()
+        if self.task is not None:
+            from disttrain.train.task import load_task_function  # task.py imports this module
+
+            load_task_function(self.task)  # the model is built, and its rank checked, in the workers
+        elif self.mode == "lm":
+            check_rank_fits(self.resolved_method().compression, model_shapes(self.model))
+
+    def resolved_method(self) -> Method:
+        """The method with this config's overrides (rank, refresh interval, round length) applied."""
+        method = with_overrides(get_method(self.method_name), rank=self.rank, refresh_every=self.refresh_every)
+        return method if self.local_steps is None else replace(method, local_steps=self.local_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,65 +161,26 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Builds a (nested) config dataclass from a dict, naming any unknown key."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in known:
-            raise ValueError(f"unknown config key {key!r} for {cls.__name__}; known keys: {', '.join(known)}")
-        default = known[key].default_factory() if known[key].default_factory is not dataclasses.MISSING else None
-        kwargs[key] = from_dict(type(default), value) if dataclasses.is_dataclass(default) else value
-    return cls(**kwargs)
+def flag_name(field_name: str) -> str:
+    """The command-line spelling of a config field: dashes, not underscores."""
+    return field_name.replace("_", "-")
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """A TOML or JSON file holding (some of) TrainConfig's fields."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config file {path!r} not found")
-    text = file.read_text()
-    return tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
-
-
-def _flag_type(value: Any, annotation: str):
-    if isinstance(value, bool):
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
-    if "float" in annotation:
-        return float
-    if "int" in annotation:
-        return int
-    return str
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig, prefix: str = "") -> None:
-    """One --flag per config field; nested dataclasses become --model.n_layer and so on."""
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(defaults, f.name)
+def check_literals(config: Any, prefix: str = "") -> None:
+    """Every field typed as a Literal, in every section, holds one of its values."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
-            add_config_flags(parser, type(value), f"{prefix}{f.name}.")
+            check_literals(value, f"{prefix}{f.name}.")
             continue
-        parser.add_argument(
-            f"--{prefix}{f.name}",
-            dest=f"cfg:{prefix}{f.name}",
-            metavar=f.name.upper(),
-            type=_flag_type(value, str(f.type)),
-            default=None,
-            help=f"(default: {value})",
-        )
+        allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+        if allowed and value not in allowed:
+            choices = ", ".join(map(str, allowed))
+            raise ValueError(f"--{prefix}{flag_name(f.name)} must be one of {choices}, got {value!r}")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the --config file, then explicit flags."""
-    values: dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
-    for key, value in vars(args).items():
-        if key.startswith("cfg:") and value is not None:
-            *parents, leaf = key[4:].split(".")
-            node = values
-            for parent in parents:
-                node = node.setdefault(parent, {})
-            node[leaf] = value
-    config = from_dict(TrainConfig, values)
-    config.validate()
-    return config
+def model_shapes(config: GPTConfig) -> list[torch.Size]:
+    """The parameter shapes of the small GPT, without allocating it."""
+    with torch.device("meta"):
+        return [p.shape for p in GPT(config).parameters()]

@@ -5,18 +5,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from disttrain.comm.device import collective_device, resolve_device
 from disttrain.comm.waiting import wait_work
 from disttrain.elastic.membership import ElasticMembership
 from disttrain.elastic.transfer import synchronise
-from disttrain.methods import get_method, with_overrides
+from disttrain.progress import progress_for
 from disttrain.train import checkpoint
 from disttrain.train.config import TrainConfig
 from disttrain.train.engines import build_engine, forward_outputs
@@ -140,9 +139,7 @@ class Trainer:
         self.config = config
         self.group = group
         self.membership = membership
-        self.method = with_overrides(get_method(config.method_name), rank=config.rank, refresh_every=config.refresh_every)
-        if config.local_steps is not None:
-            self.method = replace(self.method, local_steps=config.local_steps)
+        self.method = config.resolved_method()
         if membership is not None and self.method.engine not in ("disttrain", "local_steps"):
             raise ValueError(
                 f"method {self.method.name!r} cannot change membership (torch DDP and zeroth-order steps keep "
@@ -349,7 +346,7 @@ class Trainer:
         history: list[EvalPoint] = []
         identical = True
         failures = 0
-        bar = tqdm(total=last, initial=self.step, disable=not self.progress, desc=self.method.name)
+        bar = progress_for(self.progress, last, self.step, self.method.name)
         while self.step < last:
             try:
                 if self._membership_switch_due():
@@ -377,9 +374,7 @@ class Trainer:
                 self.membership.report_failure(self.step)
                 self._regroup()
                 continue
-            bar.n = self.step
-            bar.set_postfix(loss=f"{loss:.3f}", kB_per_step=f"{self.engine.payload_bytes_last_step / 1e3:.1f}")
-            bar.refresh()
+            bar.update(self.step, loss=f"{loss:.3f}", kB_per_step=f"{self.engine.payload_bytes_last_step / 1e3:.1f}")
         bar.close()
         val_loss, accuracy = (history[-1].val_loss, history[-1].accuracy) if history else self.evaluate()
         if self.membership is not None:
