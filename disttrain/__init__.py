@@ -1,7 +1,8 @@
-"""disttrain: train over slow links by exchanging low-rank projections of gradients."""
+"""disttrain: train over slow links by exchanging compressed updates; any model, in your own loop."""
 
 __version__ = "0.1.0"
 
-from disttrain.wrap import wrap  # noqa: E402
+from disttrain.methods import DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD  # noqa: E402
+from disttrain.session import Session, StepReport, supported_methods, wrap  # noqa: E402
 
-__all__ = ["wrap"]
+__all__ = ["DEFAULT_METHOD", "DEFAULT_PER_STEP_METHOD", "Session", "StepReport", "supported_methods", "wrap"]

@@ -24,9 +24,9 @@ def torchrun(script: str, *args: str, first_key: str = "first_loss") -> dict:
     return json.loads(re.findall(r'\{"' + first_key + r'".*?\}', output)[-1])
 
 
-@pytest.mark.parametrize("script", ["ddp_comm_hook.py", "wrap_any_model.py"])
-def test_example_trains_compressed_with_identical_replicas(script):
-    summary = torchrun(script, "--steps", "30")
+@pytest.mark.parametrize("script, method", [("ddp_comm_hook.py", []), ("own_loop_rounds.py", ["--method", "power-int4-r16"])])
+def test_example_trains_compressed_with_identical_replicas(script, method):
+    summary = torchrun(script, "--steps", "30", *method)
     assert summary["final_loss"] < 0.8 * summary["first_loss"]
     assert summary["bytes_per_step"] < summary["dense_bytes_per_step"] / 50
     assert summary["replicas_identical"]
@@ -36,4 +36,12 @@ def test_federated_example_fine_tunes_the_pretrained_model_with_identical_client
     summary = torchrun("federated_minilm.py", "--steps", "20", "--layers", "1", first_key="method")
     assert summary["method"] == "fedavg-subspace-int8-h10"
     assert summary["bytes_sent_per_client"] < summary["dense_fedavg_bytes"] / 100
+    assert summary["replicas_identical"]
+
+
+def test_own_loop_with_the_default_local_step_method_ends_with_identical_replicas():
+    summary = torchrun("own_loop_rounds.py", "--steps", "40")
+    assert summary["method"] == "diloco-sparse-k4-h5"
+    assert summary["final_loss"] < 0.8 * summary["first_loss"]
+    assert summary["compression_ratio"] >= 1000 and summary["bytes_per_step"] > 0
     assert summary["replicas_identical"]

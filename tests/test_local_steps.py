@@ -97,7 +97,7 @@ def redo_with_a_joiner(rank: int, world: int) -> tuple[bytes, bytes]:
     else:
         both.load_state_dict({**both.shared_state_dict(), "exchange_pending": 1})  # as a joiner receives it
     both.step(1, batch)
-    return tensors_digest(both.global_params), tensors_digest(alone.global_params)
+    return tensors_digest(both.replica_parameters()), tensors_digest(alone.replica_parameters())
 
 
 def test_a_redone_exchange_averages_over_the_workers_that_did_the_round():

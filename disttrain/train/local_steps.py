@@ -2,8 +2,9 @@
 
 Every worker runs ``local_steps`` AdamW steps on its own data with no communication. At the end
 of a round, the pseudo-gradient (the round's starting weights minus the current ones) goes
-through the same CompressedAllReduce as a per-step gradient would, and an outer Nesterov SGD
-step applies the average to the starting weights. Replicas are identical at round ends only;
+through the same CompressedAllReduce as a per-step gradient would, and the outer step (SGD,
+Nesterov when the method has outer momentum; see ``outer.py``) applies the average to the
+starting weights. Replicas are identical at round ends only;
 in between every worker holds its own weights and its own inner optimizer state.
 
 Under elastic membership, members switch generations at round starts. If a member dies during a
@@ -25,7 +26,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from disttrain.comm.allreduce import CompressedAllReduce
 from disttrain.comm.device import collective_device
 from disttrain.comm.link import LinkEmulator
 from disttrain.comm.waiting import wait_work
@@ -33,6 +33,7 @@ from disttrain.methods import Method
 from disttrain.optim.local_subspace import LocalSubspace
 from disttrain.train.config import TrainConfig
 from disttrain.train.engines import build_optimizer, forward_loss
+from disttrain.train.outer import OuterStep
 from disttrain.train.rounds import RoundClosing
 from disttrain.train.task import Batch
 
@@ -50,20 +51,12 @@ class LocalStepsEngine:
         self.local_steps = method.local_steps
         self.last_step = config.steps  # the run ends on a round boundary, however H divides it
         link = LinkEmulator(config.link_mbit) if config.link_mbit else None
-        self.reducer = CompressedAllReduce(
-            model.parameters(), method.compression, config.seed, group, overlap=False, link=link, fixed_membership=not elastic
-        )
+        self.outer = OuterStep(list(model.parameters()), method, config.seed, config.peak_lr, group, link, elastic)
+        self.reducer = self.outer.reducer
         self.subspace: LocalSubspace | None = None
         if method.optimizer == "projected_adamw":
             self.subspace = LocalSubspace(self.reducer.params, self.reducer.spec, config.seed)
         self.optimizer = build_optimizer(self.reducer.params, method, config, source=self.subspace)
-        self.global_params = [p.detach().clone() for p in self.reducer.params]
-        self.outer_lr, self.peak_lr = method.outer_lr, config.peak_lr
-        self.outer_lr_scheduled = method.outer_lr_scheduled
-        self.outer = torch.optim.SGD(
-            self.global_params, lr=method.outer_lr, momentum=method.outer_momentum, nesterov=method.outer_momentum > 0
-        )
-        self.rounds = 0
         self.in_sync = True
         self.dense_bytes_per_step = self.reducer.dense_bytes_per_step
         self.payload_bytes_last_step = 0
@@ -73,6 +66,10 @@ class LocalStepsEngine:
         self.did_round = True
         self.closing = RoundClosing(config.round_quorum, config.round_deadline_s)
         self._last_loss = 0.0
+
+    @property
+    def rounds(self) -> int:
+        return self.outer.rounds
 
     def step(self, step: int, batch: Batch) -> float:
         retry = self.exchange_pending == step
@@ -98,7 +95,9 @@ class LocalStepsEngine:
                 in_time, contributors = self.closing.finish(self.rounds, self.reducer.world_size)
                 if not in_time and self.did_round:
                     self._drop_round_work()
-            self._outer_step(contributors)
+            self.outer.apply(self.optimizer.param_groups[0]["lr"], contributors)
+            self.payload_bytes_last_step = self.outer.payload_bytes_last_exchange
+            self.wire_bytes_last_step = self.outer.wire_bytes_last_exchange
             self.exchange_pending = None
             self.did_round = True
         return self._last_loss
@@ -112,9 +111,7 @@ class LocalStepsEngine:
     def _drop_round_work(self) -> None:
         """The round closed before this worker finished it: back to the round's start, sending zeros."""
         log.info("round %d closed before this worker finished its local steps; its round work is dropped", self.rounds)
-        with torch.no_grad():
-            for p, start in zip(self.reducer.params, self.global_params):
-                p.copy_(start)
+        self.outer.back_to_round_start()
         self.did_round = False
 
     def _count_contributors(self) -> int:
@@ -123,40 +120,13 @@ class LocalStepsEngine:
         wait_work(dist.all_reduce(count, group=self.reducer.group, async_op=True), self.reducer.abort_check)
         return int(count.item())
 
-    def _outer_step(self, contributors: int | None) -> None:
-        """Average the compressed pseudo-gradients and move every replica to the same weights.
-
-        If the collective fails, CompressedAllReduce rolls its state back and raises before any
-        weight has changed, so the exchange can be redone.
-        """
-        with torch.no_grad():
-            for p, start in zip(self.reducer.params, self.global_params):
-                p.grad = start - p
-        self.reducer.start_step(self.rounds)
-        self.reducer.finish(contributors)
-        self.reducer.write_gradients()
-        for p, start in zip(self.reducer.params, self.global_params):
-            start.grad = p.grad
-        if self.outer_lr_scheduled:
-            self.outer.param_groups[0]["lr"] = self.outer_lr * self.optimizer.param_groups[0]["lr"] / self.peak_lr
-        self.outer.step()
-        with torch.no_grad():
-            for p, start in zip(self.reducer.params, self.global_params):
-                p.copy_(start)
-                start.grad = None
-                p.grad = None
-        self.reducer.commit()
-        self.rounds += 1
-        self.payload_bytes_last_step = self.reducer.payload_bytes_last_step
-        self.wire_bytes_last_step = self.reducer.wire_bytes_last_step
-
     # --- elastic membership -------------------------------------------------------------
     def membership_check_due(self, step: int, sync_every: int) -> bool:
         """Generations change at round starts, where every member holds the global weights."""
         return step % self.local_steps == 0
 
     def replica_parameters(self) -> list[torch.Tensor]:
-        return self.global_params
+        return self.outer.global_params
 
     # --- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -165,25 +135,13 @@ class LocalStepsEngine:
 
     def shared_state_dict(self) -> dict[str, Any]:
         """The round's starting weights, the outer optimizer and where the round stands."""
-        return {
-            "reducer": self.reducer.shared_state_dict(),
-            "outer": self.outer.state_dict(),
-            "rounds": self.rounds,
-            "global": [t.clone() for t in self.global_params],
-            "exchange_pending": self.exchange_pending,
-        }
+        return {**self.outer.shared_state_dict(), "exchange_pending": self.exchange_pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a round's start: its global weights go into the model too. A worker that
         receives them while the round's exchange is pending sends zeros in it."""
-        self.reducer.load_state_dict(state["reducer"])
+        self.outer.load_state_dict(state)
         if "inner" in state:
             self.optimizer.load_state_dict(state["inner"])
-        self.outer.load_state_dict(state["outer"])
-        self.rounds = state["rounds"]
         self.exchange_pending = state["exchange_pending"]
         self.did_round = self.exchange_pending is None or "inner" in state
-        with torch.no_grad():
-            for p, start, saved in zip(self.reducer.params, self.global_params, state["global"]):
-                start.copy_(saved)
-                p.copy_(saved)

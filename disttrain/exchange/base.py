@@ -1,0 +1,30 @@
+"""What a Session asks of its exchange."""
+
+from __future__ import annotations
+
+from typing import Any, ContextManager, Protocol
+
+
+class Exchange(Protocol):
+    in_sync: bool  # whether every replica holds the same weights after the last step
+    payload_bytes_last_step: int  # what this worker put into collectives in the last step
+    wire_bytes_last_step: int  # what those collectives moved per worker
+    dense_bytes_per_step: int  # what a dense fp32 all-reduce of the exchanged parameters moves
+
+    def no_sync(self) -> ContextManager[None]:
+        """Backward passes inside accumulate locally; the step after them sends the sum."""
+
+    def synchronize(self) -> None:
+        """Make ``.grad`` what the optimizer step will use (the average, for per-step methods)."""
+
+    def step(self, step: int) -> bool:
+        """Take the user's optimizer step number ``step`` (0-based); True when it exchanged."""
+
+    def finish(self) -> bool:
+        """Exchange what is pending, so that replicas agree; True when it exchanged."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This worker's exchange state, for checkpoints."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict() returned."""

@@ -1,0 +1,106 @@
+"""The round-end half of local-step training (DiLoCo): one compressed exchange of the pseudo-gradient
+and the outer step, which moves every replica to the same weights.
+
+Between round ends each worker holds its own weights; ``global_params`` keep the round's starting
+weights, which every replica holds bit for bit. At a round end the pseudo-gradient (start minus
+current weights) goes through the same CompressedAllReduce as a per-step gradient would, the outer
+SGD (Nesterov when the method has outer momentum) applies the average to the starting weights, and
+the result becomes every replica's weights and the next round's start. The built-in trainer's
+local-step engine and ``disttrain.Session`` in a user's loop share it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from disttrain.comm.allreduce import CompressedAllReduce
+from disttrain.comm.link import LinkEmulator
+from disttrain.methods import Method
+
+
+class OuterStep:
+    """A round's compressed exchange and outer step, and the state every replica shares between rounds."""
+
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        method: Method,
+        seed: int,
+        peak_lr: float,
+        group: dist.ProcessGroup | None = None,
+        link: LinkEmulator | None = None,
+        elastic: bool = False,
+    ):
+        self.reducer = CompressedAllReduce(
+            params, method.compression, seed, group, overlap=False, link=link, fixed_membership=not elastic
+        )
+        self.params = self.reducer.params
+        self.global_params = [p.detach().clone() for p in self.params]  # the current weights start round 0
+        self.outer_lr, self.peak_lr, self.lr_scheduled = method.outer_lr, peak_lr, method.outer_lr_scheduled
+        self.outer = torch.optim.SGD(
+            self.global_params, lr=method.outer_lr, momentum=method.outer_momentum, nesterov=method.outer_momentum > 0
+        )
+        self.rounds = 0
+
+    def apply(self, inner_lr: float, contributors: int | None = None) -> None:
+        """Average the compressed pseudo-gradients and move every replica to the same weights.
+
+        ``inner_lr`` is the inner optimizer's current learning rate (a scheduled outer lr follows
+        it); ``contributors`` is how many workers did the round (None: all of them). If the
+        collective fails, CompressedAllReduce rolls its state back and raises before any weight
+        has changed, so the exchange can be redone.
+        """
+        with torch.no_grad():
+            for p, start in zip(self.params, self.global_params):
+                p.grad = start - p
+        self.reducer.start_step(self.rounds)
+        self.reducer.finish(contributors)
+        self.reducer.write_gradients()
+        for p, start in zip(self.params, self.global_params):
+            start.grad = p.grad
+        if self.lr_scheduled:
+            self.outer.param_groups[0]["lr"] = self.outer_lr * inner_lr / self.peak_lr
+        self.outer.step()
+        with torch.no_grad():
+            for p, start in zip(self.params, self.global_params):
+                p.copy_(start)
+                start.grad = None
+                p.grad = None
+        self.reducer.commit()
+        self.rounds += 1
+
+    def back_to_round_start(self) -> None:
+        """Drop this worker's local work of the round: its weights become the round's start again."""
+        with torch.no_grad():
+            for p, start in zip(self.params, self.global_params):
+                p.copy_(start)
+
+    @property
+    def payload_bytes_last_exchange(self) -> int:
+        return self.reducer.payload_bytes_last_step
+
+    @property
+    def wire_bytes_last_exchange(self) -> int:
+        return self.reducer.wire_bytes_last_step
+
+    def shared_state_dict(self) -> dict[str, Any]:
+        """What every replica holds alike: the exchange's shared state, the outer optimizer, the round and its start."""
+        return {
+            "reducer": self.reducer.shared_state_dict(),
+            "outer": self.outer.state_dict(),
+            "rounds": self.rounds,
+            "global": [t.clone() for t in self.global_params],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a round's start (its weights go into the model too) and the exchange state saved with it."""
+        self.reducer.load_state_dict(state["reducer"])
+        self.outer.load_state_dict(state["outer"])
+        self.rounds = state["rounds"]
+        with torch.no_grad():
+            for p, start, saved in zip(self.params, self.global_params, state["global"]):
+                start.copy_(saved)
+                p.copy_(saved)

@@ -1,0 +1,174 @@
+"""disttrain.Session in a user's own loop, two real processes over Gloo: local-step rounds and
+per-step methods, the same results as `disttrain train`, replica checks, save and resume."""
+
+import pytest
+import torch
+from distributed import run_workers
+from test_digest_regression import RECORDED
+from tiny import TINY_DATA, TINY_MODEL, tiny_config
+from torch import nn
+
+import disttrain
+from disttrain.data.corpus import ByteCorpus
+from disttrain.models.gpt import GPT
+from disttrain.train.config import OptimConfig
+from disttrain.train.trainer import learning_rate
+
+STEPS = 20
+FLAGS_OPTIM = OptimConfig(warmup_steps=2)  # what TINY_FLAGS give: each method's own peak lr
+
+
+class Position:
+    """A data position the loop registers with the session (what a resumed loop seeks to)."""
+
+    def __init__(self) -> None:
+        self.batches_read = 0
+
+    def state_dict(self) -> dict:
+        return {"batches_read": self.batches_read}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_read = state["batches_read"]
+
+
+def gpt_session(method: str, check_every: int = 0) -> tuple[GPT, disttrain.Session]:
+    """The tiny GPT and AdamW as `disttrain train` builds them, under a Session."""
+    config = tiny_config(method=method, optim=FLAGS_OPTIM)
+    torch.manual_seed(config.seed)
+    model = GPT(TINY_MODEL)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.peak_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    return model, disttrain.Session(model, optimizer, method, check_every=check_every)
+
+
+def train_gpt(model: GPT, session: disttrain.Session, rank: int, world: int, steps: range, position: Position) -> list[float]:
+    """The loop `disttrain train` runs, written as a user would: its schedule, its batches."""
+    config = tiny_config(method=session.method.name, steps=STEPS, optim=FLAGS_OPTIM)
+    corpus = ByteCorpus(TINY_DATA, config.seed)
+    losses = []
+    for step in steps:
+        for group in session.optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        _, loss = model(*corpus.train_batch(step, rank, world))
+        session.backward(loss)
+        session.step()
+        session.zero_grad()
+        position.batches_read += 1
+        losses.append(loss.item())
+    return losses
+
+
+def rounds_scenarios(rank: int, world: int, checkpoint_path: str) -> dict:
+    model, session = gpt_session("diloco-sparse-k4-h5", check_every=5)
+    position = Position()
+    session.register_state("data", position)
+    in_sync = []
+    losses = train_gpt(model, session, rank, world, range(10), position)
+    session.save(checkpoint_path)
+    in_sync.append(session.in_sync)
+    losses += train_gpt(model, session, rank, world, range(10, 12), position)
+    mid_round = {"in_sync": session.in_sync}
+    for name, call in (("check", session.check_replicas), ("save", session.state_dict)):
+        with pytest.raises(RuntimeError) as error:
+            call()
+        mid_round[name] = str(error.value)
+    losses += train_gpt(model, session, rank, world, range(12, STEPS), position)
+    session.finish()
+    resumed_model, resumed = gpt_session("diloco-sparse-k4-h5")
+    resumed_position = Position()
+    resumed.register_state("data", resumed_position)
+    resumed.load(checkpoint_path)
+    train_gpt(resumed_model, resumed, rank, world, range(resumed_position.batches_read, STEPS), resumed_position)
+    return {
+        "losses": losses,
+        "summary": session.summary(),
+        "in_sync_at_round_end": in_sync,
+        "mid_round": mid_round,
+        "resumed_digest": resumed.parameters_digest()[:16],
+        "resumed_steps": resumed.steps,
+    }
+
+
+def per_step_scenario(rank: int, world: int) -> dict:
+    model, session = gpt_session("power-int4-r16", check_every=10)
+    train_gpt(model, session, rank, world, range(STEPS), Position())
+    return session.summary()
+
+
+def both(rank: int, world: int, checkpoint_path: str) -> tuple[dict, dict]:
+    """Both scenarios in one pair of processes: starting processes is most of the time."""
+    return rounds_scenarios(rank, world, checkpoint_path), per_step_scenario(rank, world)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[tuple[dict, dict]]:
+    path = str(tmp_path_factory.mktemp("session") / "rank{rank}.pt")
+    return run_workers(both, 2, path)
+
+
+@pytest.fixture(scope="module")
+def rounds(results) -> list[dict]:
+    return [r for r, _ in results]
+
+
+def test_local_step_rounds_in_a_user_loop_give_disttrain_trains_parameters_bit_for_bit(rounds):
+    assert rounds[0]["summary"]["parameter_digest"] == RECORDED["diloco-sparse-k4-h5"]
+    assert rounds[1]["summary"]["parameter_digest"] == RECORDED["diloco-sparse-k4-h5"]
+
+
+def test_per_step_method_in_a_user_loop_gives_disttrain_trains_parameters_bit_for_bit(results):
+    assert {per_step["parameter_digest"] for _, per_step in results} == {RECORDED["power-int4-r16"]}
+    assert all(per_step["replicas_identical"] for _, per_step in results)
+
+
+def test_rounds_send_over_a_thousand_times_fewer_bytes_than_dense(rounds):
+    summary = rounds[0]["summary"]
+    assert summary["compression_ratio"] >= 1000 and summary["total_bytes"] > 0
+    assert summary["steps"] == STEPS and summary["method"] == "diloco-sparse-k4-h5"
+
+
+def test_replicas_are_checked_at_round_ends_and_found_identical(rounds):
+    assert all(r["summary"]["replicas_identical"] and r["in_sync_at_round_end"] == [True] for r in rounds)
+
+
+def test_mid_round_the_session_refuses_replica_checks_and_checkpoints(rounds):
+    mid = rounds[0]["mid_round"]
+    assert mid["in_sync"] is False
+    assert "replicas agree only at round ends" in mid["check"]
+    assert "a checkpoint of local-step rounds is taken at a round end" in mid["save"]
+
+
+def test_a_saved_session_resumes_bit_for_bit_with_its_registered_state(rounds):
+    for r in rounds:
+        assert r["resumed_digest"] == r["summary"]["parameter_digest"] and r["resumed_steps"] == STEPS
+
+
+def test_loss_falls_in_a_user_loop(rounds):
+    losses = rounds[0]["losses"]
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def one_process_group(rank: int, world: int, method: str, options: dict) -> str:
+    model = nn.Linear(64, 64)
+    with pytest.raises((ValueError, TypeError)) as error:
+        disttrain.Session(model, torch.optim.SGD(model.parameters(), lr=0.1), method, **options)
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    "method, options, message",
+    [
+        ("ddp-hook", {}, "Session cannot run method 'ddp-hook': it runs inside torch DDP"),
+        ("svd-projected", {}, "replaces your optimizer with projected_adamw"),
+        ("zo-1byte", {}, "needs the 'zeroth_order' engine"),
+        ("power-int4-r16", {"local_steps": 5}, "local_steps applies to local-step methods"),
+        ("diloco-sparse-k4-h5", {"rnk": 4}, "unknown compression option(s) ['rnk']"),
+    ],
+)
+def test_what_a_session_cannot_run_is_refused_by_name(method, options, message):
+    assert message in run_workers(one_process_group, 1, method, options)[0]
+
+
+def test_a_session_without_a_process_group_says_to_use_torchrun():
+    model = nn.Linear(4, 4)
+    with pytest.raises(RuntimeError, match="launch your script with torchrun.*init_process_group"):
+        disttrain.Session(model, torch.optim.SGD(model.parameters(), lr=0.1))
