@@ -17,8 +17,8 @@ from disttrain.methods import DEFAULT_FEDERATED_METHOD, DEFAULT_METHOD, DEFAULT_
 MEASURED_FILE = Path(__file__).with_name("data") / "measured.json"
 STUDIES = ("convergence.json", "convergence-small.json")  # the 1000-step study first: its figures win
 RECOMMENDED = {
-    DEFAULT_METHOD: "default of `disttrain train` and `disttrain demo`",
-    DEFAULT_PER_STEP_METHOD: "default of `wrap()` and the Hugging Face Trainer",
+    DEFAULT_METHOD: "default of `disttrain train`, the demo, `disttrain.Session` and the Hugging Face Trainer",
+    DEFAULT_PER_STEP_METHOD: "the best that exchanges every step: `Session(model, optimizer, \"power-int4-r16\")`",
     DEFAULT_FEDERATED_METHOD: "default of `disttrain train --mode federated`",
 }
 SHORT_LIST = 5  # other methods shown without --all: the measured ones with the lowest loss

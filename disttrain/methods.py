@@ -206,7 +206,7 @@ register(Method("fedavg-subspace-int8-h10", "FedAvg, local steps inside a fresh 
 register(Method("zo-1byte", "shared-seed zeroth-order SPSA: two forward passes, no backward, one int8 byte per worker per step", engine="zeroth_order"))
 
 DEFAULT_METHOD = "diloco-sparse-k4-h5"  # the convergence study's winner (docs/convergence.md)
-# wrap() and the Hugging Face Trainer keep the user's optimizer and exchange every step: their
-# default is the best per-step method of the study that hands that optimizer a reconstructed gradient.
+# The best method of the study that exchanges every step and hands the user's own optimizer a
+# reconstructed gradient (for jobs that cannot take local steps).
 DEFAULT_PER_STEP_METHOD = "power-int4-r16"
 DEFAULT_FEDERATED_METHOD = "fedavg-subspace-int8-h10"

@@ -34,7 +34,7 @@ def test_sections_are_recommended_then_baselines_then_the_other_methods():
 def test_the_three_defaults_are_recommended_with_their_roles():
     recommended = sections(render())["Recommended"]
     assert names(recommended) == [DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD, DEFAULT_FEDERATED_METHOD]
-    for row, role in zip(recommended, ("`disttrain train`", "`wrap()` and the Hugging Face Trainer", "--mode federated")):
+    for row, role in zip(recommended, ("`disttrain.Session` and the Hugging Face Trainer", "exchanges every step", "--mode federated")):
         assert role in row
 
 
