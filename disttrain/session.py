@@ -12,6 +12,17 @@ collectives that launch during backward. With a local-step method (``diloco-*``,
 optimizer's steps are local and every H steps one compressed exchange of the round's update and an
 outer step make every replica the same. Either way the session counts bytes, checks that replicas
 are bit-identical, and saves and restores everything a resumed run needs.
+
+Elastic, with no torchrun: give ``coordinator="tcp://HOST:PORT"`` (or set $DISTTRAIN_COORDINATOR)
+and a job secret ($DISTTRAIN_SECRET or ``secret_file``), and the session forms its process group
+through a running ``disttrain coordinator``. Workers may die or join mid-run; a failed exchange is
+redone in the next generation inside ``step()``, and a joiner receives a donor's state (model,
+optimizer, scheduler, exchange, registered state and the step) when it is created. Its loop seeks
+its data from ``session.steps``:
+
+    while session.steps < total:
+        x, y = batch(session.steps)
+        ...
 """
 
 from __future__ import annotations
@@ -30,9 +41,10 @@ from disttrain.comm.allreduce import DEFAULT_BUCKET_CAP_BYTES
 from disttrain.comm.link import LinkEmulator
 from disttrain.compress.factory import CompressionSpec
 from disttrain.exchange import Exchange, LocalRoundsExchange, PerStepExchange
+from disttrain.exchange.membership import Membership, membership_for, model_fingerprint
 from disttrain.methods import DEFAULT_METHOD, METHODS, Method, get_method
 from disttrain.train import checkpoint
-from disttrain.train.replica import broadcast_from_rank0, check_replicas, parameter_digest
+from disttrain.train.replica import check_replicas, parameter_digest, tensors_digest
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +116,6 @@ def resolve_method(method: str | CompressionSpec, local_steps: int | None, overr
     return chosen
 
 
-def _require_process_group() -> None:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "a disttrain Session needs an initialised torch.distributed process group: launch your script "
-            "with torchrun (torchrun --nproc-per-node 2 train.py) and call "
-            "torch.distributed.init_process_group('gloo') (or 'nccl') before creating it"
-        )
-
-
 def _check_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Something must be trainable, and every trainable parameter the optimizer updates must be
     exchanged, or replicas drift apart."""
@@ -128,12 +131,6 @@ def _check_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
         )
 
 
-def _broadcast_buffers(model: torch.nn.Module, group: dist.ProcessGroup | None) -> None:
-    src = 0 if group is None else dist.get_global_rank(group, 0)
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=src, group=group)
-
-
 class Session:
     """A model and optimizer trained together by every worker of the process group.
 
@@ -143,6 +140,10 @@ class Session:
     ``local_steps`` a local-step method's round length. ``seed`` keys the seeded bases and must be
     the same on every rank. ``check_every`` steps (0: never) the replicas are compared at the next
     point where they agree, and repaired from rank 0 if they differ.
+
+    With ``coordinator`` (or $DISTTRAIN_COORDINATOR) no process group is needed: the session joins
+    the elastic job ``job`` of that coordinator (secret from ``secret_file`` or $DISTTRAIN_SECRET),
+    and membership changes at round starts and after failures, inside step(). Local-step methods only.
     """
 
     def __init__(
@@ -159,31 +160,43 @@ class Session:
         check_every: int = 0,
         on_step: Callable[[StepReport], None] | None = None,
         bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
+        coordinator: str | None = None,
+        job: str = "disttrain",
+        secret_file: str | None = None,
         **compression: Any,
     ):
         self.method = resolve_method(method, local_steps, compression)
-        _require_process_group()
         _check_parameters(model, optimizer)
         if check_every < 0:
             raise ValueError(f"check_every must be >= 0 steps (0: never), got {check_every}")
+        fingerprint = model_fingerprint(model, dataclasses.asdict(self.method))
+        self.members: Membership = membership_for(group, coordinator, job, secret_file, fingerprint)
+        if self.members.elastic and self.method.engine != "local_steps":
+            raise ValueError(
+                f"a Session under a coordinator runs local-step methods (diloco-*); {self.method.name!r} "
+                "exchanges every step: pick one of "
+                + ", ".join(m for m in supported_methods() if METHODS[m].engine == "local_steps")
+            )
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.group = group
         self.check_every = check_every
         self.on_step = on_step
-        broadcast_from_rank0(model, group=group)
-        _broadcast_buffers(model, group)
+        self.members.join(model)
         link = LinkEmulator(link_mbit) if link_mbit else None
         self.exchange: Exchange
         if self.method.engine == "local_steps":
-            self.exchange = LocalRoundsExchange(model, optimizer, self.method, seed, group, link)
+            self.exchange = LocalRoundsExchange(model, optimizer, self.method, seed, group, link, self.members.elastic)
         else:
             self.exchange = PerStepExchange(model, optimizer, self.method, seed, group, bucket_cap_bytes, link)
-        self.steps = 0
+        self.exchange.reducer.abort_check = self.members.abort_check
+        self.steps = 0  # steps done; a joiner starts at the donor's (loop with `while session.steps < total`)
         self.total_bytes = 0
         self.total_wire_bytes = 0
         self.replicas_identical = True  # every replica check so far found identical parameters
         self._check_due = False
         self._extra: dict[str, Stateful] = {}
+        self._received_extra: dict[str, Any] = {}  # a donor's registered state, loaded on registration
+        self.members.agree(self)
         log.info(
             "session: method %s, %d parameters exchanged, dense fp32 would send %d bytes per step",
             self.method.name, sum(p.numel() for p in model.parameters() if p.requires_grad), self.dense_bytes_per_step,
@@ -205,10 +218,15 @@ class Session:
 
     def step(self) -> None:
         """Instead of ``optimizer.step()``: update, exchange when due, then the scheduler's step."""
-        exchanged = self.exchange.step(self.steps)
+        step = self.steps
+        exchanged = self.members.exchange(lambda: self.exchange.step(step), self)
+        if self.steps != step:
+            return  # a regroup brought a donor's state from after this step
         if self.scheduler is not None:
             self.scheduler.step()
         self.steps += 1
+        if self.exchange.in_sync:
+            self.members.round_start(self)
         self._after(exchanged)
 
     def zero_grad(self) -> None:
@@ -218,7 +236,8 @@ class Session:
     def finish(self) -> None:
         """At the end of training: exchange a round still open, so every replica ends the same."""
         self._check_due |= self.check_every > 0
-        self._after(self.exchange.finish())
+        self._after(self.members.exchange(self.exchange.finish, self))
+        self.members.finish(self)
 
     def _after(self, exchanged: bool) -> None:
         """Count the step's bytes, check the replicas when due and where they agree, report."""
@@ -257,6 +276,7 @@ class Session:
         """The run so far in one dict: steps, bytes (payload and wire), compression, replica checks."""
         return {
             "steps": self.steps,
+            "workers": dist.get_world_size(self.group),
             "method": self.method.name,
             "bytes_per_step": round(self.bytes_per_step, 1),
             "wire_bytes_per_step": round(self.total_wire_bytes / max(1, self.steps), 1),
@@ -288,18 +308,33 @@ class Session:
         if name in self._extra:
             raise ValueError(f"state {name!r} is registered already")
         self._extra[name] = state
+        if name in self._received_extra:  # a joiner registers what its donor sent
+            state.load_state_dict(self._received_extra.pop(name))
+
+    def _state(self, exchange: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "exchange": exchange,
+            "extra": {name: state.state_dict() for name, state in self._extra.items()},
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        """Model, optimizer, scheduler and step of ``state`` (the exchange's state is loaded after)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = state["steps"]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything this worker needs to resume: model, optimizer, scheduler, exchange, registered state."""
         return {
-            "steps": self.steps,
+            **self._state(self.exchange.state_dict()),
             "method": dataclasses.asdict(self.method),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "exchange": self.exchange.state_dict(),
             "bytes": (self.total_bytes, self.total_wire_bytes),
-            "extra": {name: state.state_dict() for name, state in self._extra.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -311,15 +346,34 @@ class Session:
         missing = sorted(set(self._extra) ^ set(state["extra"]))
         if missing:
             raise ValueError(f"registered state differs from the saved one: {missing}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        self._load(state)
         self.exchange.load_state_dict(state["exchange"])
-        self.steps = state["steps"]
         self.total_bytes, self.total_wire_bytes = state["bytes"]
         for name, extra in self._extra.items():
             extra.load_state_dict(state["extra"][name])
+
+    # --- elastic membership: what a joiner receives from a donor ------------------------
+    def replica_digest(self) -> bytes:
+        """SHA-256 of what every replica holds alike whenever membership may change."""
+        return tensors_digest(self.exchange.replica_parameters())
+
+    def export_replica(self) -> dict[str, Any]:
+        """This replica's state for a joiner: like state_dict(), with the exchange's shared state only."""
+        return self._state(self.exchange.shared_state_dict())
+
+    def load_replica(self, state: dict[str, Any]) -> None:
+        """Become the donor's replica; registered state not registered yet is loaded when it is."""
+        self._load(state)
+        self.exchange.load_shared_state_dict(state["exchange"])
+        for name, extra in state["extra"].items():
+            if name in self._extra:
+                self._extra[name].load_state_dict(extra)
+            else:
+                self._received_extra[name] = extra
+
+    def request_refresh(self) -> None:
+        """Renew the exchange's bases at this step (the coordinator asked every member to)."""
+        self.exchange.reducer.request_refresh()
 
     def save(self, path: str | Path) -> Path:
         """Write this worker's state atomically; ``{rank}`` in ``path`` becomes this worker's rank."""

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any, ContextManager, Protocol
 
+import torch
+
 
 class Exchange(Protocol):
+    reducer: Any  # the CompressedAllReduce it sends through
     in_sync: bool  # whether every replica holds the same weights after the last step
     payload_bytes_last_step: int  # what this worker put into collectives in the last step
     wire_bytes_last_step: int  # what those collectives moved per worker
@@ -23,8 +26,17 @@ class Exchange(Protocol):
     def finish(self) -> bool:
         """Exchange what is pending, so that replicas agree; True when it exchanged."""
 
+    def replica_parameters(self) -> list[torch.Tensor]:
+        """The parameters every replica holds alike whenever membership may change."""
+
     def state_dict(self) -> dict[str, Any]:
         """This worker's exchange state, for checkpoints."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict() returned."""
+
+    def shared_state_dict(self) -> dict[str, Any]:
+        """What a worker joining now needs to match the others (never a worker's own residuals)."""
+
+    def load_shared_state_dict(self, state: dict[str, Any]) -> None:
+        """Take a donor's shared_state_dict()."""

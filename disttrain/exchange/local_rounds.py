@@ -1,5 +1,11 @@
 """Local-step rounds in the user's loop: the user's optimizer steps locally; every H steps one
-compressed exchange of the pseudo-gradient and the outer step make every replica the same."""
+compressed exchange of the pseudo-gradient and the outer step make every replica the same.
+
+Under elastic membership a round-end exchange that failed is redone by calling the same step
+again: it keeps the round's local work and only exchanges. A worker that received the round's
+start while that exchange was pending sends a zero pseudo-gradient, and the average is over
+the workers that did the round.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from disttrain.comm.device import collective_device
 from disttrain.comm.link import LinkEmulator
+from disttrain.comm.waiting import wait_work
 from disttrain.methods import Method
 from disttrain.train.outer import OuterStep
 
@@ -32,15 +40,19 @@ class LocalRoundsExchange:
         seed: int,
         group: dist.ProcessGroup | None,
         link: LinkEmulator | None,
+        elastic: bool = False,
     ):
         self.optimizer = optimizer
         self.local_steps = method.local_steps
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.outer = OuterStep(trainable, method, seed, peak_lr_of(optimizer), group, link)
-        self.dense_bytes_per_step = self.outer.reducer.dense_bytes_per_step
+        self.outer = OuterStep(trainable, method, seed, peak_lr_of(optimizer), group, link, elastic)
+        self.reducer = self.outer.reducer
+        self.dense_bytes_per_step = self.reducer.dense_bytes_per_step
         self.in_sync = True
         self.payload_bytes_last_step = 0
         self.wire_bytes_last_step = 0
+        self.exchange_pending = False  # the round-end exchange failed and waits to be redone
+        self.did_round = True  # False for a worker that received the round's start while its exchange was pending
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # inner steps never communicate
@@ -49,7 +61,8 @@ class LocalRoundsExchange:
         pass  # the gradients of an inner step are this worker's own
 
     def step(self, step: int) -> bool:
-        self.optimizer.step()
+        if not self.exchange_pending:  # a redone step only redoes its exchange
+            self.optimizer.step()
         self.in_sync = False
         self.payload_bytes_last_step = self.wire_bytes_last_step = 0
         if (step + 1) % self.local_steps == 0:
@@ -59,11 +72,25 @@ class LocalRoundsExchange:
     def finish(self) -> bool:
         if self.in_sync:
             return False
-        self.outer.apply(self.optimizer.param_groups[0]["lr"])
+        contributors = self._count_contributors() if self.exchange_pending else None
+        self.exchange_pending = True  # from here on, a failure redoes only the exchange
+        self.outer.apply(self.optimizer.param_groups[0]["lr"], contributors)
+        self.exchange_pending = False
+        self.did_round = True
         self.payload_bytes_last_step = self.outer.payload_bytes_last_exchange
         self.wire_bytes_last_step = self.outer.wire_bytes_last_exchange
         self.in_sync = True
         return True
+
+    def _count_contributors(self) -> int:
+        """How many members did this round's local steps (a worker admitted since its start did not)."""
+        count = torch.tensor([int(self.did_round)], device=collective_device(self.reducer.group))
+        wait_work(dist.all_reduce(count, group=self.reducer.group, async_op=True), self.reducer.abort_check)
+        return int(count.item())
+
+    def replica_parameters(self) -> list[torch.Tensor]:
+        """What every replica holds alike, even mid-round: the round's starting weights."""
+        return self.outer.global_params
 
     def state_dict(self) -> dict[str, Any]:
         if not self.in_sync:
@@ -74,3 +101,14 @@ class LocalRoundsExchange:
         self.outer.load_state_dict(state["outer"])
         self.outer.reducer.load_state_dict(state["exchange"])
         self.in_sync = True
+
+    def shared_state_dict(self) -> dict[str, Any]:
+        """What a worker joining now needs, mid-round too: the round's start and whether its exchange is pending."""
+        return {"outer": self.outer.shared_state_dict(), "pending": self.exchange_pending}
+
+    def load_shared_state_dict(self, state: dict[str, Any]) -> None:
+        """Take a donor's round start (into the model too); while its exchange is pending, send zeros in it."""
+        self.outer.load_state_dict(state["outer"])
+        self.exchange_pending = state["pending"]
+        self.did_round = not self.exchange_pending
+        self.in_sync = not self.exchange_pending

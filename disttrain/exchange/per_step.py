@@ -103,6 +103,9 @@ class PerStepExchange:
     def finish(self) -> bool:
         return False  # every step already ended in agreement
 
+    def replica_parameters(self) -> list[torch.Tensor]:
+        return self.reducer.params
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self._step, "exchange": self.reducer.state_dict()}
 
@@ -110,3 +113,9 @@ class PerStepExchange:
         self.reducer.load_state_dict(state["exchange"])
         self._step = state["step"]
         self._restart()
+
+    def shared_state_dict(self) -> dict[str, Any]:
+        return {"step": self._step, "exchange": self.reducer.shared_state_dict()}
+
+    def load_shared_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state)
