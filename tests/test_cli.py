@@ -108,6 +108,7 @@ def cli_error(argv: list[str], capsys, monkeypatch) -> str:
         raise AssertionError("a process was started before the input was checked")
 
     monkeypatch.setattr(cli, "launch_local", spawned)
+    monkeypatch.setattr(cli, "setup_logging", lambda tag: None)  # the test process keeps its own logging
     monkeypatch.setenv("DISTTRAIN_SECRET", "0" * 64)  # the demo would set one for the rest of the session
     monkeypatch.setattr(cli.Coordinator, "serve", spawned)
     try:
