@@ -231,3 +231,19 @@ def test_throttled_warnings_are_never_lost_and_at_most_one_line_per_window(event
         summarised = sum(int(text.split(" ", 1)[0]) for _, text in lines if " more like it " in text)
         assert len(lines) - sum(" more like it " in text for _, text in lines) + summarised == sum(k == kind for k, _ in events)
         assert all(later - earlier >= 10.0 for (earlier, _), (later, _) in itertools.pairwise(lines))
+
+
+def test_a_worker_that_does_not_fit_in_a_full_generation_waits_without_replacing_it():
+    coord = running(A, B, max_workers=2)
+    join(coord, C, now=1.0)
+    for tick in range(20):
+        coord.tick(now=2.0 + tick)
+        send(coord, "heartbeat", A, {"step": 1}, now=2.0 + tick, gen=coord.gen)
+        send(coord, "heartbeat", B, {"step": 1}, now=2.0 + tick, gen=coord.gen)
+        send(coord, "heartbeat", C, {"step": 0}, now=2.0 + tick)
+    assert coord.gen == 1 and coord.roster == [A, B]
+    leave(coord, B, now=22.0, finished=False)
+    send(coord, "failed", A, {"step": 1}, now=22.1, gen=coord.gen)  # A's next collective fails without B
+    send(coord, "heartbeat", C, {"step": 0}, now=22.2)
+    coord.tick(now=22.3)
+    assert coord.gen == 2 and coord.roster == [A, C]

@@ -245,7 +245,8 @@ class Coordinator:
             unresolved = [w for w in self.roster if w in self.members and self.members[w].failed_gen != self.gen]
             if not unresolved:
                 self._new_generation(now)
-        elif self._waiting() and len(self._candidates()) >= self._needed():
+        elif self._waiting() and len(self._candidates()) >= self._needed() and self._candidates() != self.roster:
+            # A waiting worker that does not fit (the roster is at max_workers) changes nothing.
             if now - self.last_join >= self.config.join_grace_s or len(self._candidates()) >= self.config.max_workers:
                 self._new_generation(now)
 
