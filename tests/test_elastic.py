@@ -110,6 +110,18 @@ def test_a_worker_that_joins_after_the_last_step_is_told_the_job_finished_and_ex
         job.close()
 
 
+@pytest.mark.slow
+def test_a_worker_cut_off_until_after_the_end_is_told_the_job_finished_and_exits_0(job):
+    start(job)
+    job.wait_for_step(0, 40)
+    job.signal(2, signal.SIGSTOP)  # silent like a partitioned worker: no reset reaches the others
+    assert job.wait_for_exit([0, 1]) == [0, 0]
+    digest = job.summary(0)["parameter_digest"]
+    job.signal(2, signal.SIGCONT)  # the link heals after the run ended
+    assert job.wait_for_exit([2], timeout_s=120) == [0]
+    assert f"already finished at step {job.steps} (parameter digest {digest})".encode() in job.log(2)
+
+
 def test_torchrun_processes_join_through_the_coordinator(job):
     job.start_coordinator(start_workers=2)
     result = subprocess.run(
