@@ -306,7 +306,7 @@ def derive(records: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
 def target_checks(records: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
     """The issue's targets at the headline rate, for the best disttrain method."""
     at_rate = [r for r in records if r["rate_mbit"] == settings.headline_mbit and r.get("time_to_target_s")]
-    ours = [r for r in at_rate if get_method(r["method"]).engine in ("disttrain", "local_steps")]
+    ours = [r for r in at_rate if get_method(r["method"]).compresses and not get_method(r["method"]).traits.torch_ddp]
     powersgd = [r for r in at_rate if r["method"].startswith("powersgd")]
     if not ours:
         return {"best": None}

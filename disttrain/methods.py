@@ -17,8 +17,30 @@ Engine = Literal["disttrain", "local_steps", "zeroth_order", "ddp", "ddp_powersg
 OptimizerKind = Literal["adamw", "projected_adamw", "orthogonal", "sgd"]
 Role = Literal["baseline", "study"]
 PROJECTED_OPTIMIZERS = ("projected_adamw", "orthogonal")  # they read the averaged coefficients themselves
-COMPRESSING_ENGINES: tuple[Engine, ...] = ("disttrain", "local_steps", "ddp_hook")
 REFRESHED_BASES = ("svd", "seeded", "sparse_rows")  # bases redrawn or recomputed every refresh_every steps
+
+
+@dataclass(frozen=True)
+class EngineTraits:
+    """What an engine can do, declared once: the CLI's checks, the Session, the Hugging Face
+    integration, the trainer and the benchmarks read these, not engine names."""
+
+    compresses: bool  # runs the method's CompressionSpec (torch DDP and zeroth-order steps do not)
+    rounds: bool  # local steps between exchanges: replicas agree only at round ends
+    elastic: bool  # membership may change mid-run (the coordinator's generations)
+    user_optimizer: bool  # the user's own optimizer applies the update (a Session, the Hugging Face Trainer)
+    torch_ddp: bool  # runs inside torch DistributedDataParallel
+    federated: bool  # trains without a per-step gradient exchange, as --mode federated needs
+
+
+ENGINES: dict[Engine, EngineTraits] = {
+    "disttrain": EngineTraits(compresses=True, rounds=False, elastic=True, user_optimizer=True, torch_ddp=False, federated=False),
+    "local_steps": EngineTraits(compresses=True, rounds=True, elastic=True, user_optimizer=True, torch_ddp=False, federated=True),
+    "zeroth_order": EngineTraits(compresses=False, rounds=False, elastic=False, user_optimizer=False, torch_ddp=False, federated=True),
+    "ddp": EngineTraits(compresses=False, rounds=False, elastic=False, user_optimizer=True, torch_ddp=True, federated=False),
+    "ddp_powersgd": EngineTraits(compresses=False, rounds=False, elastic=False, user_optimizer=True, torch_ddp=True, federated=False),
+    "ddp_hook": EngineTraits(compresses=True, rounds=False, elastic=False, user_optimizer=True, torch_ddp=True, federated=False),
+}
 
 
 @dataclass(frozen=True)
@@ -53,9 +75,14 @@ class Method:
     role: Role = "study"
 
     @property
+    def traits(self) -> EngineTraits:
+        """What this method's engine can do."""
+        return ENGINES[self.engine]
+
+    @property
     def compresses(self) -> bool:
         """Whether the engine runs this method's CompressionSpec (torch DDP and zeroth-order steps do not)."""
-        return self.engine in COMPRESSING_ENGINES
+        return self.traits.compresses
 
     @property
     def overrides(self) -> frozenset[str]:
@@ -65,7 +92,7 @@ class Method:
             taken.add("rank")
         if self.compresses and spec.basis in REFRESHED_BASES:
             taken.add("refresh_every")
-        if self.engine == "local_steps":
+        if self.traits.rounds:
             taken.add("local_steps")
         return frozenset(taken)
 

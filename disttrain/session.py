@@ -48,7 +48,6 @@ from disttrain.train.replica import check_replicas, parameter_digest, tensors_di
 
 log = logging.getLogger(__name__)
 
-SESSION_ENGINES = ("disttrain", "local_steps")  # engines a Session runs in the user's loop
 
 
 class Stateful(Protocol):
@@ -70,12 +69,12 @@ class StepReport:
 
 def unsupported(method: Method) -> str | None:
     """Why a Session cannot run ``method`` in a user's loop (None when it can)."""
-    if method.engine.startswith("ddp"):
+    if method.traits.torch_ddp:
         return (
             f"runs inside torch DDP (engine {method.engine!r}); with DDP, register "
             "disttrain.comm.disttrain_hook on your DistributedDataParallel model instead"
         )
-    if method.engine not in SESSION_ENGINES:
+    if not method.traits.user_optimizer:
         return f"needs the {method.engine!r} engine of `disttrain train`, which runs its own forward passes"
     if method.optimizer != "adamw":
         return (
@@ -106,7 +105,7 @@ def resolve_method(method: str | CompressionSpec, local_steps: int | None, overr
     if unknown:
         raise TypeError(f"unknown compression option(s) {unknown}; CompressionSpec fields are: {', '.join(fields)}")
     if local_steps is not None:
-        if chosen.engine != "local_steps":
+        if not chosen.traits.rounds:
             raise ValueError(f"local_steps applies to local-step methods, and {chosen.name!r} exchanges every step")
         if local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {local_steps}")
@@ -171,11 +170,11 @@ class Session:
             raise ValueError(f"check_every must be >= 0 steps (0: never), got {check_every}")
         fingerprint = model_fingerprint(model, dataclasses.asdict(self.method))
         self.members: Membership = membership_for(group, coordinator, job, secret_file, fingerprint)
-        if self.members.elastic and self.method.engine != "local_steps":
+        if self.members.elastic and not self.method.traits.rounds:
             raise ValueError(
                 f"a Session under a coordinator runs local-step methods (diloco-*); {self.method.name!r} "
                 "exchanges every step: pick one of "
-                + ", ".join(m for m in supported_methods() if METHODS[m].engine == "local_steps")
+                + ", ".join(m for m in supported_methods() if METHODS[m].traits.rounds)
             )
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.group = group
@@ -184,7 +183,7 @@ class Session:
         self.members.join(model)
         link = LinkEmulator(link_mbit) if link_mbit else None
         self.exchange: Exchange
-        if self.method.engine == "local_steps":
+        if self.method.traits.rounds:
             self.exchange = LocalRoundsExchange(model, optimizer, self.method, seed, group, link, self.members.elastic)
         else:
             self.exchange = PerStepExchange(model, optimizer, self.method, seed, group, bucket_cap_bytes, link)
@@ -297,7 +296,7 @@ class Session:
         parameters; otherwise logs the differing ranks and copies rank 0's weights to all."""
         if not self.in_sync:
             raise RuntimeError("replicas agree only at round ends: check them when session.in_sync (or after finish())")
-        shared_optimizer = self.optimizer if self.method.engine != "local_steps" else None  # inner state is local
+        shared_optimizer = None if self.method.traits.rounds else self.optimizer  # inner state is local
         identical = check_replicas(self.model, shared_optimizer, self.group, self.steps)
         self.replicas_identical &= identical
         return identical

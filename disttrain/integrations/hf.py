@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 def runs_in_trainer(method: Method) -> bool:
     """Whether Trainer's AdamW can apply the method: a per-step exchange or local-step rounds."""
-    return method.engine in ("disttrain", "ddp_hook", "local_steps") and method.optimizer == "adamw"
+    return method.traits.user_optimizer and method.traits.compresses and method.optimizer == "adamw"
 
 
 class DisttrainCallback(TrainerCallback):
@@ -103,7 +103,7 @@ class DisttrainCallback(TrainerCallback):
             log.info("one process: nothing to exchange")
             return
         params = [p for p in wrapped.module.parameters() if p.requires_grad]
-        if self.method.engine == "local_steps":
+        if self.method.traits.rounds:
             self.outer = OuterStep(params, self.method, args.seed, args.learning_rate, wrapped.process_group)
             wrapped.register_comm_hook(None, noop_hook)
         else:

@@ -47,7 +47,6 @@ RUNTIME_FIELDS = (
 Mode = Literal["lm", "federated"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "bf16"]
-ROUND_ENGINES = ("local_steps", "zeroth_order")
 RUN, METHOD, ROUNDS = "run", "method and compression", "local-step rounds (quorum and deadline)"  # groups of flags
 
 
@@ -101,13 +100,12 @@ class TrainConfig:
         for name in ("rank", "refresh_every", "local_steps"):
             if getattr(self, name) is not None and name not in method.overrides:
                 raise ValueError(f"--{flag_name(name)} does not apply to {method.name!r}: {method.why_not(name)}")
-        engine = method.engine
-        if self.mode == "federated" and engine not in ROUND_ENGINES:
+        if self.mode == "federated" and not method.traits.federated:
             raise ValueError(
                 f"federated mode trains in rounds, and {self.method_name!r} exchanges gradients every step: "
                 f"pick a fedavg-*, diloco-* or zo-* method, or drop --method for {DEFAULT_FEDERATED_METHOD!r}"
             )
-        if (self.round_quorum < 1 or self.round_deadline_s is not None) and engine != "local_steps":
+        if (self.round_quorum < 1 or self.round_deadline_s is not None) and not method.traits.rounds:
             raise ValueError(
                 f"round-quorum and round-deadline-s close local-step rounds, and {self.method_name!r} has none: "
                 "drop them or pick a fedavg-* or diloco-* method"

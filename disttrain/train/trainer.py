@@ -140,7 +140,7 @@ class Trainer:
         self.group = group
         self.membership = membership
         self.method = config.resolved_method()
-        if membership is not None and self.method.engine not in ("disttrain", "local_steps"):
+        if membership is not None and not self.method.traits.elastic:
             raise ValueError(
                 f"method {self.method.name!r} cannot change membership (torch DDP and zeroth-order steps keep "
                 "their group): pick a disttrain per-step or local-step method for elastic training (see `disttrain methods`)"
