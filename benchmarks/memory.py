@@ -29,7 +29,7 @@ from disttrain.methods import METHODS
 from disttrain.models.gpt import GPT
 from disttrain.optim import optimizer_state_bytes
 from disttrain.train.config import TrainConfig
-from disttrain.train.engines import build_engine
+from disttrain.train.engine_factory import build_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
 import common  # noqa: E402

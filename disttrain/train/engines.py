@@ -224,23 +224,3 @@ class DDPEngine(PerStepMembership):
         if self.hook_state is not None and state:
             load_compressor_states(self.hook_state.compressors, state["compressors"])
             self.hook_state.step = state["step"]
-
-
-def build_engine(
-    model: torch.nn.Module, method: Method, config: TrainConfig, group=None, elastic: bool = False
-) -> Engine:
-    if method.engine == "disttrain":
-        return DisttrainEngine(model, method, config, group, elastic)
-    if method.engine == "local_steps":
-        from disttrain.train.local_steps import LocalStepsEngine  # it builds on forward_loss above
-
-        return LocalStepsEngine(model, method, config, group, elastic)
-    if method.engine == "zeroth_order":
-        from disttrain.federated.zeroth_order_engine import ZerothOrderEngine
-
-        return ZerothOrderEngine(model, config, group)
-    if method.engine in ("ddp", "ddp_powersgd", "ddp_hook"):
-        if not dist.is_initialized():
-            raise RuntimeError(f"method {method.name!r} needs an initialised process group (torch DDP)")
-        return DDPEngine(model, method, config, group)
-    raise ValueError(f"unknown engine {method.engine!r} in method {method.name!r}")

@@ -18,7 +18,8 @@ from disttrain.elastic.transfer import synchronise
 from disttrain.progress import progress_for
 from disttrain.train import checkpoint
 from disttrain.train.config import TrainConfig
-from disttrain.train.engines import build_engine, forward_outputs
+from disttrain.train.engine_factory import build_engine
+from disttrain.train.engines import forward_outputs
 from disttrain.train.replica import broadcast_from_rank0, check_replicas, parameter_digest, tensors_digest
 from disttrain.train.task import Batch, batch_to, build_task
 
