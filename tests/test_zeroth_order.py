@@ -67,6 +67,10 @@ def test_quantiser_saturates_at_the_clip(clip, excess, sign, offset):
     assert quantize(sign * clip * excess, clip, offset) == sign * 127
 
 
+def test_quantiser_saturates_at_the_negative_clip_whatever_the_rounding_offset():
+    assert quantize(-1.0, 1.0, 0.9999999999999999) == -127  # floor(-127 + 0.99999...) is -126 in floating point
+
+
 @pytest.mark.parametrize("g", [math.nan, math.inf, -math.inf])
 def test_non_finite_gradient_sends_zero(g):
     assert quantize(g, 1.0) == 0

@@ -97,9 +97,10 @@ def quantize(g: float, clip: float, offset: float = 0.5) -> int:
     """
     if not math.isfinite(g):
         return 0
-    # g / clip is exactly 1 at the clip (g * 127 / clip need not be 127); an offset just below 1 can still round up.
-    code = math.floor(max(-1.0, min(1.0, g / clip)) * CODE_LIMIT + offset)
-    return max(-CODE_LIMIT, min(CODE_LIMIT, code))
+    scaled = g / clip  # exactly +-1 at the clip (g * 127 / clip need not be 127)
+    if abs(scaled) >= 1.0:
+        return int(math.copysign(CODE_LIMIT, scaled))  # saturate: -127 + an offset near 1 would round to -126
+    return max(-CODE_LIMIT, min(CODE_LIMIT, math.floor(scaled * CODE_LIMIT + offset)))
 
 
 def dequantize(code: int, clip: float) -> float:
