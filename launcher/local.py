@@ -138,7 +138,7 @@ def launch_local(nproc: int, worker_args: list[str], timeout_s: float | None = N
     try:
         if elastic:
             finished = wait_for_all(procs, timeout_s)
-            code = _elastic_outcome(procs) if finished else TIMED_OUT
+            code = elastic_outcome(procs) if finished else TIMED_OUT
         else:
             code = wait_for_workers(procs, timeout_s)
         if code == TIMED_OUT:
@@ -156,7 +156,7 @@ def launch_local(nproc: int, worker_args: list[str], timeout_s: float | None = N
     return code
 
 
-def _elastic_outcome(procs: list[subprocess.Popen]) -> int:
+def elastic_outcome(procs: list[subprocess.Popen]) -> int:
     """0 when at least one elastic worker finished the run; else the first worker's exit code."""
     lost = [(index, proc) for index, proc in enumerate(procs) if proc.returncode != 0]
     for index, proc in lost:

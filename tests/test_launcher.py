@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tiny import TINY_PER_STEP_FLAGS
 
 from disttrain.launcher.elastic_job import ElasticJob
-from disttrain.launcher.local import _elastic_outcome, describe_exit
+from disttrain.launcher.local import elastic_outcome, describe_exit
 from disttrain.progress import PROGRESS_PREFIX
 
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (w\d+|w[0-9a-f]{4}|main) (INFO|WARNING|ERROR) [\w.]+: ")
@@ -30,11 +32,11 @@ def finished_processes(*codes: int) -> list[subprocess.Popen]:
 
 
 def test_an_elastic_run_succeeds_when_some_worker_finished_it():
-    assert _elastic_outcome(finished_processes(0, -signal.SIGKILL, 0)) == 0
+    assert elastic_outcome(finished_processes(0, -signal.SIGKILL, 0)) == 0
 
 
 def test_an_elastic_run_fails_when_no_worker_finished_it():
-    assert _elastic_outcome(finished_processes(-signal.SIGKILL, 1)) == -signal.SIGKILL
+    assert elastic_outcome(finished_processes(-signal.SIGKILL, 1)) == -signal.SIGKILL
 
 
 def test_exit_statuses_are_described_in_words():
@@ -54,6 +56,7 @@ def test_local_workers_write_timestamped_log_lines_and_no_progress_protocol():
     assert result.stdout.count("\n") == 1  # the summary line, and nothing glued to it
 
 
+@pytest.mark.slow
 def test_an_elastic_local_run_exits_0_when_a_worker_is_lost_and_the_others_finish(tmp_path):
     job = ElasticJob(tmp_path, [])
     job.start_coordinator(start_workers=3)

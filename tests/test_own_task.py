@@ -35,6 +35,7 @@ def test_own_task_trains_with_identical_replicas(flags, method):
     assert summary["replicas_identical"] is True
 
 
+@pytest.mark.slow
 def test_own_task_resumes_from_its_checkpoint_bit_identical(tmp_path):
     straight = train("--steps", "10")
     checkpoints = ["--checkpoint-dir", str(tmp_path), "--checkpoint-every", "5"]
