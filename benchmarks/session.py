@@ -125,6 +125,7 @@ def side_by_side(steps: int) -> list[dict[str, Any]]:
 
 def step_costs(timed_steps: int, block: int = 10) -> list[dict[str, Any]]:
     """Median step time of the plain loop and of Sessions, in one process, interleaved in blocks."""
+    torch.set_num_threads(1)  # as every worker runs: the other core stays free, and the timing steadier
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     config = TrainConfig()
     corpus = ByteCorpus(config.data, config.seed)
@@ -174,8 +175,8 @@ def table(results: dict[str, Any], out: Path) -> str:
             [[r["loop"], f"{r['median_step_ms']:.1f} ms", f"{r['ratio_to_plain']:.3f}"] for r in results["step_costs"]],
         ),
         "",
-        f"Measured on {common.machine_line(results['machine'])}: one process (a world of one Gloo process), the default "
-        "GPT, batch 8 x 128; the same steps with plain optimizer.step() and through Sessions, timed in interleaved "
+        f"Measured on {common.machine_line(results['machine'])}: one process with one thread (a world of one Gloo "
+        "process), the default GPT, batch 8 x 128; the same steps with plain optimizer.step() and through Sessions, timed in interleaved "
         "blocks of 10 steps after 3 warm-up steps. "
         + common.generated_by(results["command"], out),
     ]
