@@ -168,7 +168,7 @@ class Session:
         _check_parameters(model, optimizer)
         if check_every < 0:
             raise ValueError(f"check_every must be >= 0 steps (0: never), got {check_every}")
-        fingerprint = model_fingerprint(model, dataclasses.asdict(self.method))
+        fingerprint = model_fingerprint(model, dataclasses.asdict(self.method), seed)
         self.members: Membership = membership_for(group, coordinator, job, secret_file, fingerprint)
         if self.members.elastic and not self.method.traits.rounds:
             raise ValueError(
@@ -233,12 +233,13 @@ class Session:
         self.model.zero_grad(set_to_none=True)
 
     def finish(self) -> None:
-        """At the end of training: exchange a round still open, so every replica ends the same."""
+        """At the end of training: exchange a round still open, so every replica ends the same (reported
+        to ``on_step`` only when it exchanged), check the replicas if checks are on, and leave."""
         self._check_due |= self.check_every > 0
-        self._after(self.members.exchange(self.exchange.finish, self))
+        self._after(self.members.exchange(self.exchange.finish, self), report=False)
         self.members.finish(self)
 
-    def _after(self, exchanged: bool) -> None:
+    def _after(self, exchanged: bool, report: bool = True) -> None:
         """Count the step's bytes, check the replicas when due and where they agree, report."""
         payload = self.exchange.payload_bytes_last_step if exchanged else 0
         wire = self.exchange.wire_bytes_last_step if exchanged else 0
@@ -248,7 +249,7 @@ class Session:
         if self._check_due and self.in_sync:
             self.check_replicas()
             self._check_due = False
-        if self.on_step is not None:
+        if self.on_step is not None and (report or exchanged):
             self.on_step(StepReport(self.steps, exchanged, payload, wire, self.in_sync))
 
     # --- what it sent -----------------------------------------------------------------
@@ -296,8 +297,9 @@ class Session:
         parameters; otherwise logs the differing ranks and copies rank 0's weights to all."""
         if not self.in_sync:
             raise RuntimeError("replicas agree only at round ends: check them when session.in_sync (or after finish())")
-        shared_optimizer = None if self.method.traits.rounds else self.optimizer  # inner state is local
-        identical = check_replicas(self.model, shared_optimizer, self.group, self.steps)
+        identical = check_replicas(self.model, self.exchange.shared_optimizer, self.group, self.steps)
+        if not identical:
+            self.exchange.adopt_repaired_weights()
         self.replicas_identical &= identical
         return identical
 

@@ -18,7 +18,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from disttrain.progress import PROGRESS_ENV, parse_progress
+from disttrain.progress import PROGRESS_ENV, TerminalBar, parse_progress
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class OutputRelay:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._bar: tqdm | None = None
+        self._bar: TerminalBar | None = None
         self._threads: list[threading.Thread] = []
 
     def follow(self, stream: IO[bytes], out: IO[str]) -> None:
@@ -97,17 +97,15 @@ class OutputRelay:
                 if state is not None:
                     self._show(state)
                 elif self._bar is not None:
-                    self._bar.write(line, file=out)
+                    tqdm.write(line, file=out)
                 else:
                     out.write(line + "\n")
                     out.flush()
 
     def _show(self, state: dict) -> None:
-        if self._bar is None:
-            self._bar = tqdm(total=state["total"], initial=state["step"], desc=state["desc"], disable=None)
-        self._bar.n = state["step"]
-        self._bar.set_postfix(state.get("postfix", {}), refresh=False)
-        self._bar.refresh()
+        if self._bar is None:  # this process's own log lines go above it too
+            self._bar = TerminalBar(state["total"], state["step"], state["desc"])
+        self._bar.update(state["step"], **state.get("postfix", {}))
 
     def close(self) -> None:
         for thread in self._threads:

@@ -75,3 +75,11 @@ def test_configuration_doc_is_the_generated_one():
 def test_the_example_config_is_valid():
     config = config_from_args(worker.build_parser().parse_args(["--config", str(REPO / "examples" / "run.toml")]))
     assert config.model.n_layer == 2 and config.eval_every == 25 and config.link_mbit == 20.0
+
+
+def test_a_flag_overrides_one_key_of_a_dashed_config_table_and_keeps_the_others(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("eval-every = 7\n[zeroth-order]\neps = 0.5\n")
+    args = worker.build_parser().parse_args(["--config", str(config), "--zeroth-order.lr", "1e-3"])
+    loaded = config_from_args(args)
+    assert loaded.zeroth_order.eps == 0.5 and loaded.zeroth_order.lr == 1e-3 and loaded.eval_every == 7

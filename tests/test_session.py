@@ -172,3 +172,23 @@ def test_a_session_without_a_process_group_says_to_use_torchrun():
     model = nn.Linear(4, 4)
     with pytest.raises(RuntimeError, match="launch your script with torchrun.*init_process_group"):
         disttrain.Session(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def repaired_rounds(rank: int, world: int) -> tuple[bool, bool, str]:
+    """Rank 1's weights and round start diverge; the check repairs both, and the next round agrees."""
+    model, session = gpt_session("diloco-sparse-k4-h5")
+    train_gpt(model, session, rank, world, range(5), Position())
+    if rank == 1:
+        with torch.no_grad():
+            for p, start in zip(model.parameters(), session.exchange.outer.global_params):
+                p.add_(0.01)
+                start.add_(0.01)
+    first = session.check_replicas()
+    train_gpt(model, session, rank, world, range(5, 10), Position())
+    return first, session.check_replicas(), session.parameters_digest()
+
+
+def test_a_replica_check_repairs_diverged_rounds_so_that_the_next_round_agrees():
+    (found_0, after_0, digest_0), (found_1, after_1, digest_1) = run_workers(repaired_rounds, 2)
+    assert not found_0 and not found_1
+    assert after_0 and after_1 and digest_0 == digest_1

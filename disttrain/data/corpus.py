@@ -33,8 +33,6 @@ class DataConfig:
     def validate(self) -> None:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.sharding not in ("iid", "contiguous"):
-            raise ValueError(f"unknown sharding {self.sharding!r}; use 'iid' or 'contiguous' (non-IID)")
         if self.batch_size < 1 or self.val_batches < 1:
             raise ValueError("batch_size and val_batches must be >= 1")
         if self.corpus != BUNDLED_CORPUS and not Path(self.corpus).is_file():

@@ -23,6 +23,13 @@ class Exchange(Protocol):
     def step(self, step: int) -> bool:
         """Take the user's optimizer step number ``step`` (0-based); True when it exchanged."""
 
+    @property
+    def shared_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose state every replica holds alike (what a replica repair copies from rank 0)."""
+
+    def adopt_repaired_weights(self) -> None:
+        """After a repair copied rank 0's weights into the model: make the exchange's own copies agree."""
+
     def finish(self) -> bool:
         """Exchange what is pending, so that replicas agree; True when it exchanged."""
 

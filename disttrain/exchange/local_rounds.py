@@ -15,9 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from disttrain.comm.device import collective_device
 from disttrain.comm.link import LinkEmulator
-from disttrain.comm.waiting import wait_work
 from disttrain.methods import Method
 from disttrain.train.outer import OuterStep
 
@@ -72,7 +70,7 @@ class LocalRoundsExchange:
     def finish(self) -> bool:
         if self.in_sync:
             return False
-        contributors = self._count_contributors() if self.exchange_pending else None
+        contributors = self.outer.count_contributors(self.did_round) if self.exchange_pending else None
         self.exchange_pending = True  # from here on, a failure redoes only the exchange
         self.outer.apply(self.optimizer.param_groups[0]["lr"], contributors)
         self.exchange_pending = False
@@ -82,11 +80,12 @@ class LocalRoundsExchange:
         self.in_sync = True
         return True
 
-    def _count_contributors(self) -> int:
-        """How many members did this round's local steps (a worker admitted since its start did not)."""
-        count = torch.tensor([int(self.did_round)], device=collective_device(self.reducer.group))
-        wait_work(dist.all_reduce(count, group=self.reducer.group, async_op=True), self.reducer.abort_check)
-        return int(count.item())
+    @property
+    def shared_optimizer(self) -> torch.optim.Optimizer:
+        return self.outer.outer  # the outer SGD; the inner optimizer's state is this worker's own
+
+    def adopt_repaired_weights(self) -> None:
+        self.outer.adopt_current_weights()
 
     def replica_parameters(self) -> list[torch.Tensor]:
         """What every replica holds alike, even mid-round: the round's starting weights."""
@@ -98,9 +97,8 @@ class LocalRoundsExchange:
         return {"outer": self.outer.shared_state_dict(), "exchange": self.outer.reducer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.outer.load_state_dict(state["outer"])
-        self.outer.reducer.load_state_dict(state["exchange"])
-        self.in_sync = True
+        self.outer.load_state_dict({**state["outer"], "reducer": state["exchange"]})  # this worker's full exchange state
+        self.exchange_pending, self.did_round, self.in_sync = False, True, True  # a checkpoint is a round end
 
     def shared_state_dict(self) -> dict[str, Any]:
         """What a worker joining now needs, mid-round too: the round's start and whether its exchange is pending."""

@@ -105,10 +105,11 @@ class FixedGroup:
         pass
 
 
-def model_fingerprint(model: torch.nn.Module, method: dict[str, Any]) -> str:
-    """What every worker of an elastic job must share: the method's settings and the parameters' shapes."""
+def model_fingerprint(model: torch.nn.Module, method: dict[str, Any], seed: int) -> str:
+    """What every worker of an elastic job must share: the method's settings, the seed that keys the
+    seeded bases, and the parameters' shapes."""
     shapes = [(name, tuple(p.shape), str(p.dtype)) for name, p in model.named_parameters()]
-    return hashlib.sha256(repr((sorted(method.items()), shapes)).encode()).hexdigest()[:16]
+    return hashlib.sha256(repr((sorted(method.items()), seed, shapes)).encode()).hexdigest()[:16]
 
 
 class ElasticGroup:

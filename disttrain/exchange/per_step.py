@@ -103,6 +103,13 @@ class PerStepExchange:
     def finish(self) -> bool:
         return False  # every step already ended in agreement
 
+    @property
+    def shared_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer  # it applies the same averaged gradients on every replica
+
+    def adopt_repaired_weights(self) -> None:
+        pass  # the model's weights are the only copy
+
     def replica_parameters(self) -> list[torch.Tensor]:
         return self.reducer.params
 

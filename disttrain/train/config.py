@@ -175,7 +175,7 @@ def check_literals(config: Any, prefix: str = "") -> None:
         allowed = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
         if allowed and value not in allowed:
             choices = ", ".join(map(str, allowed))
-            raise ValueError(f"--{prefix}{flag_name(f.name)} must be one of {choices}, got {value!r}")
+            raise ValueError(f"--{flag_name(prefix + f.name)} must be one of {choices}, got {value!r}")
 
 
 def model_shapes(config: GPTConfig) -> list[torch.Size]:

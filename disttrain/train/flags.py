@@ -183,10 +183,16 @@ def load_config_file(path: str) -> dict[str, Any]:
         ) from None
 
 
+def _field_names(values: dict[str, Any]) -> dict[str, Any]:
+    """A config file's keys as field names (``eval-every`` -> ``eval_every``, sections too), so that
+    flags merge into the same keys whichever spelling the file used."""
+    return {key.replace("-", "_"): _field_names(v) if isinstance(v, dict) else v for key, v in values.items()}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the --config file, then explicit flags; validated."""
     path = getattr(args, "config", None)
-    values: dict[str, Any] = load_config_file(path) if path else {}
+    values = _field_names(load_config_file(path)) if path else {}
     for key, value in vars(args).items():
         if key.startswith(CONFIG_DEST) and value is not None:
             *parents, leaf = key[len(CONFIG_DEST):].split(".")

@@ -24,11 +24,8 @@ import logging
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from disttrain.comm.device import collective_device
 from disttrain.comm.link import LinkEmulator
-from disttrain.comm.waiting import wait_work
 from disttrain.methods import Method
 from disttrain.optim.local_subspace import LocalSubspace
 from disttrain.train.config import TrainConfig
@@ -90,7 +87,7 @@ class LocalStepsEngine:
             self.exchange_pending = step  # from here on, a failure redoes only the exchange
             contributors = None
             if retry:
-                contributors = self._count_contributors()
+                contributors = self.outer.count_contributors(self.did_round)
             elif self.closing.active:
                 in_time, contributors = self.closing.finish(self.rounds, self.reducer.world_size)
                 if not in_time and self.did_round:
@@ -113,12 +110,6 @@ class LocalStepsEngine:
         log.info("round %d closed before this worker finished its local steps; its round work is dropped", self.rounds)
         self.outer.back_to_round_start()
         self.did_round = False
-
-    def _count_contributors(self) -> int:
-        """How many members did this round's local steps (joiners since its start did not)."""
-        count = torch.tensor([int(self.did_round)], device=collective_device(self.reducer.group))
-        wait_work(dist.all_reduce(count, group=self.reducer.group, async_op=True), self.reducer.abort_check)
-        return int(count.item())
 
     # --- elastic membership -------------------------------------------------------------
     def membership_check_due(self, step: int, sync_every: int) -> bool:

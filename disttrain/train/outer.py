@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.allreduce import CompressedAllReduce
+from disttrain.comm.device import collective_device
 from disttrain.comm.link import LinkEmulator
+from disttrain.comm.waiting import wait_work
 from disttrain.methods import Method
 
 
@@ -71,6 +73,18 @@ class OuterStep:
                 p.grad = None
         self.reducer.commit()
         self.rounds += 1
+
+    def count_contributors(self, did_round: bool) -> int:
+        """Collective: how many members did this round's local steps (a worker admitted since its start did not)."""
+        count = torch.tensor([int(did_round)], device=collective_device(self.reducer.group))
+        wait_work(dist.all_reduce(count, group=self.reducer.group, async_op=True), self.reducer.abort_check)
+        return int(count.item())
+
+    def adopt_current_weights(self) -> None:
+        """Take the model's weights as the round's start (after a replica repair copied rank 0's in)."""
+        with torch.no_grad():
+            for p, start in zip(self.params, self.global_params):
+                start.copy_(p)
 
     def back_to_round_start(self) -> None:
         """Drop this worker's local work of the round: its weights become the round's start again."""
