@@ -42,6 +42,7 @@ def test_survivors_of_a_kill_9_continue_in_the_same_processes_with_identical_par
     assert b"regrouping" in job.log(0) or b"regrouping" in job.log(1)
 
 
+@pytest.mark.slow  # 47 s; joiners at a round start stay in the default set (test_local_step_rounds_survive_...)
 def test_a_worker_joining_mid_run_ends_with_identical_parameters(job):
     start(job)
     job.wait_for_step(0, 40)

@@ -32,6 +32,7 @@ def test_example_trains_compressed_with_identical_replicas(script, method):
     assert summary["replicas_identical"]
 
 
+@pytest.mark.slow
 def test_federated_example_fine_tunes_the_pretrained_model_with_identical_clients():
     summary = torchrun("federated_minilm.py", "--steps", "20", "--layers", "1", first_key="method")
     assert summary["method"] == "fedavg-subspace-int8-h10"

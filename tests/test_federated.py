@@ -65,7 +65,9 @@ ROUNDS = {"method": "fedavg-h10", "steps": 6, "local_steps": 3, "eval_every": 10
 
 
 # The deadline leaves the fast workers ample time to finish together, and the straggler none (3 steps of 1 s a round).
-@pytest.mark.parametrize("closing", [{"round_quorum": 0.6}, {"round_deadline_s": 1.5}], ids=["quorum", "deadline"])
+@pytest.mark.parametrize(
+    "closing", [{"round_quorum": 0.6}, pytest.param({"round_deadline_s": 1.5}, marks=pytest.mark.slow)], ids=["quorum", "deadline"]
+)
 def test_a_round_closes_without_the_straggler_and_drops_its_work(closing):
     with_straggler = run_workers(train_with_a_straggler, 3, {**ROUNDS, **closing}, 2)
     without_it = run_workers(train_with_a_straggler, 2, ROUNDS, None)

@@ -88,6 +88,7 @@ def rounds(tmp_path_factory) -> list[dict[str, dict]]:
     return run_workers(_rounds, 2, str(tmp_path_factory.mktemp("hf_rounds")))
 
 
+@pytest.mark.slow
 def test_the_example_trains_gpt2_in_rounds_with_identical_replicas():
     summary = torchrun("hf_gpt2_rounds.py", "--steps", "20")
     assert summary["method"] == "diloco-sparse-k4-h5"
