@@ -75,8 +75,8 @@ class LocalRoundsExchange:
         self.outer.apply(self.optimizer.param_groups[0]["lr"], contributors)
         self.exchange_pending = False
         self.did_round = True
-        self.payload_bytes_last_step = self.outer.payload_bytes_last_exchange
-        self.wire_bytes_last_step = self.outer.wire_bytes_last_exchange
+        self.payload_bytes_last_step = self.outer.reducer.payload_bytes_last_step
+        self.wire_bytes_last_step = self.outer.reducer.wire_bytes_last_step
         self.in_sync = True
         return True
 

@@ -137,7 +137,7 @@ class DisttrainCallback(TrainerCallback):
         """The round's compressed pseudo-gradient exchange and outer step: every replica the same again."""
         assert self.outer is not None
         self.outer.apply(self._inner_lr)
-        self._round_bytes += self.outer.payload_bytes_last_exchange
+        self._round_bytes += self.outer.reducer.payload_bytes_last_step
         self._round_open = False
 
     @property

@@ -93,8 +93,8 @@ class LocalStepsEngine:
                 if not in_time and self.did_round:
                     self._drop_round_work()
             self.outer.apply(self.optimizer.param_groups[0]["lr"], contributors)
-            self.payload_bytes_last_step = self.outer.payload_bytes_last_exchange
-            self.wire_bytes_last_step = self.outer.wire_bytes_last_exchange
+            self.payload_bytes_last_step = self.outer.reducer.payload_bytes_last_step
+            self.wire_bytes_last_step = self.outer.reducer.wire_bytes_last_step
             self.exchange_pending = None
             self.did_round = True
         return self._last_loss

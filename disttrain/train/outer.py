@@ -92,14 +92,6 @@ class OuterStep:
             for p, start in zip(self.params, self.global_params):
                 p.copy_(start)
 
-    @property
-    def payload_bytes_last_exchange(self) -> int:
-        return self.reducer.payload_bytes_last_step
-
-    @property
-    def wire_bytes_last_exchange(self) -> int:
-        return self.reducer.wire_bytes_last_step
-
     def shared_state_dict(self) -> dict[str, Any]:
         """What every replica holds alike: the exchange's shared state, the outer optimizer, the round and its start."""
         return {
