@@ -187,7 +187,6 @@ class Session:
             self.exchange = LocalRoundsExchange(model, optimizer, self.method, seed, group, link, self.members.elastic)
         else:
             self.exchange = PerStepExchange(model, optimizer, self.method, seed, group, bucket_cap_bytes, link)
-        self.exchange.reducer.abort_check = self.members.abort_check
         self.steps = 0  # steps done; a joiner starts at the donor's (loop with `while session.steps < total`)
         self.total_bytes = 0
         self.total_wire_bytes = 0

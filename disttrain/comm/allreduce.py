@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from disttrain.comm.bucket import Bucket, PendingExchange, plan_buckets
 from disttrain.comm.link import LinkEmulator, ring_wire_bytes
-from disttrain.comm.waiting import AbortCheck, wait_work
+from disttrain.comm.waiting import wait_work
 from disttrain.compress.base import Compressor, load_compressor_states
 from disttrain.compress.factory import CompressionSpec, build_compressor
 
@@ -53,7 +53,6 @@ class CompressedAllReduce:
         self.group = group
         self.link = link
         check_rank_fits(spec, [p.shape for p in self.params])
-        self.abort_check: AbortCheck | None = None  # set by elastic training: give up on a broken generation
         self.measure_energy = False  # measure captured energy while encoding (adaptive refresh)
         self._energy = (0.0, 0.0)
         # With elastic membership the world size changes, and every member, joiners included,
@@ -136,7 +135,7 @@ class CompressedAllReduce:
     def _launch(self, b: int) -> None:
         bucket = self.buckets[b]
         grads = [self._gradient(i) for i in bucket.param_indices]
-        basis_bytes = bucket.refresh_bases(grads, self.step, self.group, self.abort_check)
+        basis_bytes = bucket.refresh_bases(grads, self.step, self.group)
         if self.measure_energy:
             for compressor, grad in zip(bucket.compressors, grads):
                 part, whole = compressor.captured_energy(grad)
@@ -157,7 +156,7 @@ class CompressedAllReduce:
                 assert entry is not None
                 pending, deadline = entry
                 if pending.work is not None:
-                    wait_work(pending.work, self.abort_check)
+                    wait_work(pending.work)
                 LinkEmulator.wait_until(deadline)
                 means = bucket.mean_coefficients(pending.output, self.world_size, contributors or self.world_size)
                 for index, mean in zip(bucket.param_indices, means):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from disttrain.comm.waiting import AbortCheck, wait_work
+from disttrain.comm.waiting import wait_work
 from disttrain.compress.base import Compressor
 
 
@@ -61,13 +61,7 @@ class Bucket:
     def collective(self) -> str:
         return "all_reduce" if self.summable else "all_gather"
 
-    def refresh_bases(
-        self,
-        grads: list[torch.Tensor],
-        step: int,
-        group: dist.ProcessGroup | None,
-        abort_check: AbortCheck | None = None,
-    ) -> int:
+    def refresh_bases(self, grads: list[torch.Tensor], step: int, group: dist.ProcessGroup | None) -> int:
         """Broadcast freshly computed data-dependent bases from rank 0; returns bytes sent."""
         due = [i for i, c in enumerate(self.compressors) if c.needs_shared_basis(step)]
         if not due:
@@ -77,7 +71,7 @@ class Bucket:
             flat = torch.cat([self.compressors[i].propose_basis(grads[i]).reshape(-1) for i in due])
         else:
             flat = torch.empty(sum(sizes), dtype=torch.float32, device=grads[0].device)
-        wait_work(dist.broadcast(flat, src=_group_src(group), group=group, async_op=True), abort_check)
+        wait_work(dist.broadcast(flat, src=_group_src(group), group=group, async_op=True))
         for i, piece in zip(due, flat.split(sizes)):
             self.compressors[i].set_basis(piece)
         return flat.numel() * flat.element_size()

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.device import collective_device
-from disttrain.comm.waiting import wait_work
+from disttrain.comm.waiting import abort_waits_when, wait_work
 from disttrain.elastic.agent import Agent, View
 
 log = logging.getLogger(__name__)
@@ -48,16 +48,15 @@ class ElasticMembership:
         self.fresh = True  # holds no state that others need (a new or evicted worker)
         self.awaiting_first_step = False  # set on entering a generation, cleared by its first step
 
-    def abort_check(self) -> bool:
-        return self.agent.generation_broken()
-
     def _wanted(self, view: View) -> bool:
         if view.status == "evicted":
             return True
         return view.status == "active" and view.gen > self.agent.gen and self.agent.worker_id in view.roster
 
     def enter(self) -> View:
-        """Block until a generation includes this worker, then join its process group."""
+        """Block until a generation includes this worker, then join its process group. From then
+        on every wait of this process gives up once the coordinator declares the generation broken."""
+        abort_waits_when(self.agent.generation_broken)
         while True:
             view = self.agent.wait_for_view(self._wanted, self.config.generation_wait_s)
             if view.status == "evicted":
@@ -106,7 +105,7 @@ class ElasticMembership:
         view = self.agent.view
         values = [view.gen, view.refresh_epoch] if view is not None else [0, 0]
         newest = torch.tensor(values, dtype=torch.int64, device=collective_device())
-        wait_work(dist.all_reduce(newest, op=dist.ReduceOp.MAX, async_op=True), self.abort_check)
+        wait_work(dist.all_reduce(newest, op=dist.ReduceOp.MAX, async_op=True))
         gen, epoch = (int(v) for v in newest)
         if epoch > self.agent.refresh_epoch:
             log.info("refreshing the SVD bases at step %d (refresh %d)", step, epoch)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from disttrain.comm.bucket import all_gather_flat
 from disttrain.comm.device import collective_device
-from disttrain.comm.waiting import AbortCheck, wait_work
+from disttrain.comm.waiting import wait_work
 
 _DIGEST_BYTES = 32
 
@@ -56,26 +56,25 @@ def synchronise(
     digest: bytes,
     export: Callable[[], dict[str, Any]],
     load: Callable[[dict[str, Any]], None],
-    abort_check: AbortCheck | None = None,
 ) -> SyncPlan:
     """Bring every stale worker of the current process group to the donor's state."""
     device = collective_device()
     mine = torch.tensor([step, int(fresh), *digest], dtype=torch.int64, device=device)
     world = dist.get_world_size()
     gathered = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
-    wait_work(all_gather_flat(gathered, mine, async_op=True), abort_check)
+    wait_work(all_gather_flat(gathered, mine, async_op=True))
     plan = plan_sync(gathered.reshape(world, -1).cpu())
     rank = dist.get_rank()
     if rank == plan.donor and plan.receivers:
         payload = _serialise(export()).to(device)
         size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
         for receiver in plan.receivers:
-            wait_work(dist.isend(size, receiver), abort_check)
-            wait_work(dist.isend(payload, receiver), abort_check)
+            wait_work(dist.isend(size, receiver))
+            wait_work(dist.isend(payload, receiver))
     elif rank in plan.receivers:
         size = torch.empty(1, dtype=torch.int64, device=device)
-        wait_work(dist.irecv(size, plan.donor), abort_check)
+        wait_work(dist.irecv(size, plan.donor))
         payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-        wait_work(dist.irecv(payload, plan.donor), abort_check)
+        wait_work(dist.irecv(payload, plan.donor))
         load(torch.load(io.BytesIO(payload.cpu().numpy().tobytes()), weights_only=False, map_location=device))
     return plan

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from disttrain.comm.waiting import AbortCheck, wait_work
+from disttrain.comm.waiting import abort_waits_when, wait_work
 from disttrain.elastic.agent import Agent
 from disttrain.elastic.membership import ElasticConfig, ElasticMembership
 from disttrain.elastic.protocol import load_secret
@@ -46,7 +46,6 @@ class Replica(Protocol):
 
 
 class Membership(Protocol):
-    abort_check: AbortCheck | None  # what a collective's wait polls to give up on a broken group
     elastic: bool
 
     def join(self, model: torch.nn.Module) -> None:
@@ -78,7 +77,6 @@ def _require_process_group() -> None:
 class FixedGroup:
     """The process group the user formed (torchrun), unchanged for the whole run."""
 
-    abort_check: AbortCheck | None = None
     elastic = False
 
     def __init__(self, group: dist.ProcessGroup | None):
@@ -119,7 +117,6 @@ class ElasticGroup:
 
     def __init__(self, membership: ElasticMembership):
         self.membership = membership
-        self.abort_check: AbortCheck | None = membership.abort_check
 
     @classmethod
     def connect(
@@ -177,10 +174,11 @@ class ElasticGroup:
     def finish(self, replica: Replica) -> None:
         """Wait for every member to finish, then leave as a worker that completed the job."""
         try:
-            wait_work(dist.barrier(async_op=True), self.abort_check)
+            wait_work(dist.barrier(async_op=True))
         except RuntimeError as error:
             log.warning("members finished apart (%s); training itself is complete", error)
         self.agent.mark_finished(replica.steps, replica.replica_digest().hex()[:16])
+        abort_waits_when(None)
         self.agent.stop(leave=True)
 
     # --- generations --------------------------------------------------------------------
@@ -209,7 +207,7 @@ class ElasticGroup:
             self.agent.refresh_epoch = state.pop("refresh_epoch")
             replica.load_replica(state)
 
-        plan = synchronise(replica.steps, self.membership.fresh, replica.replica_digest(), export, load, self.abort_check)
+        plan = synchronise(replica.steps, self.membership.fresh, replica.replica_digest(), export, load)
         self.membership.fresh = False
         self.agent.step = replica.steps
         if plan.receivers:

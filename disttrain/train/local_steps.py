@@ -70,7 +70,6 @@ class LocalStepsEngine:
 
     def step(self, step: int, batch: Batch) -> float:
         retry = self.exchange_pending == step
-        self.closing.abort_check = self.reducer.abort_check
         if not retry and self.did_round and self.closing.active and self.closing.closed(self.rounds):
             self._drop_round_work()
         if not retry and self.did_round:

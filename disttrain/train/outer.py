@@ -77,7 +77,7 @@ class OuterStep:
     def count_contributors(self, did_round: bool) -> int:
         """Collective: how many members did this round's local steps (a worker admitted since its start did not)."""
         count = torch.tensor([int(did_round)], device=collective_device(self.reducer.group))
-        wait_work(dist.all_reduce(count, group=self.reducer.group, async_op=True), self.reducer.abort_check)
+        wait_work(dist.all_reduce(count, group=self.reducer.group, async_op=True))
         return int(count.item())
 
     def adopt_current_weights(self) -> None:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from disttrain.comm.bucket import all_gather_flat
 from disttrain.comm.device import collective_device
-from disttrain.comm.waiting import AbortCheck, wait_work
+from disttrain.comm.waiting import wait_work
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,12 @@ def broadcast_from_rank0(
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     group: dist.ProcessGroup | None = None,
-    abort_check: AbortCheck | None = None,
 ) -> None:
     """Overwrite parameters (and optimizer state) on every worker with rank 0's."""
     src = 0 if group is None else dist.get_global_rank(group, 0)
     with torch.no_grad():
         for tensor in [p.data for p in module.parameters()] + _state_tensors(optimizer):
-            wait_work(dist.broadcast(tensor, src=src, group=group, async_op=True), abort_check)
+            wait_work(dist.broadcast(tensor, src=src, group=group, async_op=True))
 
 
 def check_replicas(
@@ -58,14 +57,13 @@ def check_replicas(
     optimizer: torch.optim.Optimizer | None = None,
     group: dist.ProcessGroup | None = None,
     step: int | None = None,
-    abort_check: AbortCheck | None = None,
 ) -> bool:
     """True when every worker holds bit-identical parameters; otherwise log and repair."""
     device = collective_device(group)
     mine = torch.frombuffer(bytearray(parameter_digest(module)), dtype=torch.uint8).to(device)
     world = dist.get_world_size(group)
     gathered = torch.empty(world * mine.numel(), dtype=torch.uint8, device=device)
-    wait_work(all_gather_flat(gathered, mine, group=group, async_op=True), abort_check)
+    wait_work(all_gather_flat(gathered, mine, group=group, async_op=True))
     digests = gathered.reshape(world, -1).cpu()
     diverged = [r for r in range(world) if not torch.equal(digests[r], digests[0])]
     if not diverged:
@@ -75,5 +73,5 @@ def check_replicas(
         step,
         diverged,
     )
-    broadcast_from_rank0(module, optimizer, group, abort_check)
+    broadcast_from_rank0(module, optimizer, group)
     return False

@@ -17,7 +17,7 @@ import time
 
 import torch.distributed as dist
 
-from disttrain.comm.waiting import AbortCheck, CollectiveAborted
+from disttrain.comm.waiting import sleep_unless_aborted
 
 CLOSED = 1 << 40
 POLL_S = 0.005
@@ -31,10 +31,9 @@ def _store() -> dist.Store:
 class RoundClosing:
     """Decides, the same way on every worker, which workers' round work counts."""
 
-    def __init__(self, quorum: float = 1.0, deadline_s: float | None = None, abort_check: AbortCheck | None = None):
+    def __init__(self, quorum: float = 1.0, deadline_s: float | None = None):
         self.quorum = quorum
         self.deadline_s = deadline_s
-        self.abort_check = abort_check
 
     @property
     def active(self) -> bool:
@@ -60,7 +59,7 @@ class RoundClosing:
             self._close_when_due(store, key, world_size)
         in_time_key = f"{key}/in_time"
         while not store.check([in_time_key]):
-            self._sleep()
+            sleep_unless_aborted(POLL_S, "a round was closing")
         return position < CLOSED, int(store.get(in_time_key))
 
     def _close_when_due(self, store: dist.Store, key: str, world_size: int) -> None:
@@ -69,11 +68,7 @@ class RoundClosing:
         while store.add(key, 0) < needed:
             if self.deadline_s is not None and time.monotonic() - started >= self.deadline_s:
                 break
-            self._sleep()
+            sleep_unless_aborted(POLL_S, "a round was closing")
         in_time = store.add(key, CLOSED) - CLOSED
         store.set(f"{key}/in_time", str(in_time))
 
-    def _sleep(self) -> None:
-        if self.abort_check is not None and self.abort_check():
-            raise CollectiveAborted("the generation was declared broken while a round was closing")
-        time.sleep(POLL_S)

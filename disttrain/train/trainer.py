@@ -164,8 +164,6 @@ class Trainer:
         self._refresh_rank()
         self.progress = progress and self.rank == 0
         self.engine = build_engine(self.model, self.method, config, group, elastic=membership is not None)
-        if membership is not None:
-            self.engine.reducer.abort_check = membership.abort_check
         if config.checkpoint_dir and checkpoint.shared_path(config.checkpoint_dir).is_file():
             self._resume()
         if membership is not None:
@@ -181,7 +179,7 @@ class Trainer:
         self.world_size = dist.get_world_size(self.group)
 
     def _wait(self, work: dist.Work) -> None:
-        wait_work(work, self.membership.abort_check if self.membership else None)
+        wait_work(work)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -226,7 +224,6 @@ class Trainer:
             tensors_digest(self.engine.replica_parameters()),
             self.export_replica,
             self.load_replica,
-            self.membership.abort_check,
         )
         self.membership.fresh = False
         if plan.receivers:
@@ -293,8 +290,7 @@ class Trainer:
             return True
         identical = True
         if due.digest:
-            abort = self.membership.abort_check if self.membership else None
-            identical = check_replicas(self.model, self.engine.optimizer, self.group, step=done, abort_check=abort)
+            identical = check_replicas(self.model, self.engine.optimizer, self.group, step=done)
             if identical and self.membership is not None:
                 log.info("replicas identical at step %d (digest %s)", done, parameter_digest(self.model).hex()[:16])
         if due.eval:
