@@ -29,7 +29,9 @@ from disttrain.methods import METHODS
 from disttrain.models.gpt import GPT
 from disttrain.optim import optimizer_state_bytes
 from disttrain.train.config import TrainConfig
-from disttrain.train.engine_factory import build_engine
+from disttrain.session import Session
+from disttrain.train.forward import forward_loss
+from disttrain.train.optimizer import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
 import common  # noqa: E402
@@ -101,15 +103,17 @@ def adamw_row(config: TrainConfig, batch: Batch) -> dict[str, Any]:
 
 
 def method_row(name: str, batch: Batch) -> dict[str, Any]:
-    """A registry method after one step through its real engine."""
+    """A registry method after one step through the Session, as `disttrain train` runs it."""
     config = TrainConfig(method=name)
     method = METHODS[name]
-    engine = build_engine(fresh_model(config), method, config)
-    engine.step(0, batch)
-    exchange = engine.reducer.state_bytes()
-    residual = residual_bytes(engine.reducer)
+    model = fresh_model(config)
+    session = Session(model, build_optimizer(model.parameters(), method, config), method, seed=config.seed)
+    session.step(lambda: forward_loss(model, batch, config.precision))
+    reducer = session.exchange.reducer
+    exchange = reducer.state_bytes()
+    residual = residual_bytes(reducer)
     optimizer = "ProjectedAdamW" if method.optimizer == "projected_adamw" else "torch AdamW"
-    return row(name, method.summary, optimizer, optimizer_state_bytes(engine.optimizer), exchange - residual, residual)
+    return row(name, method.summary, optimizer, optimizer_state_bytes(session.optimizer), exchange - residual, residual)
 
 
 def measure() -> tuple[list[dict[str, Any]], int]:

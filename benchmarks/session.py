@@ -6,8 +6,11 @@
 2. What the object costs: one process (a world of one Gloo process), the default GPT, the same
    loop with plain optimizer.step() and through Sessions (the default local-step method and the
    per-step default), in interleaved blocks; median step time of each and the ratio to the plain loop.
+3. The Hugging Face Trainer with rounds: examples/hf_gpt2_rounds.py (a small GPT-2 from a
+   GPT2Config, an unmodified transformers.Trainer, 2 workers under torchrun) with the default
+   method and with plain DDP, the same steps and seed: training loss and bytes of each.
 
-    python benchmarks/session.py                 # about 5 minutes on 2 cores
+    python benchmarks/session.py                 # about 10 minutes on 2 cores (needs disttrain[hf])
     python benchmarks/session.py --render-only   # the table in docs/benchmarks.md from the JSON
 """
 
@@ -48,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100, help="steps of the side-by-side job (default: 100)")
     parser.add_argument("--timed-steps", type=int, default=60, help="timed steps per loop in the cost test (default: 60)")
+    parser.add_argument("--hf-steps", type=int, default=300, help="optimizer steps of each Hugging Face run (default: 300)")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR / "session.json")
     parser.add_argument("--doc", type=Path, default=common.DOC, help="the document the table goes into, between its markers")
     parser.add_argument("--render-only", action="store_true", help="only rewrite the table from --out")
@@ -123,6 +127,23 @@ def side_by_side(steps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def hugging_face(steps: int) -> list[dict[str, Any]]:
+    """examples/hf_gpt2_rounds.py with the default method and with plain DDP, one after the other."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "hf_gpt2_rounds.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rows = []
+    for method in (TrainConfig().method_name, "ddp"):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            str(example), "--steps", str(steps), "--method", method,
+        ]
+        started = time.monotonic()
+        summary = last_json(subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout)
+        rows.append({**summary, "command": shlex.join(command), "wall_s": time.monotonic() - started})
+        log.info("Hugging Face Trainer, %s: loss %.4f at %d bytes/step", method, summary["final_loss"], summary["bytes_per_step"])
+    return rows
+
+
 def step_costs(timed_steps: int, block: int = 10) -> list[dict[str, Any]]:
     """Median step time of the plain loop and of Sessions, in one process, interleaved in blocks."""
     torch.set_num_threads(1)  # as every worker runs: the other core stays free, and the timing steadier
@@ -155,6 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "side_by_side": side_by_side(args.steps),
         "step_costs": step_costs(args.timed_steps),
+        "hf_steps": args.hf_steps,
+        "hugging_face": hugging_face(args.hf_steps),
     }
 
 
@@ -177,8 +200,21 @@ def table(results: dict[str, Any], out: Path) -> str:
         "",
         f"Measured on {common.machine_line(results['machine'])}: one process with one thread (a world of one Gloo "
         "process), the default GPT, batch 8 x 128; the same steps with plain optimizer.step() and through Sessions, timed in interleaved "
-        "blocks of 10 steps after 3 warm-up steps. "
-        + common.generated_by(results["command"], out),
+        "blocks of 10 steps after 3 warm-up steps.",
+        "",
+        common.markdown_table(
+            ["Hugging Face Trainer", "training loss (last 5 steps)", "exchanges", "payload/step", "compression"],
+            [
+                [r["method"], f"{r['final_loss']:.3f}", str(r["exchanges"]), common.human_bytes(r["bytes_per_step"]),
+                 f"{r['compression_ratio']:.0f}x"]
+                for r in results["hugging_face"]
+            ],
+        ),
+        "",
+        f"examples/hf_gpt2_rounds.py: a GPT-2 built from a GPT2Config (2 layers, width 128, byte-level ids, "
+        f"64-byte blocks, batch 16 per worker) trained by an unmodified transformers.Trainer on 2 workers over "
+        f"Gloo, {results['hf_steps']} optimizer steps, seed 0, the method's own peak lr; plain DDP is Trainer "
+        "without disttrain. " + common.generated_by(results["command"], out),
     ]
     return "\n".join(lines)
 

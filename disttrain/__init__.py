@@ -3,6 +3,6 @@
 __version__ = "0.1.0"
 
 from disttrain.methods import DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD  # noqa: E402
-from disttrain.session import Session, StepReport, supported_methods, wrap  # noqa: E402
+from disttrain.session import Session, StepReport, wrap  # noqa: E402
 
-__all__ = ["DEFAULT_METHOD", "DEFAULT_PER_STEP_METHOD", "Session", "StepReport", "supported_methods", "wrap"]
+__all__ = ["DEFAULT_METHOD", "DEFAULT_PER_STEP_METHOD", "Session", "StepReport", "wrap"]

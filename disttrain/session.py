@@ -7,11 +7,17 @@
         session.zero_grad()
     session.finish()                                # exchanges a last partial round; replicas agree
 
+or, with the forward pass as a closure (needed by zeroth-order methods; it lets an elastic job
+redo a failed step in the next generation from a fresh forward pass):
+
+    loss = session.step(lambda: loss_fn(model(x), y))
+
 With a per-step method (``power-int4-r16`` ...) every step's gradients are averaged by compressed
 collectives that launch during backward. With a local-step method (``diloco-*``, the default) your
 optimizer's steps are local and every H steps one compressed exchange of the round's update and an
 outer step make every replica the same. Either way the session counts bytes, checks that replicas
-are bit-identical, and saves and restores everything a resumed run needs.
+are bit-identical, and saves and restores everything a resumed run needs. ``disttrain train``'s
+own trainer is a loop like yours around a Session.
 
 Elastic, with no torchrun: give ``coordinator="tcp://HOST:PORT"`` (or set $DISTTRAIN_COORDINATOR)
 and a job secret ($DISTTRAIN_SECRET or ``secret_file``), and the session forms its process group
@@ -30,24 +36,33 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from disttrain.comm.allreduce import DEFAULT_BUCKET_CAP_BYTES
-from disttrain.comm.link import LinkEmulator
+from disttrain.comm.waiting import wait_work
 from disttrain.compress.factory import CompressionSpec
-from disttrain.exchange import Exchange, LocalRoundsExchange, PerStepExchange
+from disttrain.exchange import Exchange, ExchangeOptions, build_exchange
+from disttrain.exchange.base import Closure
 from disttrain.exchange.membership import Membership, membership_for, model_fingerprint
-from disttrain.methods import DEFAULT_METHOD, METHODS, Method, get_method
+from disttrain.federated.zeroth_order import ZOConfig
+from disttrain.methods import DEFAULT_METHOD, PROJECTED_OPTIMIZERS, Method, get_method
+from disttrain.optim.projected_adamw import ProjectedAdamW
 from disttrain.train import checkpoint
 from disttrain.train.replica import check_replicas, parameter_digest, tensors_digest
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+
+class CheckpointMismatch(ValueError):
+    """A saved state was written by a session with another method, settings, seed or model shape."""
 
 
 class Stateful(Protocol):
@@ -67,39 +82,14 @@ class StepReport:
     in_sync: bool  # whether every replica now holds the same weights
 
 
-def unsupported(method: Method) -> str | None:
-    """Why a Session cannot run ``method`` in a user's loop (None when it can)."""
-    if method.traits.torch_ddp:
-        return (
-            f"runs inside torch DDP (engine {method.engine!r}); with DDP, register "
-            "disttrain.comm.disttrain_hook on your DistributedDataParallel model instead"
-        )
-    if not method.traits.user_optimizer:
-        return f"needs the {method.engine!r} engine of `disttrain train`, which runs its own forward passes"
-    if method.optimizer != "adamw":
-        return (
-            f"replaces your optimizer with {method.optimizer}; use it through `disttrain train` "
-            "or CompressedAllReduce with disttrain.optim directly"
-        )
-    return None
-
-
-def supported_methods() -> list[str]:
-    """The registered methods a Session runs with your own optimizer."""
-    return sorted(name for name, method in METHODS.items() if unsupported(method) is None)
-
-
-def resolve_method(method: str | CompressionSpec, local_steps: int | None, overrides: dict[str, Any]) -> Method:
-    """The method of a name or a CompressionSpec (a per-step method), with CompressionSpec ``overrides``."""
+def resolve_method(method: str | Method | CompressionSpec, local_steps: int | None, overrides: dict[str, Any]) -> Method:
+    """The method of a name, a Method or a CompressionSpec (a per-step method), with CompressionSpec ``overrides``."""
     if isinstance(method, CompressionSpec):
         chosen = Method("custom", "a CompressionSpec given to Session", method)
+    elif isinstance(method, Method):
+        chosen = method
     else:
         chosen = get_method(method)
-        reason = unsupported(chosen)
-        if reason is not None:
-            raise ValueError(
-                f"Session cannot run method {method!r}: it {reason}. Sessions run: {', '.join(supported_methods())}"
-            )
     fields = [f.name for f in dataclasses.fields(CompressionSpec)]
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
@@ -115,9 +105,9 @@ def resolve_method(method: str | CompressionSpec, local_steps: int | None, overr
     return chosen
 
 
-def _check_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Something must be trainable, and every trainable parameter the optimizer updates must be
-    exchanged, or replicas drift apart."""
+def _check_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method) -> None:
+    """Something must be trainable, every trainable parameter the optimizer updates must be
+    exchanged, and a method that reads averaged coefficients needs an optimizer that can."""
     exchanged = {id(p) for p in model.parameters() if p.requires_grad}
     if not exchanged:
         raise ValueError("no parameter of the model requires grad: there is nothing to train or exchange")
@@ -128,81 +118,111 @@ def _check_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
             f"the optimizer updates {len(strays)} trainable parameter(s) that are not the model's, "
             "so they would not be exchanged: build the optimizer from model.parameters()"
         )
+    projected = method.optimizer in PROJECTED_OPTIMIZERS
+    if projected != isinstance(optimizer, ProjectedAdamW):
+        if projected:
+            raise ValueError(
+                f"method {method.name!r} keeps its optimizer's moments in the projected space: build the optimizer "
+                "as disttrain.optim.ProjectedAdamW(model.parameters(), lr=...)"
+            )
+        raise ValueError(f"a ProjectedAdamW optimizer needs a projected method, and {method.name!r} is not one")
 
 
 class Session:
     """A model and optimizer trained together by every worker of the process group.
 
     Collective: every rank creates it alike, and rank 0's parameters and buffers are copied to all.
-    ``method`` is a registered method name (``supported_methods()``) or a CompressionSpec for a
-    per-step exchange; keyword arguments such as ``rank=4`` override CompressionSpec fields, and
-    ``local_steps`` a local-step method's round length. ``seed`` keys the seeded bases and must be
-    the same on every rank. ``check_every`` steps (0: never) the replicas are compared at the next
-    point where they agree, and repaired from rank 0 if they differ.
+    ``method`` is a registered method name (``disttrain methods`` lists them), a Method, or a
+    CompressionSpec for a per-step exchange; keyword arguments such as ``rank=4`` override
+    CompressionSpec fields, and ``local_steps`` a local-step method's round length. ``seed`` keys
+    the seeded bases and must be the same on every rank. ``total_steps`` ends the last round at
+    that step. ``check_every`` steps (0: never) the replicas are compared at the next point where
+    they agree, and repaired from rank 0 if they differ. ``resume_from`` names a checkpoint folder
+    written by save(): if it holds one, the session continues from it.
 
     With ``coordinator`` (or $DISTTRAIN_COORDINATOR) no process group is needed: the session joins
     the elastic job ``job`` of that coordinator (secret from ``secret_file`` or $DISTTRAIN_SECRET),
-    and membership changes at round starts and after failures, inside step(). Local-step methods only.
+    and membership changes at round starts (every ``sync_every`` steps for per-step methods) and
+    after failures, inside step(). ``membership`` takes one you built instead (the CLI's workers do).
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        method: str | CompressionSpec = DEFAULT_METHOD,
+        method: str | Method | CompressionSpec = DEFAULT_METHOD,
         *,
         scheduler: Any | None = None,
         seed: int = 0,
         group: dist.ProcessGroup | None = None,
         local_steps: int | None = None,
+        total_steps: int | None = None,
         link_mbit: float | None = None,
         check_every: int = 0,
         on_step: Callable[[StepReport], None] | None = None,
         bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
+        overlap: bool = True,
+        round_quorum: float = 1.0,
+        round_deadline_s: float | None = None,
+        zeroth_order: ZOConfig | None = None,
         coordinator: str | None = None,
         job: str = "disttrain",
         secret_file: str | None = None,
+        membership: Membership | None = None,
+        resume_from: str | Path | None = None,
         **compression: Any,
     ):
         self.method = resolve_method(method, local_steps, compression)
-        _check_parameters(model, optimizer)
+        _check_optimizer(model, optimizer, self.method)
         if check_every < 0:
             raise ValueError(f"check_every must be >= 0 steps (0: never), got {check_every}")
-        fingerprint = model_fingerprint(model, dataclasses.asdict(self.method), seed)
-        self.members: Membership = membership_for(group, coordinator, job, secret_file, fingerprint)
-        if self.members.elastic and not self.method.traits.rounds:
+        if not 0 < round_quorum <= 1:
+            raise ValueError(f"round_quorum is a share of the workers in (0, 1], got {round_quorum}")
+        self.fingerprint = model_fingerprint(model, dataclasses.asdict(self.method), seed)
+        self.members: Membership = membership or membership_for(group, coordinator, job, secret_file, self.fingerprint)
+        if self.members.elastic and not self.method.traits.elastic:
             raise ValueError(
-                f"a Session under a coordinator runs local-step methods (diloco-*); {self.method.name!r} "
-                "exchanges every step: pick one of "
-                + ", ".join(m for m in supported_methods() if METHODS[m].traits.rounds)
+                f"method {self.method.name!r} cannot change membership (torch DDP and zeroth-order steps keep "
+                "their group): pick a disttrain per-step or local-step method for elastic training (see `disttrain methods`)"
             )
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.group = group
         self.check_every = check_every
         self.on_step = on_step
         self.members.join(model)
-        link = LinkEmulator(link_mbit) if link_mbit else None
-        self.exchange: Exchange
-        if self.method.traits.rounds:
-            self.exchange = LocalRoundsExchange(model, optimizer, self.method, seed, group, link, self.members.elastic)
-        else:
-            self.exchange = PerStepExchange(model, optimizer, self.method, seed, group, bucket_cap_bytes, link)
+        options = ExchangeOptions(
+            seed=seed, group=group, link_mbit=link_mbit, bucket_cap_bytes=bucket_cap_bytes, overlap=overlap,
+            elastic=self.members.elastic, total_steps=total_steps, round_quorum=round_quorum,
+            round_deadline_s=round_deadline_s, zeroth_order=zeroth_order or ZOConfig(),
+        )
+        self.exchange: Exchange = build_exchange(model, optimizer, self.method, options)
         self.steps = 0  # steps done; a joiner starts at the donor's (loop with `while session.steps < total`)
         self.total_bytes = 0
         self.total_wire_bytes = 0
+        self.steps_counted = 0  # steps whose bytes total_bytes holds (a joiner's start at the donor's step is not one)
         self.replicas_identical = True  # every replica check so far found identical parameters
         self._check_due = False
         self._extra: dict[str, Stateful] = {}
-        self._received_extra: dict[str, Any] = {}  # a donor's registered state, loaded on registration
+        self._received_extra: dict[str, Any] = {}  # a donor's or a checkpoint's registered state, loaded on registration
+        if resume_from is not None and checkpoint.shared_path(resume_from).is_file():
+            self.load(resume_from)
         self.members.agree(self)
+        self.members.settle(self)  # what every member does between steps; a joiner starts here
         log.info(
             "session: method %s, %d parameters exchanged, dense fp32 would send %d bytes per step",
             self.method.name, sum(p.numel() for p in model.parameters() if p.requires_grad), self.dense_bytes_per_step,
         )
 
     # --- the loop ---------------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        """What forward passes go through: the model itself, or its torch DDP wrapper for the DDP methods."""
+        return self.exchange.module
+
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """``loss.backward(**kwargs)`` (per-step methods launch their collectives from its hooks)."""
+        if self.exchange.needs_closure:
+            raise RuntimeError(f"method {self.method.name!r} runs no backward: give session.step() the forward pass as a closure")
         loss.backward(**kwargs)
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
@@ -214,40 +234,61 @@ class Session:
         or inspect averaged gradients before step()); a local-step method's gradients are local."""
         self.exchange.synchronize()
 
-    def step(self) -> None:
-        """Instead of ``optimizer.step()``: update, exchange when due, then the scheduler's step."""
+    def step(self, closure: Closure | None = None) -> float | None:
+        """Instead of ``optimizer.step()``: update, exchange when due, then the scheduler's step.
+
+        With ``closure`` (a forward pass returning the loss) the session zeroes the gradients, runs
+        it and backward itself, skips it where a closed round would drop its work, and returns the
+        loss as a float."""
         step = self.steps
-        exchanged = self.members.exchange(lambda: self.exchange.step(step), self)
+        losses: list[float] = []
+
+        def attempt() -> bool:
+            if closure is not None and not self.exchange.needs_closure and self.exchange.local_work_counts(step):
+                self.zero_grad()
+                loss = closure()
+                self.backward(loss)
+                losses.append(loss.item())
+            return self.exchange.step(step, closure)
+
+        exchanged = self.members.run(attempt, self)
         if self.steps != step:
-            return  # a regroup brought a donor's state from after this step
+            return None  # a regroup brought a donor's state from after this step
         if self.scheduler is not None:
             self.scheduler.step()
         self.steps += 1
-        if self.exchange.in_sync:
-            self.members.round_start(self)
-        self._after(exchanged)
+        self.steps_counted += 1
+        self._after(bool(exchanged))
+        self.members.step_committed(self)
+        self.members.settle(self)
+        if self.exchange.needs_closure:
+            return self.exchange.last_loss
+        return losses[-1] if losses else None
 
     def zero_grad(self) -> None:
         """Set every gradient of the model to None."""
         self.model.zero_grad(set_to_none=True)
 
+    def collective(self, work: Callable[[], T]) -> T | None:
+        """Run ``work`` (collectives of your own, e.g. an evaluation's all_reduce) so that under a
+        coordinator a failure regroups and runs it again; None if the regroup brought a later state."""
+        return self.members.run(work, self)
+
     def finish(self) -> None:
         """At the end of training: exchange a round still open, so every replica ends the same (reported
         to ``on_step`` only when it exchanged), check the replicas if checks are on, and leave."""
         self._check_due |= self.check_every > 0
-        self._after(self.members.exchange(self.exchange.finish, self), report=False)
+        self._after(bool(self.members.run(self.exchange.finish, self)), report=False)
+        self.members.run(self.check_if_due, self)
         self.members.finish(self)
 
     def _after(self, exchanged: bool, report: bool = True) -> None:
-        """Count the step's bytes, check the replicas when due and where they agree, report."""
+        """Count the step's bytes, note a replica check that fell due, report."""
         payload = self.exchange.payload_bytes_last_step if exchanged else 0
         wire = self.exchange.wire_bytes_last_step if exchanged else 0
         self.total_bytes += payload
         self.total_wire_bytes += wire
         self._check_due |= bool(self.check_every) and self.steps % self.check_every == 0
-        if self._check_due and self.in_sync:
-            self.check_replicas()
-            self._check_due = False
         if self.on_step is not None and (report or exchanged):
             self.on_step(StepReport(self.steps, exchanged, payload, wire, self.in_sync))
 
@@ -269,7 +310,11 @@ class Session:
 
     @property
     def bytes_per_step(self) -> float:
-        return self.total_bytes / max(1, self.steps)
+        return self.total_bytes / max(1, self.steps_counted)
+
+    @property
+    def wire_bytes_per_step(self) -> float:
+        return self.total_wire_bytes / max(1, self.steps_counted)
 
     def summary(self) -> dict[str, Any]:
         """The run so far in one dict: steps, bytes (payload and wire), compression, replica checks."""
@@ -278,7 +323,7 @@ class Session:
             "workers": dist.get_world_size(self.group),
             "method": self.method.name,
             "bytes_per_step": round(self.bytes_per_step, 1),
-            "wire_bytes_per_step": round(self.total_wire_bytes / max(1, self.steps), 1),
+            "wire_bytes_per_step": round(self.wire_bytes_per_step, 1),
             "dense_bytes_per_step": self.dense_bytes_per_step,
             "compression_ratio": round(self.dense_bytes_per_step / max(self.bytes_per_step, 1e-9), 1),
             "total_bytes": self.total_bytes,
@@ -287,6 +332,12 @@ class Session:
         }
 
     # --- replicas ---------------------------------------------------------------------
+    def check_if_due(self) -> None:
+        """The replica check that fell due (every ``check_every`` steps), once the replicas agree."""
+        if self._check_due and self.in_sync:
+            self.check_replicas()
+            self._check_due = False
+
     def parameters_digest(self) -> str:
         """SHA-256 (hex) of this replica's parameters, bit for bit."""
         return parameter_digest(self.model).hex()
@@ -299,16 +350,19 @@ class Session:
         identical = check_replicas(self.model, self.exchange.shared_optimizer, self.group, self.steps)
         if not identical:
             self.exchange.adopt_repaired_weights()
+        elif self.members.elastic:
+            log.info("replicas identical at step %d (digest %s)", self.steps, self.parameters_digest()[:16])
         self.replicas_identical &= identical
         return identical
 
     # --- state ------------------------------------------------------------------------
     def register_state(self, name: str, state: Stateful) -> None:
-        """Save and restore ``state`` (anything with state_dict/load_state_dict, e.g. a data loader's position) with the session."""
+        """Save and restore ``state`` (anything with state_dict/load_state_dict, e.g. a data loader's
+        position) with the session; what a donor or a checkpoint holds for it is loaded now."""
         if name in self._extra:
             raise ValueError(f"state {name!r} is registered already")
         self._extra[name] = state
-        if name in self._received_extra:  # a joiner registers what its donor sent
+        if name in self._received_extra:
             state.load_state_dict(self._received_extra.pop(name))
 
     def _state(self, exchange: dict[str, Any]) -> dict[str, Any]:
@@ -319,38 +373,74 @@ class Session:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "exchange": exchange,
             "extra": {name: state.state_dict() for name, state in self._extra.items()},
+            "check_due": self._check_due,
         }
 
     def _load(self, state: dict[str, Any]) -> None:
-        """Model, optimizer, scheduler and step of ``state`` (the exchange's state is loaded after)."""
+        """Model, optimizer, scheduler, step and registered state of ``state`` (the exchange's state is loaded after)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.steps = state["steps"]
+        self._check_due = state["check_due"]
+        for name, extra in state["extra"].items():
+            if name in self._extra:
+                self._extra[name].load_state_dict(extra)
+            else:
+                self._received_extra[name] = extra
 
     def state_dict(self) -> dict[str, Any]:
         """Everything this worker needs to resume: model, optimizer, scheduler, exchange, registered state."""
         return {
             **self._state(self.exchange.state_dict()),
-            "method": dataclasses.asdict(self.method),
-            "bytes": (self.total_bytes, self.total_wire_bytes),
+            "fingerprint": self.fingerprint,
+            "bytes": (self.total_bytes, self.total_wire_bytes, self.steps_counted),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict() returned; the next step() continues from its step."""
-        mine = dataclasses.asdict(self.method)
-        if state["method"] != mine:
-            differing = sorted(k for k in mine if state["method"].get(k) != mine[k])
-            raise ValueError(f"the state was saved with another method or settings ({', '.join(differing)}): resume with the same")
-        missing = sorted(set(self._extra) ^ set(state["extra"]))
-        if missing:
-            raise ValueError(f"registered state differs from the saved one: {missing}")
+        self._check_fingerprint(state)
         self._load(state)
         self.exchange.load_state_dict(state["exchange"])
-        self.total_bytes, self.total_wire_bytes = state["bytes"]
-        for name, extra in self._extra.items():
-            extra.load_state_dict(state["extra"][name])
+        self.total_bytes, self.total_wire_bytes, self.steps_counted = state["bytes"]
+
+    def _check_fingerprint(self, state: dict[str, Any]) -> None:
+        if state["fingerprint"] != self.fingerprint:
+            raise CheckpointMismatch(
+                "the state was saved with another method, settings, seed or model shape: resume with the same ones"
+            )
+
+    # --- checkpoints ------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Collective, where replicas agree: write the run into ``directory`` atomically, each worker
+        its own state and rank 0 what every replica shares, last, as the checkpoint's commit mark."""
+        rank = dist.get_rank(self.group)
+        checkpoint.save_atomic(self.state_dict(), checkpoint.worker_path(directory, rank))
+        self.collective(self._barrier)
+        if rank == 0:
+            shared = {**self.export_replica(), "fingerprint": self.fingerprint}
+            checkpoint.save_atomic(shared, checkpoint.shared_path(directory))
+        self.collective(self._barrier)
+
+    def _barrier(self) -> None:
+        wait_work(dist.barrier(group=self.group, async_op=True))
+
+    def load(self, directory: str | Path) -> None:
+        """Continue from the checkpoint in ``directory``: this worker's own state where it saved one
+        at the checkpoint's step, otherwise (a worker new to the job) the shared state, fresh residuals."""
+        device = next(self.model.parameters()).device
+        shared = checkpoint.load(checkpoint.shared_path(directory), device)
+        self._check_fingerprint(shared)
+        own = checkpoint.worker_path(directory, dist.get_rank(self.group))
+        state = checkpoint.load(own, device) if own.is_file() else None
+        if state is not None and state["steps"] == shared["steps"]:
+            self.load_state_dict(state)
+        else:
+            if state is not None:
+                log.warning("%s is from step %d, the checkpoint from %d: taking the shared state", own, state["steps"], shared["steps"])
+            self.load_replica(shared)
+        log.info("resumed from %s at step %d", directory, self.steps)
 
     # --- elastic membership: what a joiner receives from a donor ------------------------
     def replica_digest(self) -> bytes:
@@ -365,26 +455,6 @@ class Session:
         """Become the donor's replica; registered state not registered yet is loaded when it is."""
         self._load(state)
         self.exchange.load_shared_state_dict(state["exchange"])
-        for name, extra in state["extra"].items():
-            if name in self._extra:
-                self._extra[name].load_state_dict(extra)
-            else:
-                self._received_extra[name] = extra
-
-    def request_refresh(self) -> None:
-        """Renew the exchange's bases at this step (the coordinator asked every member to)."""
-        self.exchange.reducer.request_refresh()
-
-    def save(self, path: str | Path) -> Path:
-        """Write this worker's state atomically; ``{rank}`` in ``path`` becomes this worker's rank."""
-        target = Path(str(path).format(rank=dist.get_rank(self.group)))
-        checkpoint.save_atomic(self.state_dict(), target)
-        return target
-
-    def load(self, path: str | Path) -> None:
-        """Restore this worker's state written by save() (``{rank}`` as there)."""
-        source = Path(str(path).format(rank=dist.get_rank(self.group)))
-        self.load_state_dict(checkpoint.load(source, next(self.model.parameters()).device))
 
 
 def wrap(

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--coordinator", help="tcp://HOST:PORT (default: $DISTTRAIN_COORDINATOR)")
     parser.add_argument("--job", default="disttrain")
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--method", default=disttrain.DEFAULT_METHOD, help="a local-step method (see `disttrain methods`)")
+    parser.add_argument("--method", default=disttrain.DEFAULT_METHOD, help="a per-step or local-step method (see `disttrain methods`)")
     parser.add_argument("--link-mbit", type=float, default=None, help="emulate a link this slow (megabits per second)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"[pid{os.getpid()}] %(message)s")

@@ -15,8 +15,9 @@ import torch.distributed as dist
 
 from disttrain.comm.device import resolve_device
 from disttrain.comm.process_group import close_process_group
-from disttrain.elastic.agent import Agent, CoordinatorUnreachable, GenerationTimeout, JobFinished, WorkerRefused
-from disttrain.elastic.membership import ElasticConfig, ElasticMembership
+from disttrain.elastic.agent import CoordinatorUnreachable, GenerationTimeout, JobFinished, WorkerRefused
+from disttrain.elastic.membership import ElasticConfig
+from disttrain.exchange.membership import ElasticGroup
 from disttrain.elastic.protocol import SECRET_ENV, check_address, load_secret
 from disttrain.logs import set_tag, setup_logging
 from disttrain.train.config import TrainConfig
@@ -106,20 +107,15 @@ def init_process_group(backend: str, timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
 
 
-def start_membership(args: argparse.Namespace, config: TrainConfig, backend: str) -> ElasticMembership:
-    agent = Agent(
-        args.coordinator, load_secret(args.secret_file), args.job, config.fingerprint(), args.heartbeat_s,
-        args.connect_timeout_s,
+def elastic_membership(args: argparse.Namespace, config: TrainConfig, backend: str) -> ElasticGroup:
+    """This worker's place in the coordinator's job (the Session joins it); the job's fingerprint is the config's."""
+    settings = ElasticConfig(sync_every=args.sync_every, collective_timeout_s=args.timeout_s, backend=backend)
+    members = ElasticGroup.connect(
+        args.coordinator, args.job, load_secret(args.secret_file), config.fingerprint(), args.heartbeat_s,
+        args.connect_timeout_s, settings,
     )
-    set_tag(lambda: agent.name)
-    log.info("asking the coordinator at %s to join job %r", args.coordinator, args.job)
-    agent.start()
-    settings = ElasticConfig(
-        sync_every=args.sync_every,
-        collective_timeout_s=args.timeout_s,
-        backend=backend,
-    )
-    return ElasticMembership(agent, settings)
+    set_tag(lambda: members.agent.name)
+    return members
 
 
 def write_summary(path: str, config: TrainConfig, summary: RunSummary) -> None:
@@ -143,15 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         backend = resolve_backend(args.backend, select_device(config), local_workers)
         if args.coordinator:
-            membership = start_membership(args, config, backend)
+            membership = elastic_membership(args, config, backend)
         else:
             init_process_group(backend, args.timeout_s)
         trainer = Trainer(config, membership=membership)
         if trainer.rank != 0 and not args.log_all_ranks:
             logging.getLogger().setLevel(logging.WARNING)
-        summary = trainer.run()
-        if membership is not None and summary.steps >= config.steps:
-            membership.agent.mark_finished(summary.steps, summary.parameter_digest)
+        summary = trainer.run()  # under a coordinator, the session tells it the job finished, and leaves
     except JobFinished as finished:
         log.info("%s", finished)
         return 0

@@ -27,7 +27,7 @@ from disttrain.comm import CompressedAllReduce
 from disttrain.compress.svd import canonical_signs
 from disttrain.methods import get_method, with_overrides
 from disttrain.train.config import OptimConfig, TrainConfig
-from disttrain.train.engines import build_optimizer
+from disttrain.train.optimizer import build_optimizer
 
 pytest.importorskip(
     "galore_torch",
@@ -85,7 +85,8 @@ def compare(rank: int, world: int, aligned: bool) -> dict:
     ours = make_model()
     theirs = copy.deepcopy(ours)
     reducer = CompressedAllReduce(ours.parameters(), method.compression, seed=0, overlap=False)
-    optimizer = build_optimizer(ours.parameters(), method, config, source=reducer)  # as DisttrainEngine builds it
+    optimizer = build_optimizer(ours.parameters(), method, config)
+    optimizer.attach(reducer)  # as the per-step exchange attaches it
     assert optimizer.defaults["eps"] == 1e-8 and optimizer.defaults["refresh_moments"] == "keep"
     projected = [q for p, q in zip(ours.parameters(), theirs.parameters()) if method.compression.compresses(p.shape)]
     assert [tuple(p.shape) for p in projected] == [(64, 16), (64, 64)]

@@ -18,7 +18,9 @@ from disttrain.models.gpt import GPT
 from disttrain.train.config import TrainConfig
 from disttrain.optim.local_subspace import LocalSubspace
 from disttrain.optim.projected_adamw import ProjectedAdamW
-from disttrain.train.local_steps import LocalStepsEngine
+from disttrain.exchange.base import ExchangeOptions
+from disttrain.exchange.local_rounds import LocalRoundsExchange
+from disttrain.train.optimizer import build_optimizer
 from disttrain.train.replica import tensors_digest
 
 DILOCO_METHODS = ["diloco-h10", "diloco-int8-h30", "diloco-int1-h40", "diloco-sparse-k4-h5", "diloco-svd-int8-h10", "fedavg-subspace-int8-h10"]
@@ -80,24 +82,27 @@ def test_dense_int8_payload_is_within_half_a_step_of_each_row(rows, cols, scale,
 def redo_with_a_joiner(rank: int, world: int) -> tuple[bytes, bytes]:
     """Rank 0 did a round whose exchange is pending; rank 1 joined with the round's start only."""
     config = tiny_config(method="diloco-h10", local_steps=2, steps=4)
-    method = get_method("diloco-h10")
+    method = replace(get_method("diloco-h10"), local_steps=2)
     solos = [dist.new_group([r]) for r in range(world)]
-
-    def engine(group):
-        torch.manual_seed(0)
-        return LocalStepsEngine(GPT(config.model), replace(method, local_steps=2), config, group, elastic=True)
-
     batch = ByteCorpus(config.data, config.seed).train_batch(0, 0, 1)
-    both, alone = engine(None), engine(solos[rank])
+
+    def rounds(group) -> tuple[GPT, LocalRoundsExchange]:
+        torch.manual_seed(0)
+        model = GPT(config.model)
+        options = ExchangeOptions(seed=config.seed, group=group, elastic=True)
+        return model, LocalRoundsExchange(model, build_optimizer(model.parameters(), method, config), method, options)
+
+    both, alone = rounds(None), rounds(solos[rank])
     if rank == 0:
-        for e in (both, alone):
-            e.step(0, batch)  # the round's only local step before its end
-            e.exchange_pending = 1  # its exchange at step 1 failed; redo it
-        alone.step(1, batch)
+        for model, exchange in (both, alone):
+            model(*batch)[1].backward()
+            exchange.step(0)  # the round's only local step before its end
+            exchange.exchange_pending = True  # its exchange at step 1 failed; redo it
+        alone[1].step(1)
     else:
-        both.load_state_dict({**both.shared_state_dict(), "exchange_pending": 1})  # as a joiner receives it
-    both.step(1, batch)
-    return tensors_digest(both.replica_parameters()), tensors_digest(alone.replica_parameters())
+        both[1].load_shared_state_dict({**both[1].shared_state_dict(), "pending": True})  # as a joiner receives it
+    both[1].step(1)
+    return tensors_digest(both[1].replica_parameters()), tensors_digest(alone[1].replica_parameters())
 
 
 def test_a_redone_exchange_averages_over_the_workers_that_did_the_round():

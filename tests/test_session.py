@@ -9,9 +9,11 @@ from tiny import TINY_DATA, TINY_MODEL, tiny_config
 from torch import nn
 
 import disttrain
+import disttrain.methods
 from disttrain.data.corpus import ByteCorpus
 from disttrain.models.gpt import GPT
 from disttrain.train.config import OptimConfig
+from disttrain.train.optimizer import build_optimizer
 from disttrain.train.trainer import learning_rate
 
 STEPS = 20
@@ -57,13 +59,13 @@ def train_gpt(model: GPT, session: disttrain.Session, rank: int, world: int, ste
     return losses
 
 
-def rounds_scenarios(rank: int, world: int, checkpoint_path: str) -> dict:
+def rounds_scenarios(rank: int, world: int, checkpoint_dir: str) -> dict:
     model, session = gpt_session("diloco-sparse-k4-h5", check_every=5)
     position = Position()
     session.register_state("data", position)
     in_sync = []
     losses = train_gpt(model, session, rank, world, range(10), position)
-    session.save(checkpoint_path)
+    session.save(checkpoint_dir)
     in_sync.append(session.in_sync)
     losses += train_gpt(model, session, rank, world, range(10, 12), position)
     mid_round = {"in_sync": session.in_sync}
@@ -76,7 +78,7 @@ def rounds_scenarios(rank: int, world: int, checkpoint_path: str) -> dict:
     resumed_model, resumed = gpt_session("diloco-sparse-k4-h5")
     resumed_position = Position()
     resumed.register_state("data", resumed_position)
-    resumed.load(checkpoint_path)
+    resumed.load(checkpoint_dir)
     train_gpt(resumed_model, resumed, rank, world, range(resumed_position.batches_read, STEPS), resumed_position)
     return {
         "losses": losses,
@@ -94,15 +96,14 @@ def per_step_scenario(rank: int, world: int) -> dict:
     return session.summary()
 
 
-def both(rank: int, world: int, checkpoint_path: str) -> tuple[dict, dict]:
+def both(rank: int, world: int, checkpoint_dir: str) -> tuple[dict, dict]:
     """Both scenarios in one pair of processes: starting processes is most of the time."""
-    return rounds_scenarios(rank, world, checkpoint_path), per_step_scenario(rank, world)
+    return rounds_scenarios(rank, world, checkpoint_dir), per_step_scenario(rank, world)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[tuple[dict, dict]]:
-    path = str(tmp_path_factory.mktemp("session") / "rank{rank}.pt")
-    return run_workers(both, 2, path)
+    return run_workers(both, 2, str(tmp_path_factory.mktemp("session")))
 
 
 @pytest.fixture(scope="module")
@@ -157,14 +158,12 @@ def one_process_group(rank: int, world: int, method: str, options: dict) -> str:
 @pytest.mark.parametrize(
     "method, options, message",
     [
-        ("ddp-hook", {}, "Session cannot run method 'ddp-hook': it runs inside torch DDP"),
-        ("svd-projected", {}, "replaces your optimizer with projected_adamw"),
-        ("zo-1byte", {}, "needs the 'zeroth_order' engine"),
+        ("svd-projected", {}, "build the optimizer as disttrain.optim.ProjectedAdamW"),
         ("power-int4-r16", {"local_steps": 5}, "local_steps applies to local-step methods"),
         ("diloco-sparse-k4-h5", {"rnk": 4}, "unknown compression option(s) ['rnk']"),
     ],
 )
-def test_what_a_session_cannot_run_is_refused_by_name(method, options, message):
+def test_what_a_session_cannot_run_is_refused_with_the_fix(method, options, message):
     assert message in run_workers(one_process_group, 1, method, options)[0]
 
 
@@ -192,3 +191,43 @@ def test_a_replica_check_repairs_diverged_rounds_so_that_the_next_round_agrees()
     (found_0, after_0, digest_0), (found_1, after_1, digest_1) = run_workers(repaired_rounds, 2)
     assert not found_0 and not found_1
     assert after_0 and after_1 and digest_0 == digest_1
+
+
+def every_method(rank: int, world: int) -> dict[str, tuple[str, bool, int]]:
+    """Three steps of every registered method in a user loop with a closure: (digest, replicas identical, bytes)."""
+    results = {}
+    for name, method in disttrain.methods.METHODS.items():
+        config = tiny_config(method=name, steps=3, **({"rank": 8} if "rank" in method.overrides else {}))  # explore < rank
+        torch.manual_seed(0)
+        model = GPT(TINY_MODEL)
+        session = disttrain.Session(
+            model, build_optimizer(model.parameters(), method, config), config.resolved_method(),
+            total_steps=3, check_every=3,
+        )
+        corpus = ByteCorpus(TINY_DATA, config.seed)
+        while session.steps < 3:
+            batch = corpus.train_batch(session.steps, rank, world)
+            session.step(lambda: session.module(*batch)[1])  # noqa: B023 (called at once)
+        session.finish()
+        results[name] = (session.parameters_digest(), session.replicas_identical, session.total_bytes)
+    return results
+
+
+def test_every_registered_method_runs_in_a_user_loop_and_keeps_replicas_identical():
+    first, second = run_workers(every_method, 2, timeout_s=600)
+    assert set(first) == set(disttrain.methods.METHODS)
+    for name, (digest, identical, sent) in first.items():
+        assert identical and digest == second[name][0], name
+        assert sent > 0, name
+
+
+def zeroth_order_backward(rank: int, world: int) -> str:
+    model = nn.Linear(8, 8)
+    session = disttrain.Session(model, torch.optim.SGD(model.parameters(), lr=0.1), "zo-1byte")
+    with pytest.raises(RuntimeError) as error:
+        session.backward(model(torch.ones(1, 8)).sum())
+    return str(error.value)
+
+
+def test_a_zeroth_order_method_asks_for_the_forward_pass_as_a_closure_instead_of_backward():
+    assert "give session.step() the forward pass as a closure" in run_workers(zeroth_order_backward, 1)[0]

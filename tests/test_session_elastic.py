@@ -25,16 +25,17 @@ STEP_LINE = re.compile(rb"step +(\d+): loss")
 class UserLoops:
     """examples/own_loop_elastic.py processes against the coordinator of an ElasticJob."""
 
-    def __init__(self, job: ElasticJob, link_mbit: float):
+    def __init__(self, job: ElasticJob, link_mbit: float, method: str = disttrain.DEFAULT_METHOD):
         self.job = job
         self.link_mbit = link_mbit
+        self.method = method
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> None:
         log = open(self.job.workdir / f"loop-{len(self.procs)}.log", "wb")
         command = [
             sys.executable, str(EXAMPLE), "--coordinator", self.job.address, "--steps", str(STEPS),
-            "--link-mbit", str(self.link_mbit),
+            "--link-mbit", str(self.link_mbit), "--method", self.method,
         ]
         self.procs.append(subprocess.Popen(command, env=self.job.env, stdout=subprocess.PIPE, stderr=log))
 
@@ -60,10 +61,13 @@ class UserLoops:
                 proc.wait()
 
 
-@pytest.fixture
-def loops(tmp_path):
+@pytest.fixture(params=[(disttrain.DEFAULT_METHOD, 0.15), (disttrain.DEFAULT_PER_STEP_METHOD, 2.0)], ids=lambda p: p[0])
+def loops(tmp_path, request):
+    """Local-step rounds, or a per-step exchange whose failed steps are redone from the gradients in .grad
+    (each on a link slow enough that the run outlasts the kill and the join)."""
+    method, link_mbit = request.param
     job = ElasticJob(tmp_path, [])
-    loops = UserLoops(job, link_mbit=0.15)
+    loops = UserLoops(job, link_mbit=link_mbit, method=method)
     yield loops
     loops.close()
     job.close()
@@ -103,8 +107,8 @@ def test_a_user_loop_joining_a_finished_job_is_told_so(tmp_path):
         job.close()
 
 
-def test_a_per_step_method_under_a_coordinator_is_refused_with_the_methods_that_can(monkeypatch):
+def test_a_torch_ddp_method_under_a_coordinator_is_refused_with_the_kinds_that_can(monkeypatch):
     monkeypatch.setenv("DISTTRAIN_SECRET", "s" * 32)
     model = torch.nn.Linear(4, 2)
-    with pytest.raises(ValueError, match="runs local-step methods.*diloco-sparse-k4-h5"):
-        disttrain.Session(model, torch.optim.AdamW(model.parameters()), "power-int4-r16", coordinator="tcp://127.0.0.1:1")
+    with pytest.raises(ValueError, match="'ddp-hook' cannot change membership.*per-step or local-step method"):
+        disttrain.Session(model, torch.optim.AdamW(model.parameters()), "ddp-hook", coordinator="tcp://127.0.0.1:1")

@@ -9,7 +9,7 @@ from torch import nn
 
 import disttrain
 from disttrain.compress import CompressionSpec
-from disttrain import Session, supported_methods
+from disttrain import Session
 
 METHOD = "svd-int8-reconstruct"
 
@@ -175,19 +175,13 @@ def test_wrap_without_a_process_group_says_to_use_torchrun():
         disttrain.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-@pytest.mark.parametrize("method", ["svd-projected", "ddp-hook", "powersgd-r4", "zo-1byte"])
-def test_methods_that_replace_the_optimizer_or_run_ddp_are_refused(method):
+def test_a_projected_method_with_a_torch_optimizer_says_to_build_projected_adamw():
     model = nn.Linear(4, 4)
-    with pytest.raises(ValueError, match=f"Session cannot run method '{method}'.*Sessions run: .*{METHOD}"):
-        disttrain.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), method)
+    with pytest.raises(ValueError, match="'svd-projected' keeps its optimizer's moments.*disttrain.optim.ProjectedAdamW"):
+        disttrain.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), "svd-projected")
 
 
 def test_unknown_compression_option_names_the_valid_ones():
     model = nn.Linear(4, 4)
     with pytest.raises(TypeError, match="unknown compression option.*'rnk'.*rank"):
         disttrain.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), METHOD, rnk=4)
-
-
-def test_every_method_that_reconstructs_gradients_for_a_torch_optimizer_is_supported():
-    reconstructing = {"dense", "svd-reconstruct", "svd-int8-reconstruct", "seeded-reconstruct", "seeded-int8-reconstruct"}
-    assert reconstructing | {"diloco-sparse-k4-h5", "diloco-int8-h30"} <= set(supported_methods())

@@ -53,7 +53,7 @@ class CompressedAllReduce:
         self.group = group
         self.link = link
         check_rank_fits(spec, [p.shape for p in self.params])
-        self.measure_energy = False  # measure captured energy while encoding (adaptive refresh)
+        self._measuring = False  # measure captured energy while encoding (adaptive refresh)
         self._energy = (0.0, 0.0)
         # With elastic membership the world size changes, and every member, joiners included,
         # must encode alike: keep the configured payload there.
@@ -109,8 +109,6 @@ class CompressedAllReduce:
         self.payload_bytes_last_step = 0
         self.wire_bytes_last_step = 0
         self._hook_failure = None
-        if self.measure_energy:
-            self._energy = (0.0, 0.0)
         self._armed = True
 
     def _launch_ready(self, force: bool = False) -> None:
@@ -136,7 +134,7 @@ class CompressedAllReduce:
         bucket = self.buckets[b]
         grads = [self._gradient(i) for i in bucket.param_indices]
         basis_bytes = bucket.refresh_bases(grads, self.step, self.group)
-        if self.measure_energy:
+        if self._measuring:
             for compressor, grad in zip(bucket.compressors, grads):
                 part, whole = compressor.captured_energy(grad)
                 self._energy = (self._energy[0] + part, self._energy[1] + whole)
@@ -181,9 +179,15 @@ class CompressedAllReduce:
                 raise RuntimeError("write_gradients() called before finish()")
             p.grad = compressor.reconstruct(mean).to(p.dtype)
 
+    def measure_next_step(self, on: bool) -> None:
+        """Measure the captured energy while encoding the coming step (or not); a measurement starts from zero."""
+        self._measuring = on
+        if on:
+            self._energy = (0.0, 0.0)
+
     def captured_energy(self) -> float | None:
-        """||P^T G||^2 / ||G||^2 of this worker's projected gradients in the last step that had
-        ``measure_energy`` set (None if nothing was measured or projected)."""
+        """||P^T G||^2 / ||G||^2 of this worker's projected gradients measured since the last
+        measure_next_step(True) (None if nothing was measured or projected)."""
         captured, total = self._energy
         return captured / total if total > 0 else None
 

@@ -1,7 +1,6 @@
-"""How a Session exchanges updates in the user's loop: every step, or once per round of local steps."""
+"""How a Session exchanges updates: every step (compressed, torch DDP, zeroth-order), or once per round of local steps."""
 
-from disttrain.exchange.base import Exchange
-from disttrain.exchange.local_rounds import LocalRoundsExchange
-from disttrain.exchange.per_step import PerStepExchange
+from disttrain.exchange.base import Exchange, ExchangeOptions
+from disttrain.exchange.factory import build_exchange
 
-__all__ = ["Exchange", "LocalRoundsExchange", "PerStepExchange"]
+__all__ = ["Exchange", "ExchangeOptions", "build_exchange"]

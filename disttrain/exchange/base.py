@@ -1,27 +1,64 @@
-"""What a Session asks of its exchange."""
+"""What a Session asks of its exchange, and the settings every exchange is built from."""
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, Protocol
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
+
+from disttrain.comm.allreduce import DEFAULT_BUCKET_CAP_BYTES
+from disttrain.comm.link import LinkEmulator
+from disttrain.federated.zeroth_order import ZOConfig
+
+Closure = Callable[[], torch.Tensor]  # a forward pass that returns the loss
+
+
+@dataclass(frozen=True)
+class ExchangeOptions:
+    """How an exchange is built: the same on every worker."""
+
+    seed: int = 0  # keys the seeded bases and random streams
+    group: dist.ProcessGroup | None = None
+    link_mbit: float | None = None  # pace every collective as on an uplink this slow
+    bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES
+    overlap: bool = True  # launch a per-step method's collectives during backward
+    elastic: bool = False  # under a coordinator: membership changes, so payloads stay as configured
+    total_steps: int | None = None  # a local-step round also ends at this step, however H divides it
+    round_quorum: float = 1.0  # a round closes once this share of the workers finished it
+    round_deadline_s: float | None = None  # ... or this long after the first finished
+    zeroth_order: ZOConfig = field(default_factory=ZOConfig)
+
+    def link(self) -> LinkEmulator | None:
+        return LinkEmulator(self.link_mbit) if self.link_mbit else None
 
 
 class Exchange(Protocol):
-    reducer: Any  # the CompressedAllReduce it sends through
+    reducer: Any  # the CompressedAllReduce it sends through (None for torch DDP and zeroth-order steps)
+    module: torch.nn.Module  # what forward passes go through: the model, or torch DDP's wrapper of it
+    needs_closure: bool  # the method runs the forward passes itself: step() needs the closure
     in_sync: bool  # whether every replica holds the same weights after the last step
     payload_bytes_last_step: int  # what this worker put into collectives in the last step
     wire_bytes_last_step: int  # what those collectives moved per worker
     dense_bytes_per_step: int  # what a dense fp32 all-reduce of the exchanged parameters moves
 
-    def no_sync(self) -> ContextManager[None]:
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
         """Backward passes inside accumulate locally; the step after them sends the sum."""
 
     def synchronize(self) -> None:
         """Make ``.grad`` what the optimizer step will use (the average, for per-step methods)."""
 
-    def step(self, step: int) -> bool:
-        """Take the user's optimizer step number ``step`` (0-based); True when it exchanged."""
+    def local_work_counts(self, step: int) -> bool:
+        """Whether step ``step``'s forward and backward will count (False once a round closed without this worker)."""
+
+    def step(self, step: int, closure: Closure | None) -> bool:
+        """Take optimizer step number ``step`` (0-based); True when it exchanged."""
+
+    def membership_may_change(self, steps: int, sync_every: int) -> bool:
+        """Whether elastic members may switch generations before step ``steps`` (replicas agree there)."""
 
     @property
     def shared_optimizer(self) -> torch.optim.Optimizer:
@@ -47,3 +84,43 @@ class Exchange(Protocol):
 
     def load_shared_state_dict(self, state: dict[str, Any]) -> None:
         """Take a donor's shared_state_dict()."""
+
+
+class EveryStepAgrees:
+    """What exchanges whose replicas agree after every step share: no rounds, the model is the only copy."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    in_sync = True
+
+    def local_work_counts(self, step: int) -> bool:
+        return True
+
+    def membership_may_change(self, steps: int, sync_every: int) -> bool:
+        return steps % sync_every == 0
+
+    def finish(self) -> bool:
+        return False  # every step already ended in agreement
+
+    @property
+    def shared_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer  # it applies the same averaged update on every replica
+
+    def adopt_repaired_weights(self) -> None:
+        pass  # the model's weights are the only copy
+
+    def replica_parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def load_shared_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state)
+
+
+def require_closure(closure: Closure | None, method: str) -> Closure:
+    """The closure a method that runs its own forward passes needs, or a clear error."""
+    if closure is None:
+        raise TypeError(
+            f"method {method!r} evaluates the loss itself: call session.step(lambda: loss_fn(model(x), y)) "
+            "with the forward pass as a closure, and no backward()"
+        )
+    return closure

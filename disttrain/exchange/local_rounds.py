@@ -1,23 +1,35 @@
-"""Local-step rounds in the user's loop: the user's optimizer steps locally; every H steps one
-compressed exchange of the pseudo-gradient and the outer step make every replica the same.
+"""Local-step rounds (DiLoCo): the optimizer's steps are local; every H steps one compressed
+exchange of the pseudo-gradient and the outer step (``train/outer.py``) make every replica the same.
 
 Under elastic membership a round-end exchange that failed is redone by calling the same step
 again: it keeps the round's local work and only exchanges. A worker that received the round's
 start while that exchange was pending sends a zero pseudo-gradient, and the average is over
 the workers that did the round.
+
+With a round quorum or deadline (``train/rounds.py``) a round closes without waiting for
+stragglers: a worker that had not finished its local steps by then drops them, sends a zero
+pseudo-gradient, and starts the next round from the new global weights with everyone else.
+
+With a ``disttrain.optim.ProjectedAdamW`` as the inner optimizer, local steps stay inside the
+round's seeded subspace (``optim/local_subspace.py``), so the exchange sends them almost exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from disttrain.comm.link import LinkEmulator
+from disttrain.exchange.base import Closure, ExchangeOptions
 from disttrain.methods import Method
+from disttrain.optim.local_subspace import LocalSubspace
+from disttrain.optim.projected_adamw import ProjectedAdamW
 from disttrain.train.outer import OuterStep
+from disttrain.train.rounds import RoundClosing
+
+log = logging.getLogger(__name__)
 
 
 def peak_lr_of(optimizer: torch.optim.Optimizer) -> float:
@@ -27,30 +39,30 @@ def peak_lr_of(optimizer: torch.optim.Optimizer) -> float:
 
 
 class LocalRoundsExchange:
-    """Inner steps are the user's optimizer steps with no communication; every ``local_steps``-th
-    step ends a round with the compressed outer step (DiLoCo)."""
+    """Inner steps are the optimizer's steps with no communication; every ``local_steps``-th
+    step (and the run's last) ends a round with the compressed outer step."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        method: Method,
-        seed: int,
-        group: dist.ProcessGroup | None,
-        link: LinkEmulator | None,
-        elastic: bool = False,
-    ):
+    needs_closure = False
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions):
+        self.module = model
         self.optimizer = optimizer
         self.local_steps = method.local_steps
+        self.total_steps = options.total_steps
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.outer = OuterStep(trainable, method, seed, peak_lr_of(optimizer), group, link, elastic)
+        self.outer = OuterStep(trainable, method, options.seed, peak_lr_of(optimizer), options.group, options.link(), options.elastic)
         self.reducer = self.outer.reducer
+        self.subspace: LocalSubspace | None = None
+        if isinstance(optimizer, ProjectedAdamW):
+            self.subspace = LocalSubspace(self.reducer.params, self.reducer.spec, options.seed)
+            optimizer.attach(self.subspace)
+        self.closing = RoundClosing(options.round_quorum, options.round_deadline_s)
         self.dense_bytes_per_step = self.reducer.dense_bytes_per_step
         self.in_sync = True
         self.payload_bytes_last_step = 0
         self.wire_bytes_last_step = 0
         self.exchange_pending = False  # the round-end exchange failed and waits to be redone
-        self.did_round = True  # False for a worker that received the round's start while its exchange was pending
+        self.did_round = True  # False for a worker that joined mid-exchange, or that a round closed without
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # inner steps never communicate
@@ -58,19 +70,35 @@ class LocalRoundsExchange:
     def synchronize(self) -> None:
         pass  # the gradients of an inner step are this worker's own
 
-    def step(self, step: int) -> bool:
-        if not self.exchange_pending:  # a redone step only redoes its exchange
+    def local_work_counts(self, step: int) -> bool:
+        if self.exchange_pending or not self.did_round:
+            return False
+        if self.closing.active and self.closing.closed(self.outer.rounds):
+            self._drop_round_work()
+            return False
+        return True
+
+    def step(self, step: int, closure: Closure | None = None) -> bool:
+        if self.local_work_counts(step):  # a redone step only redoes its exchange
+            if self.subspace is not None and step % self.local_steps == 0:
+                self._enter_round_subspace()
             self.optimizer.step()
         self.in_sync = False
         self.payload_bytes_last_step = self.wire_bytes_last_step = 0
-        if (step + 1) % self.local_steps == 0:
+        if (step + 1) % self.local_steps == 0 or (self.total_steps is not None and step + 1 >= self.total_steps):
             return self.finish()
         return False
 
     def finish(self) -> bool:
         if self.in_sync:
             return False
-        contributors = self.outer.count_contributors(self.did_round) if self.exchange_pending else None
+        contributors = None
+        if self.exchange_pending:
+            contributors = self.outer.count_contributors(self.did_round)
+        elif self.closing.active:
+            in_time, contributors = self.closing.finish(self.outer.rounds, self.reducer.world_size)
+            if not in_time and self.did_round:
+                self._drop_round_work()
         self.exchange_pending = True  # from here on, a failure redoes only the exchange
         self.outer.apply(self.optimizer.param_groups[0]["lr"], contributors)
         self.exchange_pending = False
@@ -79,6 +107,22 @@ class LocalRoundsExchange:
         self.wire_bytes_last_step = self.outer.reducer.wire_bytes_last_step
         self.in_sync = True
         return True
+
+    def _enter_round_subspace(self) -> None:
+        """A round's first local step: draw its bases. Where a basis changed, the moments kept in
+        the old one mean nothing in the new one, so they start again."""
+        assert self.subspace is not None
+        for p in self.subspace.begin_round(self.outer.rounds):
+            self.optimizer.state.pop(p, None)
+
+    def _drop_round_work(self) -> None:
+        """The round closed before this worker finished it: back to the round's start, sending zeros."""
+        log.info("round %d closed before this worker finished its local steps; its round work is dropped", self.outer.rounds)
+        self.outer.back_to_round_start()
+        self.did_round = False
+
+    def membership_may_change(self, steps: int, sync_every: int) -> bool:
+        return self.in_sync  # at round starts, where every member holds the global weights
 
     @property
     def shared_optimizer(self) -> torch.optim.Optimizer:

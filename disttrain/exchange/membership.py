@@ -1,8 +1,16 @@
 """Who trains together in a Session: the process group torchrun formed, or generations a coordinator forms.
 
 A Session asks its membership to join (before its exchange exists), to agree (every member holds
-the same state), to check for a newer generation at round starts, to run an exchange so that a
-failed one is redone in the next generation, and to finish. ``FixedGroup`` does nothing of the
+the same state), to switch to a newer generation at the start of a step where the exchange
+allows, to run collective work so that a failed one is redone from its start in the next
+generation, to take note of every committed step, and to finish.
+
+Every member, a joiner included, must issue the same collectives in the same order. So all
+collective work between steps runs where a joiner would run it too: at the start of a step
+(the replica check, the generation switch, then the step) or, for a loop's own periodic work
+(the trainer's evaluations and checkpoints), at the top of its loop, decided by state that a
+joiner receives with the rest of its donor's (registered state). A failed piece of work is
+redone from its start after the regroup, which is where a joiner starts too. ``FixedGroup`` does nothing of the
 elastic kind; ``ElasticGroup`` forms every generation through a ``disttrain coordinator`` and
 hands a joiner the state of a donor, so that the user's loop never sees a member come or go.
 """
@@ -13,7 +21,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +31,7 @@ from disttrain.elastic.agent import Agent
 from disttrain.elastic.membership import ElasticConfig, ElasticMembership
 from disttrain.elastic.protocol import load_secret
 from disttrain.elastic.transfer import synchronise
+from disttrain.exchange.base import Exchange
 from disttrain.train.replica import broadcast_from_rank0
 
 log = logging.getLogger(__name__)
@@ -35,6 +44,7 @@ class Replica(Protocol):
     """What a membership needs of the Session it keeps in step with the others."""
 
     steps: int
+    exchange: Exchange
 
     def replica_digest(self) -> bytes: ...
 
@@ -42,7 +52,11 @@ class Replica(Protocol):
 
     def load_replica(self, state: dict[str, Any]) -> None: ...
 
-    def request_refresh(self) -> None: ...
+    def check_if_due(self) -> None:
+        """The replica check, if one is due and the replicas agree (collective)."""
+
+
+T = TypeVar("T")
 
 
 class Membership(Protocol):
@@ -54,11 +68,16 @@ class Membership(Protocol):
     def agree(self, replica: Replica) -> None:
         """Bring every member to the same state (after the exchange is built)."""
 
-    def round_start(self, replica: Replica) -> None:
-        """Where replicas agree: move to a newer generation if one formed."""
+    def settle(self, replica: Replica) -> None:
+        """Between two steps (and once a session is made): the replica check when due, then, where the
+        exchange allows, a move to a newer generation if any member heard of one (collective)."""
 
-    def exchange(self, attempt: Callable[[], bool], replica: Replica) -> bool:
-        """Run ``attempt`` (an exchange); under a coordinator a failed one is redone in the next generation."""
+    def step_committed(self, replica: Replica) -> None:
+        """After a committed step: tell the coordinator."""
+
+    def run(self, attempt: Callable[[], T], replica: Replica) -> T | None:
+        """``attempt()`` (collective work); under a coordinator a failed one is redone from its start
+        in the next generation, and None is returned if that generation brought a donor's later state."""
 
     def finish(self, replica: Replica) -> None:
         """The run is over: tell the coordinator, leave."""
@@ -93,10 +112,13 @@ class FixedGroup:
     def agree(self, replica: Replica) -> None:
         pass  # join() copied rank 0's weights already
 
-    def round_start(self, replica: Replica) -> None:
+    def settle(self, replica: Replica) -> None:
+        replica.check_if_due()
+
+    def step_committed(self, replica: Replica) -> None:
         pass
 
-    def exchange(self, attempt: Callable[[], bool], replica: Replica) -> bool:
+    def run(self, attempt: Callable[[], T], replica: Replica) -> T | None:
         return attempt()
 
     def finish(self, replica: Replica) -> None:
@@ -147,17 +169,33 @@ class ElasticGroup:
         except RuntimeError as error:
             self._failed(error, replica)
 
-    def round_start(self, replica: Replica) -> None:
-        self.agent.step = replica.steps
-        try:
-            due = self.membership.switch_due(replica.steps, replica.request_refresh)
-        except RuntimeError as error:
-            self._failed(error, replica)
-            return
-        if due:
-            self._regroup(replica)
+    def settle(self, replica: Replica) -> None:
+        """After every regroup each member, a joiner included, settles once more from the start."""
+        sync_every = self.membership.config.sync_every
+        while True:
+            try:
+                replica.check_if_due()
+                while replica.exchange.membership_may_change(replica.steps, sync_every):
+                    if not self.membership.switch_due(replica.steps, replica.exchange.reducer.request_refresh):
+                        return
+                    self._regroup(replica)
+                return
+            except RuntimeError as error:
+                self._failed(error, replica)
 
-    def exchange(self, attempt: Callable[[], bool], replica: Replica) -> bool:
+    def step_committed(self, replica: Replica) -> None:
+        agent, steps, sync_every = self.agent, replica.steps, self.membership.config.sync_every
+        agent.step = steps
+        if self.membership.awaiting_first_step:
+            log.info("first step of generation %d committed (step %d)", agent.gen, steps)
+            self.membership.awaiting_first_step = False
+        reducer = replica.exchange.reducer
+        if dist.get_rank() == 0:  # rank 0 measures the captured energy for the coordinator's refresh decisions
+            if steps % sync_every == 0 and (energy := reducer.captured_energy()) is not None:
+                agent.report_energy(steps, energy)
+            reducer.measure_next_step((steps + 1) % sync_every == 0)
+
+    def run(self, attempt: Callable[[], T], replica: Replica) -> T | None:
         failures = 0
         step = replica.steps
         while True:
@@ -168,8 +206,9 @@ class ElasticGroup:
                 if failures > MAX_CONSECUTIVE_FAILURES:
                     raise
                 self._failed(error, replica)
+                self.settle(replica)  # as every member does after a regroup, a joiner admitted in it included
                 if replica.steps != step:
-                    return False  # a donor's later state, its exchange done, replaced this one
+                    return None  # a donor's later state, this work done, replaced this one
 
     def finish(self, replica: Replica) -> None:
         """Wait for every member to finish, then leave as a worker that completed the job."""

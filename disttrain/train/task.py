@@ -26,6 +26,7 @@ from disttrain.data.corpus import ByteCorpus
 from disttrain.federated.task import ClientShards, VerseClassificationTask, labels_of
 from disttrain.models.gpt import GPT
 from disttrain.train.config import TrainConfig
+from disttrain.train.forward import forward_outputs
 
 Batch = Union[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -138,9 +139,7 @@ def check_batch(batch: object, what: str) -> None:
 
 
 def check_forward(model: torch.nn.Module, batch: Batch, where: str) -> None:
-    """The model takes ``batch`` as the engines pass it, and returns logits that evaluation can score."""
-    from disttrain.train.engines import forward_outputs  # engines.py imports this module
-
+    """The model takes ``batch`` as the trainer passes it, and returns logits that evaluation can score."""
     training = model.training
     model.eval()  # no dropout draws, no batch-norm statistics updated
     try:
