@@ -1,16 +1,27 @@
-"""Chaos benchmark: a real elastic job on this machine, disturbed by random kill -9 and join events.
+"""Chaos benchmark: a real elastic job on this machine, disturbed by random faults and joins.
 
-For each event it measures, from the workers' own timestamped logs:
-- kill: time from the kill to the moment every survivor committed its first step in the new
-  generation, and whether any committed step was lost (the first step after the regroup
-  must follow the last one committed before it);
-- join: time from the joiner asking the coordinator to join to its first committed step.
-Over the whole run it counts survivor restarts (processes that ended without being killed)
-and replica mismatches found by the digest check (every 10 steps), and at the end compares
-the final parameter digests of all workers.
+Event kinds:
+- kill: kill -9 of one worker;
+- combined: kill -9 of the coordinator and of one worker at the same moment, the coordinator
+  restarted on the same ports 2 s later;
+- coordinator: kill -9 of the coordinator alone, restarted 2 s later;
+- forming: kill -9 of one worker, then of the coordinator 0.3 s later while the survivors form
+  the next generation, the coordinator restarted 2 s after that;
+- stop: SIGSTOP of one worker for the heartbeat timeout + 1 s, then SIGCONT (it is evicted and
+  joins again with fresh state, in the same process);
+- join: a new worker.
 
-    python benchmarks/chaos.py                 # 50 events, about 6 minutes on 2 cores
-    python benchmarks/chaos.py --events 10
+For each event it measures, from the workers' own timestamped logs, the time from the fault to
+the survivors' next committed step (for a membership change: every survivor's first step in the
+new generation; for a coordinator restart alone: every live worker's next logged step), whether a
+committed step was lost (the first step after a regroup must follow the last one committed before
+it), and whether the job hung (no committed step within the heartbeat timeout + 15 s); for a join,
+the time from the joiner asking the coordinator to its first committed step. Over the whole run it
+counts survivor restarts (processes that ended without being killed) and replica mismatches found
+by the digest check (every 10 steps), and at the end compares the final parameter digests.
+
+    python benchmarks/chaos.py                 # 100 events, about 15 minutes on 2 cores
+    python benchmarks/chaos.py --events 20
     python benchmarks/chaos.py --render-only   # the table in docs/benchmarks.md from the existing JSON
 """
 
@@ -29,8 +40,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+import zmq
 from tqdm import tqdm
 
+from disttrain.elastic import protocol
+from disttrain.elastic.protocol import SECRET_ENV, Message
 from disttrain.launcher.elastic_job import ElasticJob
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,16 +61,23 @@ FIRST_STEP = re.compile(rb"^(\S+ \S+) .*first step of generation (\d+) committed
 FAILED_STEP = re.compile(rb"^(\S+ \S+) .*step (\d+) failed", re.MULTILINE)
 MISMATCH = re.compile(rb"replica check at step")
 DIGEST_LINE = re.compile(rb"replicas identical at step (\d+) \(digest ([0-9a-f]{16})\)")
+PROGRESS = re.compile(rb"^(\S+ \S+) .*step (\d+): val loss", re.MULTILINE)
 HEARTBEAT_TIMEOUT_S = 2.0
+HANG_S = HEARTBEAT_TIMEOUT_S + 15.0  # no committed step for longer than this after a fault is a hang
+RESTART_AFTER_S = 2.0
+FAULTS = ("kill", "combined", "coordinator", "forming", "stop")  # the kinds whose recovery is measured
+MEMBERSHIP_FAULTS = ("kill", "combined", "forming", "stop")  # ... by a new generation without the victim
+MINIMUM_COUNTS = {"combined": 10, "coordinator": 5, "forming": 5, "stop": 10}  # in a run of 100 events
 
 
 @dataclass
 class Event:
-    kind: str  # "kill" or "join"
+    kind: str  # one of FAULTS, or "join"
     at: float  # wall-clock seconds (time.time())
-    worker: int
-    recovery_s: float | None = None
+    worker: int  # the victim, the stopped worker or the joiner (-1: none)
+    recovery_s: float | None = None  # None: not recovered within HANG_S (a hang), or not measured
     steps_lost: int | None = None
+    hang: bool = False
 
 
 def _stamp(raw: bytes) -> float:
@@ -75,6 +96,11 @@ def first_steps_after(text: bytes, after: float) -> list[tuple[float, int]]:
 
 def failed_steps_after(text: bytes, after: float) -> list[int]:
     return [int(m.group(2)) for m in FAILED_STEP.finditer(text) if _stamp(m.group(1)) >= after]
+
+
+def progress_after(text: bytes, after: float) -> list[float]:
+    """Times of the logged steps (evaluations every 10 steps) after ``after``."""
+    return [when for match in PROGRESS.finditer(text) if (when := _stamp(match.group(1))) >= after]
 
 
 def wait_until(predicate, timeout_s: float) -> bool:
@@ -96,24 +122,68 @@ class Chaos:
         self.events: list[Event] = []
 
     def alive(self) -> list[int]:
-        return [i for i, proc in enumerate(self.job.workers) if proc.poll() is None]
+        return [i for i, proc in enumerate(self.job.workers) if proc.poll() is None and i not in self.killed]
 
-    def kill(self) -> Event:
-        victim = self.rng.choice(self.alive())
-        event = Event("kill", time.time(), victim)
-        self.job.signal(victim, signal.SIGKILL)
-        self.killed.add(victim)
-        survivors = [i for i in self.alive() if i != victim]  # the victim may not be reaped yet
+    def _restart_coordinator(self) -> None:
+        self.job.coordinator.kill()
+        self.job.coordinator.wait()
+        time.sleep(RESTART_AFTER_S)
+        self.job.start_coordinator(start_workers=max(1, len(self.alive())))
+
+    def _regrouped(self, event: Event, survivors: list[int]) -> Event:
+        """Recovery of a membership fault: every survivor's first step in a generation formed after it."""
 
         def recovered() -> bool:
             return all(first_steps_after(self.job.log(i), event.at) for i in survivors)
 
-        if wait_until(recovered, 60):
-            firsts = [first_steps_after(self.job.log(i), event.at)[0] for i in survivors]
-            event.recovery_s = max(when for when, _ in firsts) - event.at
-            failed = [s for i in survivors for s in failed_steps_after(self.job.log(i), event.at)]
-            resumed = min(step for _, step in firsts)
-            event.steps_lost = max(0, (min(failed) + 1 - resumed) if failed else 0)
+        if not wait_until(recovered, max(0.0, HANG_S - (time.time() - event.at))):
+            event.hang = True
+            wait_until(recovered, 120)  # let the job settle (or not) before the next event
+            return event
+        firsts = [first_steps_after(self.job.log(i), event.at)[0] for i in survivors]
+        event.recovery_s = max(when for when, _ in firsts) - event.at
+        failed = [s for i in survivors for s in failed_steps_after(self.job.log(i), event.at)]
+        resumed = min(step for _, step in firsts)
+        event.steps_lost = max(0, (min(failed) + 1 - resumed) if failed else 0)
+        return event
+
+    def kill(self, kind: str = "kill") -> Event:
+        victim = self.rng.choice(self.alive())
+        event = Event(kind, time.time(), victim)
+        if kind == "combined":
+            self.job.coordinator.send_signal(signal.SIGKILL)
+        self.job.signal(victim, signal.SIGKILL)
+        self.killed.add(victim)
+        survivors = self.alive()
+        if kind == "forming":
+            time.sleep(0.3)
+        if kind in ("combined", "forming"):
+            self._restart_coordinator()
+        return self._regrouped(event, survivors)
+
+    def stop(self) -> Event:
+        victim = self.rng.choice(self.alive())
+        event = Event("stop", time.time(), victim)
+        survivors = [i for i in self.alive() if i != victim]
+        self.job.signal(victim, signal.SIGSTOP)
+        time.sleep(HEARTBEAT_TIMEOUT_S + 1.0)
+        self.job.signal(victim, signal.SIGCONT)
+        return self._regrouped(event, survivors)
+
+    def coordinator(self) -> Event:
+        event = Event("coordinator", time.time(), -1)
+        workers = self.alive()
+        self._restart_coordinator()
+        back = time.time()
+
+        def progressed() -> bool:
+            return all(progress_after(self.job.log(i), back) for i in workers)
+
+        if wait_until(progressed, max(0.0, HANG_S - (time.time() - event.at))):
+            event.recovery_s = max(progress_after(self.job.log(i), back)[0] for i in workers) - event.at
+            event.steps_lost = 0
+        else:
+            event.hang = True
         return event
 
     def join(self) -> Event:
@@ -129,17 +199,33 @@ class Chaos:
             event.steps_lost = 0
         return event
 
-    def step(self) -> Event:
+    def run(self, kind: str) -> Event:
+        """One event of ``kind``; a fault when only min_alive workers are left becomes a join."""
         alive = len(self.alive())
-        if alive <= self.min_alive:
+        if kind in MEMBERSHIP_FAULTS and alive <= self.min_alive:
             kind = "join"
-        elif alive >= self.max_alive:
+        if kind == "join" and alive >= self.max_alive:
             kind = "kill"
+        if kind == "coordinator":
+            event = self.coordinator()
+        elif kind == "stop":
+            event = self.stop()
+        elif kind == "join":
+            event = self.join()
         else:
-            kind = self.rng.choice(["kill", "join"])
-        event = self.kill() if kind == "kill" else self.join()
+            event = self.kill(kind)
         self.events.append(event)
         return event
+
+
+def schedule(events: int, rng: random.Random) -> list[str]:
+    """The kinds of ``events`` events in random order: at least MINIMUM_COUNTS (scaled to the run's
+    length) of each special fault, the rest kill -9 and join half and half."""
+    kinds = [kind for kind, count in MINIMUM_COUNTS.items() for _ in range(max(1, round(count * events / 100)))]
+    rest = max(0, events - len(kinds))
+    kinds += ["kill"] * (rest // 2) + ["join"] * (rest - rest // 2)
+    rng.shuffle(kinds)
+    return kinds[:events]
 
 
 def _join_request_time(text: bytes) -> float | None:
@@ -148,59 +234,204 @@ def _join_request_time(text: bytes) -> float | None:
     return _stamp(match.group(1)) if match else None
 
 
+def step_rate(job: ElasticJob, worker: int, since: float, until: float) -> float | None:
+    """Steps per second worker ``worker`` logged between two wall-clock times (from its evaluation lines)."""
+    points = [
+        (when, int(match.group(2)))
+        for match in PROGRESS.finditer(job.log(worker))
+        if since <= (when := _stamp(match.group(1))) <= until
+    ]
+    if len(points) < 2 or points[-1][0] <= points[0][0]:
+        return None
+    return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+
+
+def resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def flood_frames(count: int, job: ElasticJob, incarnation: str, rng: random.Random) -> list[tuple[str, bytes]]:
+    """(kind, frame) pairs: junk bytes, oversized frames, frames signed with another secret, signed
+    but stale messages, and replays of one signed heartbeat; none may be accepted."""
+    secret = job.env[SECRET_ENV].encode()
+    replayed = protocol.encode(Message("heartbeat", "disttrain", "flood-replay", 0, {"step": 0}, incarnation=incarnation), secret)
+    frames: list[tuple[str, bytes]] = [("replay-original", replayed)]
+    for index in range(count - 1):
+        roll = rng.random()
+        if roll < 0.45:
+            frames.append(("junk", rng.randbytes(rng.randint(1, 200))))
+        elif roll < 0.46:
+            frames.append(("oversized", rng.randbytes(protocol.MAX_FRAME_BYTES + 1)))
+        elif roll < 0.70:
+            message = Message("join", "disttrain", f"flood-{index}", 0, {"host": "x", "pid": 1, "config": "c", "claim_gen": 0, "claim_roster": [], "refresh_epoch": 0})
+            frames.append(("wrong-secret", protocol.encode(message, b"not-the-secret-of-this-job-0123")))
+        elif roll < 0.85:
+            message = Message("heartbeat", "disttrain", f"flood-{index}", 0, {"step": 0}, ts=time.time() - 3600, incarnation=incarnation)
+            frames.append(("stale", protocol.encode(message, secret)))
+        else:
+            frames.append(("replay", replayed))
+    return frames
+
+
+def flood(job: ElasticJob, chaos: Chaos, count: int, window_s: float = 20.0) -> dict:
+    """``count`` bad frames at the coordinator while the job trains: answers, step rate, coordinator memory."""
+    rng = random.Random(1)
+    worker = chaos.alive()[0]
+    before_start = time.time()
+    time.sleep(window_s)
+    rate_before = step_rate(job, worker, before_start, time.time())
+    peer = zmq.Context.instance().socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(job.address)
+    peer.send(protocol.encode(Message("heartbeat", "disttrain", "flood-probe", 0, {"step": 0}), job.env[SECRET_ENV].encode()))
+    incarnation = protocol.decode(peer.recv(), job.env[SECRET_ENV].encode(), "disttrain").incarnation if peer.poll(5000) else ""
+    frames = flood_frames(count, job, incarnation, rng)
+    rss_before = resident_mib(job.coordinator.pid)
+    answers: dict[str, int] = {}
+    started = time.time()
+
+    def collect() -> None:
+        while peer.poll(0):
+            frame = peer.recv()
+            if frame == protocol.UNAUTHENTICATED:
+                kind = "unauthenticated"
+            else:
+                try:
+                    kind = protocol.decode(frame, job.env[SECRET_ENV].encode(), "disttrain").type
+                except protocol.ProtocolError:
+                    kind = "undecodable"
+            answers[kind] = answers.get(kind, 0) + 1
+
+    for _, frame in frames:
+        peer.send(frame)
+        collect()
+    sent_for = time.time() - started
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        collect()
+        time.sleep(0.05)
+    flood_end = time.time()
+    rate_during = step_rate(job, worker, started, flood_end)
+    peer.close(0)
+    return {
+        "frames": len(frames),
+        "by_kind": {kind: sum(1 for k, _ in frames if k == kind) for kind in sorted({k for k, _ in frames})},
+        "answers": answers,
+        "accepted": max(0, answers.get("view", 0) - 1),  # the replayed heartbeat's original is the one legitimate view
+        "sent_in_s": round(sent_for, 1),
+        "coordinator_alive": job.coordinator.poll() is None,
+        "coordinator_rss_mib": [round(rss_before, 1), round(resident_mib(job.coordinator.pid), 1)],
+        "steps_per_s_before": rate_before,
+        "steps_per_s_during": rate_during,
+    }
+
+
+def _stats(values: list[float | None]) -> dict:
+    measured = [v for v in values if v is not None]
+    return {
+        "median_s": round(statistics.median(measured), 2) if measured else None,
+        "max_s": round(max(measured), 2) if measured else None,
+        "unmeasured": len(values) - len(measured),
+    }
+
+
 def summarise(chaos: Chaos, final_digests: list[str]) -> dict:
-    kills = [e for e in chaos.events if e.kind == "kill"]
-    joins = [e for e in chaos.events if e.kind == "join"]
-
-    def stats(values: list[float | None]) -> dict:
-        measured = [v for v in values if v is not None]
-        return {
-            "median_s": round(statistics.median(measured), 2) if measured else None,
-            "max_s": round(max(measured), 2) if measured else None,
-            "unmeasured": len(values) - len(measured),
-        }
-
+    by_kind = {
+        kind: [e for e in chaos.events if e.kind == kind] for kind in (*FAULTS, "join")
+    }
     restarts = [i for i, proc in enumerate(chaos.job.workers) if proc.poll() is not None and i not in chaos.killed]
     mismatches = sum(len(MISMATCH.findall(chaos.job.log(i))) for i in range(len(chaos.job.workers)))
     return {
         "events": len(chaos.events),
-        "kills": len(kills),
-        "joins": len(joins),
+        "per_kind": {
+            kind: {
+                "count": len(events),
+                "hangs": sum(e.hang for e in events),
+                "committed_steps_lost": sum(e.steps_lost or 0 for e in events),
+                "fault_to_next_step" if kind != "join" else "join_to_first_step": _stats([e.recovery_s for e in events]),
+            }
+            for kind, events in by_kind.items()
+        },
+        "hangs": sum(e.hang for e in chaos.events),
         "survivor_restarts": len(restarts),
-        "committed_steps_lost": sum(e.steps_lost or 0 for e in kills),
-        "kill_to_next_step": stats([e.recovery_s for e in kills]),
-        "join_to_first_step": stats([e.recovery_s for e in joins]),
+        "committed_steps_lost": sum(e.steps_lost or 0 for e in chaos.events),
         "replica_mismatches_found": mismatches,
         "final_digests_identical": len(set(final_digests)) == 1,
         "workers_at_end": len(final_digests),
     }
 
 
+KIND_NAMES = {
+    "kill": "kill -9 of a worker",
+    "combined": "coordinator + worker killed together",
+    "coordinator": "coordinator killed and restarted",
+    "forming": "coordinator killed while a generation forms",
+    "stop": "SIGSTOP / SIGCONT of a worker",
+    "join": "a worker joins",
+}
+
+
 def render_table(result: dict, results_file: Path = common.RESULTS_DIR / "chaos.json") -> str:
     s = result["summary"]
-    rows = [
-        ["events (kill -9 / join)", f"{s['events']} ({s['kills']} / {s['joins']})", "≥ 50"],
-        ["survivor restarts", str(s["survivor_restarts"]), "0"],
-        ["committed steps lost", str(s["committed_steps_lost"]), "0"],
-        ["kill → survivors' next step, median / max", f"{s['kill_to_next_step']['median_s']} s / {s['kill_to_next_step']['max_s']} s", f"≤ heartbeat timeout + 2 s = {HEARTBEAT_TIMEOUT_S + 2:.0f} s"],
-        ["join → joiner's first step, median / max", f"{s['join_to_first_step']['median_s']} s / {s['join_to_first_step']['max_s']} s", "≤ 5 s"],
-        ["replica mismatches found by the digest check", str(s["replica_mismatches_found"]), "0"],
-        ["final parameters identical on all workers", str(s["final_digests_identical"]), "True"],
-    ]
+    rows = []
+    for kind, numbers in s["per_kind"].items():
+        timing = numbers.get("fault_to_next_step") or numbers["join_to_first_step"]
+        rows.append([
+            KIND_NAMES[kind], str(numbers["count"]), str(numbers["hangs"]), str(numbers["committed_steps_lost"]),
+            f"{timing['median_s']} s / {timing['max_s']} s" if timing["median_s"] is not None else "-",
+        ])
+    per_kind = common.markdown_table(["event", "count", "hangs", "steps lost", "fault (or join request) to the next committed step, median / max"], rows)
+    totals = common.markdown_table(
+        ["measure", "result", "target"],
+        [
+            ["events", str(s["events"]), "≥ 100"],
+            [
+                "kill -9 → survivors' next step, max", f"{s['per_kind']['kill']['fault_to_next_step']['max_s']} s",
+                f"≤ heartbeat timeout + 2 s = {HEARTBEAT_TIMEOUT_S + 2:.0f} s",
+            ],
+            ["hangs (no committed step within the heartbeat timeout + 15 s)", str(s["hangs"]), "0"],
+            ["survivor restarts", str(s["survivor_restarts"]), "0"],
+            ["committed steps lost", str(s["committed_steps_lost"]), "0"],
+            ["replica mismatches found by the digest check", str(s["replica_mismatches_found"]), "0"],
+            ["final parameters identical on all workers", str(s["final_digests_identical"]), "True"],
+        ],
+    )
     note = (
         f"\n\nMeasured on {common.machine_line(result['machine'])}: {result['method_note']} "
         f"{common.generated_by(result['command'], results_file)}"
     )
-    return common.markdown_table(["measure", "result", "target"], rows) + note
+    return per_kind + "\n\n" + totals + flood_table(result.get("flood")) + note
+
+
+def flood_table(flooded: dict | None) -> str:
+    if not flooded:
+        return ""
+    before, during = flooded["steps_per_s_before"], flooded["steps_per_s_during"]
+    slowdown = f"{before / during:.2f}x" if before and during else "-"
+    kinds = ", ".join(f"{count} {kind}" for kind, count in flooded["by_kind"].items())
+    answers = ", ".join(f"{count} {kind}" for kind, count in sorted(flooded["answers"].items()))
+    rows = [
+        ["bad frames sent while the job trained", f"{flooded['frames']} in {flooded['sent_in_s']} s ({kinds})", "≥ 100,000"],
+        ["answers", answers or "none", "no signed view but the replayed frame's original"],
+        ["accepted", str(flooded["accepted"]), "0"],
+        ["coordinator still serving", str(flooded["coordinator_alive"]), "True"],
+        ["coordinator memory before / after", f"{flooded['coordinator_rss_mib'][0]} / {flooded['coordinator_rss_mib'][1]} MiB", "reported"],
+        ["job's steps per second before / during", f"{before and round(before, 2)} / {during and round(during, 2)} ({slowdown} slower)", "within 2x"],
+    ]
+    return "\n\n" + common.markdown_table(["flood", "result", "target"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=50)
+    parser.add_argument("--events", type=int, default=100)
     parser.add_argument("--workers", type=int, default=4, help="workers at the start")
     parser.add_argument("--min-alive", type=int, default=2)
     parser.add_argument("--max-alive", type=int, default=5)
     parser.add_argument("--pause-s", type=float, default=2.0, help="mean quiet time between events")
+    parser.add_argument("--flood-frames", type=int, default=100_000, help="bad frames sent at the coordinator after the events (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR / "chaos.json")
     parser.add_argument("--doc", type=Path, default=common.DOC, help="the document the table goes into, between its markers")
@@ -221,10 +452,11 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.workers):
                 job.start_worker()
             job.wait_for_step(0, 10)
-            for _ in tqdm(range(args.events), desc="events"):
+            for kind in tqdm(schedule(args.events, rng), desc="events"):
                 time.sleep(rng.uniform(0.5, 1.5) * args.pause_s)
-                event = chaos.step()
-                log.info("%s of worker %d: %s s", event.kind, event.worker, event.recovery_s)
+                event = chaos.run(kind)
+                log.info("%s (worker %d): %s s%s", event.kind, event.worker, event.recovery_s, ", a HANG" if event.hang else "")
+            flooded = flood(job, chaos, args.flood_frames) if args.flood_frames else None
             summary = summarise(chaos, _final_digests(job, chaos.alive()))
         finally:
             job.close()
@@ -233,10 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         "method_note": (
             f"{args.workers} workers at the start, between {args.min_alive} and {args.max_alive} alive, a 2-layer "
             "byte-level GPT, uplinks paced to 2 Mbit/s, heartbeat every 0.25 s, heartbeat timeout "
-            f"{HEARTBEAT_TIMEOUT_S:.0f} s, membership check every 5 steps; times from the workers' own log stamps."
+            f"{HEARTBEAT_TIMEOUT_S:.0f} s, membership check every 5 steps, coordinators restarted {RESTART_AFTER_S:.0f} s "
+            "after they were killed; times from the workers' own log stamps."
         ),
         "command": "python benchmarks/chaos.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "summary": summary,
+        "flood": flooded,
         "events": [asdict(e) for e in chaos.events],
     }
     common.save_results(args.out, result)

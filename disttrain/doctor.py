@@ -242,24 +242,36 @@ def check_store(host: str, port: int, timeout_s: float) -> Check:
 
 
 def ask_coordinator(address: str, secret: bytes, job: str, timeout_s: float) -> Answer:
-    """One signed heartbeat from a fresh id, which joins nothing: the coordinator answers it with a view."""
+    """One signed heartbeat from a fresh id, which joins nothing: the coordinator answers it with a
+    view (after telling its incarnation, which the heartbeat is then sent again for)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sent_at = time.time()
+    sender, incarnation = f"doctor-{uuid.uuid4().hex}", ""
     try:
         sock.connect(address)
-        sock.send(protocol.encode(Message("heartbeat", job, f"doctor-{uuid.uuid4().hex}", 0, {"step": 0}), secret))
-        if not sock.poll(int(timeout_s * 1000)):
-            return Answer(None, f"no answer within {timeout_s:g} s", sent_at, time.time())
-        frame = sock.recv()
+        for _ in range(2):
+            sent_at = time.time()
+            sock.send(protocol.encode(Message("heartbeat", job, sender, 0, {"step": 0}, incarnation=incarnation), secret))
+            if not sock.poll(int(timeout_s * 1000)):
+                return Answer(None, f"no answer within {timeout_s:g} s", sent_at, time.time())
+            answer = _read_answer(sock.recv(), secret, job, sent_at)
+            if answer.fields is None or answer.fields.get("type") != "restarted":
+                return answer
+            incarnation = answer.fields["inc"]
+        return answer
     finally:
         sock.close(0)
+
+
+def _read_answer(frame: bytes, secret: bytes, job: str, sent_at: float) -> Answer:
     received_at = time.time()
+    if frame == protocol.UNAUTHENTICATED:  # all a coordinator tells a sender without its secret
+        return Answer(None, "bad signature: the coordinator could not authenticate this node's message", sent_at, received_at)
     try:
         message = protocol.decode(frame, secret, job)
     except ProtocolError as error:
         return Answer(_unverified_fields(frame), str(error), sent_at, received_at)
-    fields = {"type": message.type, "ts": message.ts, **message.body}
+    fields = {"type": message.type, "ts": message.ts, "inc": message.incarnation, **message.body}
     return Answer(fields, message.body.get("reason"), sent_at, received_at)
 
 

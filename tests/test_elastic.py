@@ -26,6 +26,10 @@ def start(job: ElasticJob, workers: int = 3) -> None:
 
 
 def assert_identical_and_complete(job: ElasticJob, indices: list[int]) -> list[dict]:
+    """Every listed worker finished with the same parameters, and no collective ever waited for its
+    timeout (which is what members issuing different collectives looks like)."""
+    for index in indices:
+        assert b"Application timeout" not in job.log(index), job.log(index).decode()[-3000:]
     summaries = [job.summary(i) for i in indices]
     assert {s["parameter_digest"] for s in summaries} == {summaries[0]["parameter_digest"]}
     assert all(s["steps"] == job.steps for s in summaries)
@@ -77,6 +81,20 @@ def test_workers_keep_training_while_the_coordinator_restarts(job):
     job.start_coordinator(start_workers=3)
     assert job.wait_for_exit([0, 1, 2]) == [0, 0, 0]
     assert_identical_and_complete(job, [0, 1, 2])
+
+
+@pytest.mark.slow
+def test_survivors_regroup_when_the_coordinator_and_a_worker_are_killed_together(job):
+    """The survivors' failure reports went to the coordinator that died; they must reach the new one."""
+    start(job)
+    job.wait_for_step(0, 30)
+    job.coordinator.send_signal(signal.SIGKILL)
+    job.signal(2, signal.SIGKILL)
+    job.coordinator.wait()
+    time.sleep(2)
+    job.start_coordinator(start_workers=3)
+    assert job.wait_for_exit([0, 1], timeout_s=120) == [0, 0]
+    assert_identical_and_complete(job, [0, 1])
 
 
 def coordinator_log(job: ElasticJob) -> str:
@@ -163,5 +181,8 @@ def test_local_step_rounds_survive_a_kill_and_admit_a_joiner_at_a_round_start(tm
         assert job.wait_for_exit([0, 1, 3]) == [0, 0, 0]
         summaries = assert_identical_and_complete(job, [0, 1, 3])
         assert summaries[0]["workers"] == 3
+        # The joiner issues the survivors' collectives in their order (a deferred evaluation included):
+        # nothing fails after the kill's one regroup, and no collective waits for its timeout.
+        assert [job.log(i).count(b"regrouping") for i in (0, 1, 3)] == [1, 1, 0]
     finally:
         job.close()

@@ -43,6 +43,7 @@ class View:
     refresh_epoch: int
     joined: int  # workers the next generation would hold
     needed: int  # workers it needs before it forms
+    store_prefix: str  # the generation's keys in the rendezvous store
     received_at: float = field(default_factory=time.monotonic)
 
     def rank_of(self, worker_id: str) -> int | None:
@@ -100,6 +101,8 @@ class Agent:
         self._claim = False
         self._joined_id: str | None = None
         self._view: View | None = None
+        self._abandoned: tuple[int, int] | None = None  # (generation, step) this worker reported failed
+        self.incarnation = ""  # the coordinator process this worker talks to, as its answers say
         self._answered = False  # a message of this job came back: the connect timeout is over
         self._problem: str | None = None  # why the latest answer was unusable
         self._warnings = Throttle(log)
@@ -132,6 +135,11 @@ class Agent:
             self._send("join", self._join_body())
 
     def report_failure(self, step: int) -> None:
+        """This worker abandons its generation. The report is sent again with every view that shows
+        the coordinator still running that generation: one sent to a coordinator that then died, or
+        before it restarted, would otherwise be lost, and the new one would wait for it forever."""
+        with self._id_lock:
+            self._abandoned = (self.gen, step)
         self._send("failed", {"step": step})
 
     def report_energy(self, step: int, energy: float) -> None:
@@ -147,6 +155,9 @@ class Agent:
         self._send("leave", {"step": step, "finished": self._completed is not None, "digest": digest})
 
     def stop(self, leave: bool = True) -> None:
+        """Leave the job (when asked) and stop heartbeating; a second call, or one before start(), does nothing."""
+        if self._stop.is_set() or not self._thread.is_alive():
+            return
         if leave:
             self.leave()
             time.sleep(2 * self.heartbeat_s)
@@ -229,7 +240,7 @@ class Agent:
     def _message(self, sender: str, kind: str, body: dict) -> bytes:
         if kind == "join":
             self._joined_id = sender
-        return protocol.encode(Message(kind, self.job, sender, self.gen, body), self.secret)
+        return protocol.encode(Message(kind, self.job, sender, self.gen, body, incarnation=self.incarnation), self.secret)
 
     def _heartbeat(self) -> bytes | None:
         """A heartbeat, unless this id's join has not gone out yet (it would read as evicted)."""
@@ -289,8 +300,8 @@ class Agent:
             problem = f"a coordinator of job {error.job!r} answered, this worker is for job {self.job!r}: give both the same --job"
         elif isinstance(error, BadSignature):
             problem = (
-                "something answered, but its frames fail authentication: it holds another secret; "
-                f"check the secret file / ${protocol.SECRET_ENV}"
+                "something answered, but messages between it and this worker fail authentication: it holds "
+                f"another secret; check the secret file / ${protocol.SECRET_ENV}"
             )
         else:
             problem = f"its answer was refused here: {error}"
@@ -299,6 +310,9 @@ class Agent:
             self._problem = problem
 
     def _receive(self, frame: bytes) -> None:
+        if frame == protocol.UNAUTHENTICATED:
+            self._unusable(BadSignature("the coordinator says this worker's frames fail authentication"))
+            return
         try:
             message = protocol.decode(frame, self.secret, self.job)
         except ProtocolError as error:
@@ -306,6 +320,10 @@ class Agent:
             return
         with self._changed:
             self._answered, self._problem = True, None
+        if message.incarnation != self.incarnation:
+            if self.incarnation:
+                log.info("the coordinator restarted (incarnation %s, before %s): talking to the new one", message.incarnation, self.incarnation)
+            self.incarnation = message.incarnation
         if message.type == "refused":
             self._refuse(message.body["reason"])
         elif message.type == "finished":
@@ -321,7 +339,7 @@ class Agent:
         """Take a view addressed to this worker (called with the id lock held)."""
         view = View(
             body["gen"], tuple(body["roster"]), body["store_port"], body["status"], body["last_break"], body["refresh_epoch"],
-            body["joined"], body["needed"],
+            body["joined"], body["needed"], body["store_prefix"],
         )
         if view.status == "evicted" and self.gen > 0 and not self._claim and view.gen < self.gen:
             # The coordinator restarted and forgot us: re-register, claiming our running generation.
@@ -330,6 +348,8 @@ class Agent:
             return
         if view.status != "evicted":
             self._claim = False
+        if self._abandoned is not None and self._abandoned[0] == self.gen == view.gen and view.status != "evicted":
+            self._send("failed", {"step": self._abandoned[1]})
         with self._changed:
             self._view = view
             self._changed.notify_all()

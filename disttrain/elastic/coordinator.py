@@ -17,7 +17,10 @@ place in a generation. To run the job again, restart the coordinator.
 
 from __future__ import annotations
 
+import errno
 import logging
+import secrets
+import socket as pysocket
 import threading
 import time
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ import torch.distributed as dist
 import zmq
 
 from disttrain.elastic import protocol
-from disttrain.elastic.protocol import Message, ProtocolError, ReplayGuard, short_id
+from disttrain.elastic.protocol import Message, ProtocolError, ReplayGuard, Unauthenticated, short_id
 from disttrain.elastic.throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,12 @@ class CoordinatorConfig:
         return protocol.check_address(self.bind, "--bind")[1]
 
     @property
+    def host(self) -> str:
+        """The address the coordinator listens on, and its rendezvous store too ("" for all: --bind tcp://*:PORT)."""
+        host = protocol.check_address(self.bind, "--bind")[0]
+        return "" if host in ("*", "0.0.0.0") else host.strip("[]")
+
+    @property
     def rendezvous_port(self) -> int:
         """The rendezvous store's port: ``store_port``, or else the bind port + 1."""
         return self.store_port or self.port + 1
@@ -101,6 +110,39 @@ class Member:
     failed_gen: int = -1
 
 
+def listening_socket(host: str, port: int) -> pysocket.socket:
+    """A TCP socket listening on ``host`` ("" for every interface) and ``port``."""
+    family = pysocket.AF_INET6 if ":" in host else pysocket.AF_INET
+    listener = pysocket.socket(family, pysocket.SOCK_STREAM)
+    try:
+        listener.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(1024)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def host_store(host: str, port: int) -> dist.TCPStore:
+    """The rendezvous store every generation's process group forms on, listening on ``host`` only
+    (TCPStore alone would listen on every interface); PortError if the port is not free."""
+    try:
+        listener = listening_socket(host, port)
+    except OSError as error:
+        raise _unavailable(port, _STORE_ROLE, _STORE_FIX, None if error.errno == errno.EADDRINUSE else error.strerror) from None
+    try:
+        store = dist.TCPStore(
+            host or "0.0.0.0", port, None, True, timeout=timedelta(seconds=60), wait_for_workers=False,
+            master_listen_fd=listener.fileno(),
+        )
+    except RuntimeError as error:  # torch's DistNetworkError
+        listener.close()
+        raise _unavailable(port, _STORE_ROLE, _STORE_FIX, str(error).rpartition("message: ")[2]) from None
+    listener.detach()  # the store owns the socket now, and closes it when it goes
+    return store
+
+
 class Coordinator:
     """Membership state machine; ``handle`` never raises, whatever arrives."""
 
@@ -108,7 +150,9 @@ class Coordinator:
         config.validate()
         self.config = config
         self.secret = secret
-        self.replays = ReplayGuard()
+        self._store: dist.TCPStore | None = None  # hosted while serving
+        self.replays = ReplayGuard()  # in memory only: a restart forgets it, and the incarnation takes over
+        self.incarnation = secrets.token_hex(8)
         self.members: dict[str, Member] = {}
         self.roster: list[str] = []
         self.gen = 0
@@ -120,17 +164,28 @@ class Coordinator:
         self.finished: tuple[int, str] | None = None  # (step, parameter digest) once the job is done
         self.job_config: str | None = None  # the fingerprint every worker's config must match
         self.refresh_epoch = 0  # bumped to ask every worker for a fresh SVD basis
+        # Where the current generation forms its process group in the rendezvous store: unguessable, and
+        # told only to its members, so that a stranger who reaches the store cannot read or spoil it.
+        self.store_prefix = ""
         self._refresh_step = -1
 
     # --- message handling -------------------------------------------------------------
-    def handle(self, identity: bytes, frame: bytes, now: float | None = None) -> bytes:
-        """One reply frame for one request frame."""
+    def handle(self, identity: bytes, frame: bytes, now: float | None = None) -> bytes | None:
+        """The reply frame for one request frame: a signed one only to a sender that holds the secret
+        (a frame that fails authentication gets UNAUTHENTICATED if it is no shorter, else nothing)."""
         now = time.monotonic() if now is None else now
         try:
             message = protocol.decode(frame, self.secret, self.config.job)
             self.replays.check(message)
             if message.type not in WORKER_MESSAGES:
                 raise ProtocolError(f"workers may not send {message.type!r} messages")
+            if message.incarnation != self.incarnation and not (message.incarnation == "" and message.type == "join"):
+                # Sent to an earlier coordinator process (or replayed from before its restart): act on none of it.
+                self._note_refusal("incarnation", f"answered a message for an earlier coordinator from {short_id(message.sender)}", now)
+                return self._reply("restarted", {})
+        except Unauthenticated as error:
+            self._note_refusal(type(error).__name__, f"refused a message from peer {identity[:8].hex()}: {error}", now)
+            return protocol.UNAUTHENTICATED if len(frame) >= len(protocol.UNAUTHENTICATED) else None
         except ProtocolError as error:
             self._note_refusal(type(error).__name__, f"refused a message from peer {identity[:8].hex()}: {error}", now)
             return self._reply("refused", {"reason": str(error)})
@@ -268,6 +323,7 @@ class Coordinator:
         self.gen += 1
         self.roster = candidates
         self.broken = False
+        self.store_prefix = secrets.token_hex(16)
         log.info("generation %d: %d workers (%s)", self.gen, len(self.roster), ", ".join(map(short_id, self.roster)))
 
     # --- replies ----------------------------------------------------------------------
@@ -287,11 +343,13 @@ class Coordinator:
             "refresh_epoch": self.refresh_epoch,
             "joined": len(self._candidates()),
             "needed": self._needed(),
+            "store_prefix": self.store_prefix if worker_id in self.roster else "",
         }
         return self._reply("view", body)
 
     def _reply(self, kind: str, body: dict) -> bytes:
-        return protocol.encode(Message(kind, self.config.job, COORDINATOR_ID, self.gen, body), self.secret)
+        message = Message(kind, self.config.job, COORDINATOR_ID, self.gen, body, incarnation=self.incarnation)
+        return protocol.encode(message, self.secret)
 
     # --- serving ----------------------------------------------------------------------
     def serve(self, stop: threading.Event | None = None, tick_s: float = 0.05) -> None:
@@ -307,15 +365,19 @@ class Coordinator:
                     if len(parts) != 2:
                         self._note_refusal("frames", f"refused a message of {len(parts) - 1} frames", time.monotonic())
                         continue
-                    socket.send_multipart([parts[0], self.handle(parts[0], parts[1])])
+                    answer = self.handle(parts[0], parts[1])
+                    if answer is not None:
+                        socket.send_multipart([parts[0], answer])
                 else:
                     self.tick()
         finally:
             socket.close(0)
+            self._store = None  # the store's server stops with its last reference, and closes its socket
 
     def _listen(self) -> zmq.Socket:
-        """Bind the coordinator's socket, then host the rendezvous store on its port."""
+        """Host the rendezvous store, then bind the coordinator's socket (a store that fails lets go at once)."""
         config = self.config
+        self._store = host_store(config.host, config.rendezvous_port)
         socket = zmq.Context.instance().socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES + 1024)
@@ -323,15 +385,7 @@ class Coordinator:
             socket.bind(config.bind)
         except zmq.ZMQError as error:
             socket.close(0)
+            self._store = None
             reason = None if error.errno == zmq.EADDRINUSE else zmq.strerror(error.errno)
             raise _unavailable(config.port, f"the coordinator's port (--bind {config.bind})", _BIND_FIX, reason) from None
-        try:
-            # The store lives as long as this coordinator: workers form each generation's group on it.
-            self._store = dist.TCPStore(
-                "0.0.0.0", config.rendezvous_port, None, True, timeout=timedelta(seconds=60), wait_for_workers=False
-            )
-        except RuntimeError as error:  # torch's DistNetworkError
-            socket.close(0)
-            reason = None if "EADDRINUSE" in str(error) else str(error).rpartition("message: ")[2]
-            raise _unavailable(config.rendezvous_port, _STORE_ROLE, _STORE_FIX, reason) from None
         return socket

@@ -1,10 +1,11 @@
 """Elastic membership inside the training process: enter generations, regroup after failures.
 
-The trainer calls ``enter`` before training and after any failed step, and ``switch_due`` at
-step boundaries (every ``sync_every`` steps, or at round starts for local-step methods): the members agree (one 8-byte all_reduce) on the
-newest generation any of them has heard of, so that all switch at the same step when workers
-join. A broken generation (a member died, stopped or left) is abandoned at once: waits on its
-collectives poll the agent and give up.
+A Session's ``ElasticGroup`` (``disttrain/exchange/membership.py``) calls ``enter`` before training
+and after any failed step, and ``switch_due`` at step boundaries (every ``sync_every`` steps, or at
+round starts for local-step methods): the members agree (one 16-byte all_reduce) on the newest
+generation any of them has heard of, so that all switch at the same step when workers join. A
+broken generation (a member died, stopped or left) is abandoned at once: every wait of the
+process polls the agent (``comm/waiting.py``) and gives up.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class ElasticMembership:
         )
         dist.init_process_group(
             self.config.backend,
-            store=dist.PrefixStore(f"gen{view.gen}", store),
+            store=dist.PrefixStore(f"gen{view.gen}/{view.store_prefix}", store),
             rank=view.rank_of(self.agent.worker_id),
             world_size=len(view.roster),
             timeout=timedelta(seconds=self.config.rendezvous_timeout_s),  # a ghost member fails fast

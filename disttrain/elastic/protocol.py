@@ -2,15 +2,20 @@
 
 A frame is msgpack([payload, mac]) where payload is msgpack of the message map and mac is
 HMAC-SHA256(secret, payload). Every message carries the protocol version, its type, the job
-id, the sender's generation, a random nonce and a timestamp. Receivers refuse oversized,
-malformed, unsigned, mis-signed, replayed, stale and unknown messages with a ProtocolError
-that names the reason. Addresses have the form tcp://HOST:PORT (``check_address``).
+id, the sender's generation, a random nonce, a timestamp and the coordinator incarnation it is
+for (a random id each coordinator process draws, so that frames from before a restart mean
+nothing to the new one). Receivers refuse oversized,
+malformed, unsigned, mis-signed, replayed, stale (or non-finite) and unknown messages with a
+ProtocolError that names the reason. A frame that fails authentication gets no signed answer:
+at most UNAUTHENTICATED, six constant bytes that say nothing about the job, and only to a frame
+at least as long. Addresses have the form tcp://HOST:PORT (``check_address``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import secrets
 import time
@@ -21,10 +26,12 @@ from typing import Any
 
 import msgpack
 
-VERSION = 2  # 2: views count joined and needed workers, leaves say whether the run finished, "finished" replies
+VERSION = 3  # 2: views count joined and needed workers, leaves say whether the run finished, "finished" replies;
+# 3: views carry the generation's store prefix; every message the coordinator incarnation it is for
 MAX_FRAME_BYTES = 64 * 1024
 MAX_CLOCK_SKEW_S = 60.0
 SECRET_ENV = "DISTTRAIN_SECRET"
+UNAUTHENTICATED = msgpack.packb(["auth"])  # the whole answer to a frame that fails authentication
 
 # Message type -> the body fields it must carry and their types.
 SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -43,8 +50,10 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "refresh_epoch": int,
         "joined": int,  # workers the next generation would hold
         "needed": int,  # workers it needs before it forms
+        "store_prefix": str,  # where the generation's keys live in the rendezvous store: random, told only to members
     },
     "refused": {"reason": str},
+    "restarted": {},  # the answer to a message for an earlier incarnation: talk to this one (its id is in the envelope)
     "finished": {"step": int, "digest": str},  # the answer to a join once the job is done
 }
 
@@ -53,7 +62,11 @@ class ProtocolError(ValueError):
     """A message was refused; the text says why."""
 
 
-class BadSignature(ProtocolError):
+class Unauthenticated(ProtocolError):
+    """A frame refused before its signature could be verified, or because of it."""
+
+
+class BadSignature(Unauthenticated):
     """A frame not signed with this job's secret."""
 
 
@@ -104,6 +117,7 @@ class Message:
     body: dict[str, Any]
     nonce: bytes = field(default_factory=lambda: secrets.token_bytes(16))
     ts: float = field(default_factory=time.time)
+    incarnation: str = ""  # the coordinator process a worker's message is for ("" before it heard one)
 
 
 def encode(message: Message, secret: bytes) -> bytes:
@@ -116,6 +130,7 @@ def encode(message: Message, secret: bytes) -> bytes:
             "gen": message.gen,
             "nonce": message.nonce,
             "ts": message.ts,
+            "inc": message.incarnation,
             "body": message.body,
         },
         use_bin_type=True,
@@ -148,16 +163,19 @@ def _check_fields(values: dict, schema: dict[str, Any], where: str) -> None:
         raise ProtocolError(f"{where} has unknown fields {sorted(extra)}")
 
 
-_ENVELOPE = {"v": int, "type": str, "job": str, "sender": str, "gen": int, "nonce": bytes, "ts": float, "body": dict}
+_ENVELOPE = {"v": int, "type": str, "job": str, "sender": str, "gen": int, "nonce": bytes, "ts": float, "inc": str, "body": dict}
 
 
 def decode(frame: bytes, secret: bytes, job: str) -> Message:
     """Verify and parse one frame; raises ProtocolError with the reason on anything wrong."""
     if not isinstance(frame, bytes) or len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
-    outer = _unpack(frame)
+        raise Unauthenticated(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        outer = _unpack(frame)
+    except ProtocolError as error:
+        raise Unauthenticated(str(error)) from None
     if not (isinstance(outer, list) and len(outer) == 2 and all(isinstance(x, bytes) for x in outer)):
-        raise ProtocolError("malformed frame: expected [payload, mac]")
+        raise Unauthenticated("malformed frame: expected [payload, mac]")
     payload, mac = outer
     if not hmac.compare_digest(hmac.new(secret, payload, hashlib.sha256).digest(), mac):
         raise BadSignature("bad signature: sender does not hold this job's secret")
@@ -172,15 +190,18 @@ def decode(frame: bytes, secret: bytes, job: str) -> Message:
     _check_fields(values["body"], SCHEMAS[values["type"]], f"{values['type']} body")
     if values["job"] != job:
         raise JobMismatch(values["job"], job)
-    if abs(time.time() - values["ts"]) > MAX_CLOCK_SKEW_S:
-        raise ProtocolError("stale or future timestamp: check the clocks (NTP) on both nodes")
-    if len(values["nonce"]) != 16 or not values["sender"] or len(values["sender"]) > 128:
-        raise ProtocolError("malformed nonce or sender")
-    return Message(values["type"], values["job"], values["sender"], values["gen"], values["body"], values["nonce"], values["ts"])
+    if not math.isfinite(values["ts"]) or abs(time.time() - values["ts"]) > MAX_CLOCK_SKEW_S:
+        raise ProtocolError("stale, future or non-finite timestamp: check the clocks (NTP) on both nodes")
+    if len(values["nonce"]) != 16 or not values["sender"] or len(values["sender"]) > 128 or len(values["inc"]) > 64:
+        raise ProtocolError("malformed nonce, sender or incarnation")
+    return Message(
+        values["type"], values["job"], values["sender"], values["gen"], values["body"], values["nonce"], values["ts"], values["inc"]
+    )
 
 
 class ReplayGuard:
-    """Remembers recent nonces; a nonce seen twice within the clock-skew window is a replay."""
+    """Remembers recent nonces; a nonce seen twice while its message is within the clock-skew window
+    is a replay. A nonce is kept until its message has gone stale, even one dated in the future."""
 
     def __init__(self, capacity: int = 100_000):
         self.capacity = capacity
@@ -192,5 +213,5 @@ class ReplayGuard:
             self._seen.popitem(last=False)
         if message.nonce in self._seen:
             raise ProtocolError("replayed message (nonce already seen)")
-        self._seen[message.nonce] = now
+        self._seen[message.nonce] = max(now, message.ts)
 
