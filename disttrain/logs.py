@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-FORMAT = "%(asctime)s %(process_tag)s %(levelname)s %(name)s: %(message)s"
+FORMAT = "%(asctime)s.%(msecs)03d %(process_tag)s %(levelname)s %(name)s: %(message)s"  # milliseconds: recovery times are read from them
 DATE_FORMAT = "%H:%M:%S"
 
 

@@ -16,7 +16,7 @@ from disttrain.launcher.elastic_job import ElasticJob
 from disttrain.launcher.local import elastic_outcome, describe_exit
 from disttrain.progress import PROGRESS_PREFIX
 
-LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (w\d+|w[0-9a-f]{4}|main) (INFO|WARNING|ERROR) [\w.]+: ")
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} (w\d+|w[0-9a-f]{4}|main) (INFO|WARNING|ERROR) [\w.]+: ")
 JOIN_LINE = re.compile(r"worker (w[0-9a-f]{4}) \(\S+, pid (\d+)\) asks to join")
 
 
