@@ -98,8 +98,20 @@ def first_steps_after(text: bytes, after: float) -> list[tuple[float, int]]:
     return found
 
 
-def failed_steps_after(text: bytes, after: float) -> list[int]:
-    return [int(m.group(2)) for m in FAILED_STEP.finditer(text) if _stamp(m.group(1)) >= after]
+def failures_after(text: bytes, after: float) -> list[tuple[float, int]]:
+    """(time, step) of each failed step logged after ``after``."""
+    return [(when, int(m.group(2))) for m in FAILED_STEP.finditer(text) if (when := _stamp(m.group(1))) >= after]
+
+
+def steps_lost(text: bytes, after: float) -> int:
+    """How far a worker went back: its first committed step after its first failure since ``after``
+    must be the failed step's successor (a failure at step F is retried, and F + 1 is committed next)."""
+    failures = failures_after(text, after)
+    if not failures:
+        return 0
+    failed_at, failed_step = failures[0]
+    resumed = first_steps_after(text, failed_at)
+    return max(0, failed_step + 1 - resumed[0][1]) if resumed else 0
 
 
 def progress_after(text: bytes, after: float) -> list[float]:
@@ -146,9 +158,7 @@ class Chaos:
             return event
         firsts = [first_steps_after(self.job.log(i), event.at)[0] for i in survivors]
         event.recovery_s = max(when for when, _ in firsts) - event.at
-        failed = [s for i in survivors for s in failed_steps_after(self.job.log(i), event.at)]
-        resumed = min(step for _, step in firsts)
-        event.steps_lost = max(0, (min(failed) + 1 - resumed) if failed else 0)
+        event.steps_lost = max(steps_lost(self.job.log(i), event.at) for i in survivors)
         return event
 
     def kill(self, kind: str = "kill") -> Event:
@@ -281,7 +291,8 @@ def flood_frames(count: int, job: ElasticJob, incarnation: str, rng: random.Rand
 
 
 def flood(job: ElasticJob, chaos: Chaos, count: int, window_s: float = 20.0) -> dict:
-    """``count`` bad frames at the coordinator while the job trains: answers, step rate, coordinator memory."""
+    """``count`` bad frames at the coordinator, spread over ``window_s`` while the job trains: answers,
+    step rate before and during, coordinator memory."""
     rng = random.Random(1)
     worker = chaos.alive()[0]
     before_start = time.time()
@@ -309,9 +320,12 @@ def flood(job: ElasticJob, chaos: Chaos, count: int, window_s: float = 20.0) -> 
                     kind = "undecodable"
             answers[kind] = answers.get(kind, 0) + 1
 
-    for _, frame in frames:
+    for index, (_, frame) in enumerate(frames):  # spread over the window, so that the step rate can show it
         peer.send(frame)
         collect()
+        ahead = started + window_s * (index + 1) / len(frames) - time.time()
+        if ahead > 0:
+            time.sleep(ahead)
     sent_for = time.time() - started
     last_answer, answered = time.time(), sum(answers.values())
     while time.time() - last_answer < 3 and time.time() - started < 300:  # until the answers stop coming
@@ -422,7 +436,7 @@ def flood_table(flooded: dict | None) -> str:
     kinds = ", ".join(f"{count} {kind}" for kind, count in flooded["by_kind"].items())
     answers = ", ".join(f"{count} {kind}" for kind, count in sorted(flooded["answers"].items()))
     rows = [
-        ["bad frames sent while the job trained", f"{flooded['frames']}, all answered within {flooded['answered_in_s']} s ({kinds})", "≥ 100,000"],
+        ["bad frames sent while the job trained", f"{flooded['frames']} in {flooded['sent_in_s']} s, answered within {flooded['answered_in_s']} s ({kinds})", "≥ 100,000"],
         ["answers", answers or "none", "no signed view but the replayed frame's original"],
         ["accepted", str(flooded["accepted"]), "0"],
         ["coordinator still serving", str(flooded["coordinator_alive"]), "True"],
