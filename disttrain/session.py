@@ -415,15 +415,16 @@ class Session:
     def save(self, directory: str | Path) -> None:
         """Collective, where replicas agree: write the run into ``directory`` atomically, each worker
         its own state and rank 0 what every replica shares, last, as the checkpoint's commit mark."""
+        self.collective(lambda: self._write_checkpoint(directory))
+
+    def _write_checkpoint(self, directory: str | Path) -> None:
+        """One unit of collective work: redone from its start, ranks read again, after a regroup."""
         rank = dist.get_rank(self.group)
         checkpoint.save_atomic(self.state_dict(), checkpoint.worker_path(directory, rank))
-        self.collective(self._barrier)
+        wait_work(dist.barrier(group=self.group, async_op=True))
         if rank == 0:
             shared = {**self.export_replica(), "fingerprint": self.fingerprint}
             checkpoint.save_atomic(shared, checkpoint.shared_path(directory))
-        self.collective(self._barrier)
-
-    def _barrier(self) -> None:
         wait_work(dist.barrier(group=self.group, async_op=True))
 
     def load(self, directory: str | Path) -> None:

@@ -100,7 +100,7 @@ def redo_with_a_joiner(rank: int, world: int) -> tuple[bytes, bytes]:
             exchange.exchange_pending = True  # its exchange at step 1 failed; redo it
         alone[1].step(1)
     else:
-        both[1].load_shared_state_dict({**both[1].shared_state_dict(), "pending": True})  # as a joiner receives it
+        both[1].load_shared_state_dict({**both[1].shared_state_dict(), "pending": True, "in_sync": False})  # as a joiner receives it
     both[1].step(1)
     return tensors_digest(both[1].replica_parameters()), tensors_digest(alone[1].replica_parameters())
 

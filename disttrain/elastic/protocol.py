@@ -4,7 +4,8 @@ A frame is msgpack([payload, mac]) where payload is msgpack of the message map a
 HMAC-SHA256(secret, payload). Every message carries the protocol version, its type, the job
 id, the sender's generation, a random nonce, a timestamp and the coordinator incarnation it is
 for (a random id each coordinator process draws, so that frames from before a restart mean
-nothing to the new one). Receivers refuse oversized,
+nothing to the new one; a worker's first join, which cannot know one, is the exception: see
+docs/threat-model.md). Receivers refuse oversized,
 malformed, unsigned, mis-signed, replayed, stale (or non-finite) and unknown messages with a
 ProtocolError that names the reason. A frame that fails authentication gets no signed answer:
 at most UNAUTHENTICATED, six constant bytes that say nothing about the job, and only to a frame

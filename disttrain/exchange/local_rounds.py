@@ -93,13 +93,13 @@ class LocalRoundsExchange:
         if self.in_sync:
             return False
         contributors = None
-        if self.exchange_pending:
+        redo, self.exchange_pending = self.exchange_pending, True  # from here on, a failure redoes only the exchange
+        if redo:
             contributors = self.outer.count_contributors(self.did_round)
         elif self.closing.active:
             in_time, contributors = self.closing.finish(self.outer.rounds, self.reducer.world_size)
             if not in_time and self.did_round:
                 self._drop_round_work()
-        self.exchange_pending = True  # from here on, a failure redoes only the exchange
         self.outer.apply(self.optimizer.param_groups[0]["lr"], contributors)
         self.exchange_pending = False
         self.did_round = True
@@ -146,11 +146,11 @@ class LocalRoundsExchange:
 
     def shared_state_dict(self) -> dict[str, Any]:
         """What a worker joining now needs, mid-round too: the round's start and whether its exchange is pending."""
-        return {"outer": self.outer.shared_state_dict(), "pending": self.exchange_pending}
+        return {"outer": self.outer.shared_state_dict(), "pending": self.exchange_pending, "in_sync": self.in_sync}
 
     def load_shared_state_dict(self, state: dict[str, Any]) -> None:
         """Take a donor's round start (into the model too); while its exchange is pending, send zeros in it."""
         self.outer.load_state_dict(state["outer"])
         self.exchange_pending = state["pending"]
         self.did_round = not self.exchange_pending
-        self.in_sync = not self.exchange_pending
+        self.in_sync = state["in_sync"]  # mid-round as the others are, if a failure let it in there

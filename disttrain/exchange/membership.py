@@ -172,6 +172,7 @@ class ElasticGroup:
     def settle(self, replica: Replica) -> None:
         """After every regroup each member, a joiner included, settles once more from the start."""
         sync_every = self.membership.config.sync_every
+        failures = 0
         while True:
             try:
                 replica.check_if_due()
@@ -181,6 +182,9 @@ class ElasticGroup:
                     self._regroup(replica)
                 return
             except RuntimeError as error:
+                failures += 1
+                if failures > MAX_CONSECUTIVE_FAILURES:
+                    raise
                 self._failed(error, replica)
 
     def step_committed(self, replica: Replica) -> None:

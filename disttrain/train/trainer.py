@@ -116,12 +116,13 @@ class DueWork:
 
     eval: bool = False
     checkpoint: bool = False
+    marked: int = 0  # the last step whose work was marked (a joiner must not mark it again)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.eval, self.checkpoint = state["eval"], state["checkpoint"]
+        self.eval, self.checkpoint, self.marked = state["eval"], state["checkpoint"], state["marked"]
 
 
 class ConfigCheck:
@@ -228,12 +229,13 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------
     def _periodic(self, history: list[EvalPoint], last: int, started: float) -> None:
         """Evaluation and checkpoint due at the step reached, run at the top of the loop (where a
-        joiner starts too; a resumed run evaluates and saves its first step again). With local-step
+        joiner starts too). With local-step
         rounds the replicas agree only at round ends, so what falls due mid-round waits for the next one."""
         config, done, due = self.config, self.step, self._due
-        if done > 0:  # a function of the step alone, so that a joiner marks what the others mark
+        if done > due.marked:  # once per step; the mark travels to joiners with the flags
             due.eval |= done % config.eval_every == 0 or done == last
             due.checkpoint |= bool(config.checkpoint_dir and config.checkpoint_every and done % config.checkpoint_every == 0)
+            due.marked = done
         if not self.session.in_sync:
             return
         if due.eval and (result := self.evaluate()) is not None:
