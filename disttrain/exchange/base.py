@@ -116,6 +116,12 @@ class EveryStepAgrees:
         self.load_state_dict(state)
 
 
+def peak_lr_of(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate the optimizer started with (a torch scheduler keeps it as ``initial_lr``)."""
+    group = optimizer.param_groups[0]
+    return group.get("initial_lr", group["lr"])
+
+
 def require_closure(closure: Closure | None, method: str) -> Closure:
     """The closure a method that runs its own forward passes needs, or a clear error."""
     if closure is None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from disttrain.exchange.base import Closure, ExchangeOptions
+from disttrain.exchange.base import Closure, ExchangeOptions, peak_lr_of
 from disttrain.methods import Method
 from disttrain.optim.local_subspace import LocalSubspace
 from disttrain.optim.projected_adamw import ProjectedAdamW
@@ -30,12 +30,6 @@ from disttrain.train.outer import OuterStep
 from disttrain.train.rounds import RoundClosing
 
 log = logging.getLogger(__name__)
-
-
-def peak_lr_of(optimizer: torch.optim.Optimizer) -> float:
-    """The learning rate the optimizer started with (a torch scheduler keeps it as ``initial_lr``)."""
-    group = optimizer.param_groups[0]
-    return group.get("initial_lr", group["lr"])
 
 
 class LocalRoundsExchange:

@@ -15,8 +15,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.link import ring_wire_bytes
-from disttrain.exchange.base import Closure, EveryStepAgrees, ExchangeOptions, require_closure
-from disttrain.exchange.local_rounds import peak_lr_of
+from disttrain.exchange.base import Closure, EveryStepAgrees, ExchangeOptions, peak_lr_of, require_closure
 from disttrain.federated.zeroth_order import ZOState, zo_step
 from disttrain.methods import Method
 
