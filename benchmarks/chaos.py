@@ -9,14 +9,21 @@ Event kinds:
   the next generation, the coordinator restarted 2 s after that;
 - stop: SIGSTOP of one worker for the heartbeat timeout + 1 s, then SIGCONT (it is evicted and
   joins again with fresh state, in the same process);
+- partition: one worker's link taken down for the heartbeat timeout + 1 s, then up again (it is
+  evicted and joins again, in the same process);
 - join: a new worker.
+
+The job runs in network namespaces (netlab.py, one per worker, the coordinator on the hub), so a
+partition is a real link going down; ``--no-lab`` runs it on this machine's loopback instead,
+without partitions (the lab needs root).
 
 For each event it measures, from the workers' own timestamped logs, the time from the fault to
 the survivors' next committed step (for a membership change: every survivor's first step in the
 new generation; for a coordinator restart alone: every live worker's next logged step), whether a
 committed step was lost (the first step after a regroup must follow the last one committed before
 it), and whether the job hung (no committed step within the heartbeat timeout + 15 s); for a join,
-the time from the joiner asking the coordinator to its first committed step. Over the whole run it
+the time from the joiner asking the coordinator to its first committed step; for a stop or a
+partition, also the time from the worker's return to its first committed step as a member again. Over the whole run it
 counts survivor restarts (processes that ended without being killed) and replica mismatches found
 by the digest check (every 10 steps), and at the end compares the final parameter digests.
 
@@ -45,10 +52,11 @@ from tqdm import tqdm
 
 from disttrain.elastic import protocol
 from disttrain.elastic.protocol import SECRET_ENV, Message
-from disttrain.launcher.elastic_job import ElasticJob
+from disttrain.launcher.elastic_job import ElasticJob, Placement
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import netlab  # noqa: E402
 
 log = logging.getLogger("benchmarks.chaos")
 
@@ -66,9 +74,10 @@ PROGRESS = re.compile(rb"^(\S+) .*step (\d+): val loss", re.MULTILINE)
 HEARTBEAT_TIMEOUT_S = 2.0
 HANG_S = HEARTBEAT_TIMEOUT_S + 15.0  # no committed step for longer than this after a fault is a hang
 RESTART_AFTER_S = 2.0
-FAULTS = ("kill", "combined", "coordinator", "forming", "stop")  # the kinds whose recovery is measured
-MEMBERSHIP_FAULTS = ("kill", "combined", "forming", "stop")  # ... by a new generation without the victim
-MINIMUM_COUNTS = {"combined": 10, "coordinator": 5, "forming": 5, "stop": 10}  # in a run of 100 events
+FAULTS = ("kill", "combined", "coordinator", "forming", "stop", "partition")  # the kinds whose recovery is measured
+MEMBERSHIP_FAULTS = ("kill", "combined", "forming", "stop", "partition")  # ... by a new generation without the victim
+MINIMUM_COUNTS = {"combined": 10, "coordinator": 5, "forming": 5, "stop": 10, "partition": 6}  # in a run of 100 events
+AWAY_S = HEARTBEAT_TIMEOUT_S + 1.0  # how long a stopped or partitioned worker is gone: it is evicted
 
 
 @dataclass
@@ -79,6 +88,7 @@ class Event:
     recovery_s: float | None = None  # None: not recovered within HANG_S (a hang), or not measured
     steps_lost: int | None = None
     hang: bool = False
+    back_s: float | None = None  # a stopped or partitioned worker: its return to its first committed step again
 
 
 def _stamp(raw: bytes) -> float:
@@ -128,9 +138,29 @@ def wait_until(predicate, timeout_s: float) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class LabPlacement(Placement):
+    """The coordinator on the lab's hub, each worker in a host namespace of its own."""
+
+    lab: netlab.NetLab | None = None
+
+    def coordinator_command(self, argv: list[str]) -> list[str]:
+        return self.lab.in_namespace(self.lab.hub, argv)
+
+    def worker_command(self, slot: int, argv: list[str]) -> list[str]:
+        return self.lab.in_namespace(self.lab.host(slot), argv)
+
+
+def lab_placement(lab: netlab.NetLab) -> LabPlacement:
+    return LabPlacement(
+        coordinator_host=netlab.HUB_ADDRESS, slots=lab.hosts, env={"GLOO_SOCKET_IFNAME": netlab.HOST_INTERFACE}, lab=lab
+    )
+
+
 class Chaos:
-    def __init__(self, job: ElasticJob, rng: random.Random, min_alive: int, max_alive: int):
+    def __init__(self, job: ElasticJob, rng: random.Random, min_alive: int, max_alive: int, lab: netlab.NetLab | None):
         self.job = job
+        self.lab = lab
         self.rng = rng
         self.min_alive = min_alive
         self.max_alive = max_alive
@@ -175,14 +205,25 @@ class Chaos:
             self._restart_coordinator()
         return self._regrouped(event, survivors)
 
-    def stop(self) -> Event:
+    def away(self, kind: str) -> Event:
+        """A stop or a partition of one worker for AWAY_S: the others regroup, then it comes back."""
         victim = self.rng.choice(self.alive())
-        event = Event("stop", time.time(), victim)
+        event = Event(kind, time.time(), victim)
         survivors = [i for i in self.alive() if i != victim]
-        self.job.signal(victim, signal.SIGSTOP)
-        time.sleep(HEARTBEAT_TIMEOUT_S + 1.0)
-        self.job.signal(victim, signal.SIGCONT)
-        return self._regrouped(event, survivors)
+        if kind == "stop":
+            self.job.signal(victim, signal.SIGSTOP)
+        else:
+            self.lab.set_link(self.job.slots[victim], up=False)
+        time.sleep(AWAY_S)
+        if kind == "stop":
+            self.job.signal(victim, signal.SIGCONT)
+        else:
+            self.lab.set_link(self.job.slots[victim], up=True)
+        back = time.time()
+        self._regrouped(event, survivors)
+        if wait_until(lambda: bool(first_steps_after(self.job.log(victim), back)), 90):
+            event.back_s = first_steps_after(self.job.log(victim), back)[0][0] - back
+        return event
 
     def coordinator(self) -> Event:
         event = Event("coordinator", time.time(), -1)
@@ -220,10 +261,12 @@ class Chaos:
             kind = "join"
         if kind == "join" and alive >= self.max_alive:
             kind = "kill"
+        if kind == "partition" and self.lab is None:
+            kind = "stop"
         if kind == "coordinator":
             event = self.coordinator()
-        elif kind == "stop":
-            event = self.stop()
+        elif kind in ("stop", "partition"):
+            event = self.away(kind)
         elif kind == "join":
             event = self.join()
         else:
@@ -374,6 +417,7 @@ def summarise(chaos: Chaos, final_digests: list[str]) -> dict:
                 "hangs": sum(e.hang for e in events),
                 "committed_steps_lost": sum(e.steps_lost or 0 for e in events),
                 "fault_to_next_step" if kind != "join" else "join_to_first_step": _stats([e.recovery_s for e in events]),
+                **({"return_to_first_step": _stats([e.back_s for e in events])} if kind in ("stop", "partition") else {}),
             }
             for kind, events in by_kind.items()
         },
@@ -392,6 +436,7 @@ KIND_NAMES = {
     "coordinator": "coordinator killed and restarted",
     "forming": "coordinator killed while a generation forms",
     "stop": "SIGSTOP / SIGCONT of a worker",
+    "partition": "a worker's link down, then up",
     "join": "a worker joins",
 }
 
@@ -401,11 +446,18 @@ def render_table(result: dict, results_file: Path = common.RESULTS_DIR / "chaos.
     rows = []
     for kind, numbers in s["per_kind"].items():
         timing = numbers.get("fault_to_next_step") or numbers["join_to_first_step"]
+        back = numbers.get("return_to_first_step")
         rows.append([
             KIND_NAMES[kind], str(numbers["count"]), str(numbers["hangs"]), str(numbers["committed_steps_lost"]),
-            f"{timing['median_s']} s / {timing['max_s']} s" if timing["median_s"] is not None else "-",
+            _median_max(timing), _median_max(back) if back else "-",
         ])
-    per_kind = common.markdown_table(["event", "count", "hangs", "steps lost", "fault (or join request) to the next committed step, median / max"], rows)
+    per_kind = common.markdown_table(
+        [
+            "event", "count", "hangs", "steps lost", "fault (or join request) to the next committed step, median / max",
+            "the worker's return (SIGCONT, link up) to its first step as a member again",
+        ],
+        rows,
+    )
     totals = common.markdown_table(
         ["measure", "result", "target"],
         [
@@ -426,6 +478,10 @@ def render_table(result: dict, results_file: Path = common.RESULTS_DIR / "chaos.
         f"{common.generated_by(result['command'], results_file)}"
     )
     return per_kind + "\n\n" + totals + flood_table(result.get("flood")) + note
+
+
+def _median_max(timing: dict) -> str:
+    return f"{timing['median_s']} s / {timing['max_s']} s" if timing["median_s"] is not None else "-"
 
 
 def flood_table(flooded: dict | None) -> str:
@@ -458,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR / "chaos.json")
     parser.add_argument("--doc", type=Path, default=common.DOC, help="the document the table goes into, between its markers")
     parser.add_argument("--render-only", action="store_true", help="only rewrite the table from --out")
+    parser.add_argument("--no-lab", action="store_true", help="run on this machine's loopback, without partitions (no root needed)")
     args = parser.parse_args(argv)
     common.setup_logging()
     if args.render_only:
@@ -465,10 +522,21 @@ def main(argv: list[str] | None = None) -> int:
         if result is None:
             return 2
         return 0 if common.publish_table(render_table(result, args.out), "chaos-table", args.doc, args.out.parent) else 1
+    lab = None if args.no_lab else netlab.NetLab(hosts=args.max_alive, rate_mbit=None, prefix="dtchaos")
+    if lab is not None and (missing := netlab.missing_requirements()):
+        log.error("the network lab needs %s; or run with --no-lab (no partitions)", "; ".join(missing))
+        return 2
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="disttrain-chaos-") as workdir:
-        job = ElasticJob(Path(workdir), MODEL_FLAGS, steps=10**6, link_mbit=2.0, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
-        chaos = Chaos(job, rng, args.min_alive, args.max_alive)
+        placement = Placement()
+        if lab is not None:
+            lab.setup()
+            lab.enter(lab.hub)  # the flood's socket must reach the coordinator on the hub
+            placement = lab_placement(lab)
+        job = ElasticJob(
+            Path(workdir), MODEL_FLAGS, steps=10**6, link_mbit=2.0, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, placement=placement
+        )
+        chaos = Chaos(job, rng, args.min_alive, args.max_alive, lab)
         try:
             job.start_coordinator(start_workers=args.workers)
             for _ in range(args.workers):
@@ -482,13 +550,19 @@ def main(argv: list[str] | None = None) -> int:
             summary = summarise(chaos, _final_digests(job, chaos.alive()))
         finally:
             job.close()
+            if lab is not None:
+                lab.teardown()
+    where = (
+        "each worker in a network namespace of its own, the coordinator on the lab's hub (uncapped veth links)"
+        if lab is not None else "all processes on this machine's loopback (no partitions)"
+    )
     result = {
         "machine": common.machine_description(),
         "method_note": (
             f"{args.workers} workers at the start, between {args.min_alive} and {args.max_alive} alive, a 2-layer "
             "byte-level GPT trained with svd-int8-reconstruct (rank 4), uplinks paced to 2 Mbit/s, heartbeat every 0.25 s, heartbeat timeout "
             f"{HEARTBEAT_TIMEOUT_S:.0f} s, membership check every 5 steps, coordinators restarted {RESTART_AFTER_S:.0f} s "
-            "after they were killed; times from the workers' own log stamps."
+            f"after they were killed, stopped or partitioned workers away for {AWAY_S:.0f} s; {where}; times from the workers' own log stamps."
         ),
         "command": "python benchmarks/chaos.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "summary": summary,

@@ -8,6 +8,7 @@ iproute2; ``missing_requirements()`` says what is absent.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ HOST_INTERFACE = "eth0"
 # tbf needs a bucket of at least one (GSO) packet; 64 kB also lets TCP keep the link busy.
 TBF_BURST = "64kb"
 TBF_LATENCY = "100ms"
+CLONE_NEWNET = 0x40000000
 
 
 def missing_requirements() -> list[str]:
@@ -95,6 +97,17 @@ class NetLab:
     def tx_bytes_command(self, index: int) -> list[str]:
         """Reads the bytes host ``index`` has sent on its link."""
         return self.in_namespace(self.host(index), ["cat", f"/sys/class/net/{HOST_INTERFACE}/statistics/tx_bytes"])
+
+    def set_link(self, index: int, up: bool) -> None:
+        """Cut host ``index`` off the lab (its bridge port down), or connect it again."""
+        command = ["ip", "-n", self.hub, "link", "set", f"p{index}", "up" if up else "down"]
+        subprocess.run(command, check=True, capture_output=True)
+
+    def enter(self, namespace: str) -> None:
+        """Move the calling thread (and the threads and processes it starts later) into ``namespace``."""
+        with open(f"/var/run/netns/{namespace}") as handle:
+            if ctypes.CDLL(None, use_errno=True).setns(handle.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"cannot enter network namespace {namespace}")
 
     def tx_bytes(self, index: int) -> int:
         return int(subprocess.run(self.tx_bytes_command(index), check=True, capture_output=True, text=True).stdout)

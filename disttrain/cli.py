@@ -94,6 +94,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         store_port=args.store_port,
         refresh=args.refresh,
         energy_threshold=args.energy_threshold,
+        curve_keys=args.curve_keys or "",
     )
     coordinator = Coordinator(config, load_secret(args.secret_file))
     set_tag("coordinator")
@@ -192,6 +193,11 @@ def _add_coordinator(commands) -> None:
     )
     coordinator.add_argument(
         "--energy-threshold", type=float, default=0.5, help="captured energy that triggers an adaptive refresh (default: 0.5)"
+    )
+    coordinator.add_argument(
+        "--curve-keys", metavar="DIR",
+        help="encrypt the control plane with ZMQ CURVE, with the key pair in DIR (made there on first use); "
+        "workers then need --coordinator-key DIR/coordinator.key (default: signed, not encrypted)",
     )
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from disttrain.elastic import protocol
+from disttrain.elastic import curve, protocol
 from disttrain.elastic.protocol import SECRET_ENV, Message, ProtocolError, load_secret
 from disttrain.kernels import dispatch
 
@@ -54,6 +54,7 @@ class DoctorConfig:
     store_port: int = 0  # 0: the coordinator's port + 1, as the coordinator defaults to
     job: str = "disttrain"
     secret_file: str | None = None
+    coordinator_key: str | None = None  # its CURVE public key, when it runs with --curve-keys
     timeout_s: float = 2.0
 
 
@@ -241,11 +242,13 @@ def check_store(host: str, port: int, timeout_s: float) -> Check:
     return Check("store", OK, f"rendezvous store at {host}:{port} accepts connections")
 
 
-def ask_coordinator(address: str, secret: bytes, job: str, timeout_s: float) -> Answer:
+def ask_coordinator(address: str, secret: bytes, job: str, timeout_s: float, coordinator_key: bytes | None = None) -> Answer:
     """One signed heartbeat from a fresh id, which joins nothing: the coordinator answers it with a
     view (after telling its incarnation, which the heartbeat is then sent again for)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if coordinator_key is not None:
+        curve.connect_encrypted(sock, coordinator_key)
     sender, incarnation = f"doctor-{uuid.uuid4().hex}", ""
     try:
         sock.connect(address)
@@ -296,6 +299,9 @@ def check_handshake(answer: Answer, address: str, job: str) -> Check:
         fix = "pass the coordinator's job id with --job"
     elif "timestamp" in answer.error:
         fix = "see the clock skew check"
+    elif answer.fields is None and "no answer" in answer.error:
+        fix = ("a coordinator that runs with --curve-keys answers only with --coordinator-key (its coordinator.key); "
+               "with that key given, check that it is this coordinator's and that it runs with --curve-keys")
     else:
         fix = f"check that {address} is a disttrain coordinator, of the same disttrain version"
     return Check("handshake", FAIL, f"the coordinator at {address} did not accept this node: {answer.error}", fix)
@@ -325,7 +331,8 @@ def check_network(config: DoctorConfig, secret_ok: bool) -> list[Check]:
     reachable = check_coordinator(host, port, config.timeout_s)
     checks = [reachable, check_store(host, config.store_port or port + 1, config.timeout_s)]
     if reachable.status == OK and secret_ok:
-        answer = ask_coordinator(config.coordinator, load_secret(config.secret_file), config.job, config.timeout_s)
+        key = curve.coordinator_public_key(config.coordinator_key) if config.coordinator_key else None
+        answer = ask_coordinator(config.coordinator, load_secret(config.secret_file), config.job, config.timeout_s, key)
         checks += [check_handshake(answer, config.coordinator, config.job), check_clock_skew(answer)]
     return checks
 
@@ -358,6 +365,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store-port", type=int, default=0, help="its rendezvous store port (default: its port + 1)")
     parser.add_argument("--job", default="disttrain", help="the job id to present to the coordinator")
     parser.add_argument("--secret-file", help=f"file holding the job secret (default: ${SECRET_ENV})")
+    parser.add_argument("--coordinator-key", metavar="FILE|KEY", help="its CURVE public key, when it runs with --curve-keys")
     parser.add_argument("--timeout-s", type=float, default=2.0, help="for each network check")
 
 
@@ -365,7 +373,7 @@ def command(args: argparse.Namespace) -> int:
     """Run every check, write the report to stdout; 1 if any check failed."""
     config = DoctorConfig(
         coordinator=args.coordinator, store_port=args.store_port, job=args.job,
-        secret_file=args.secret_file, timeout_s=args.timeout_s,
+        secret_file=args.secret_file, coordinator_key=args.coordinator_key, timeout_s=args.timeout_s,
     )
     checks = run_checks(config)
     sys.stdout.write(report(checks))

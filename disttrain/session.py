@@ -141,7 +141,8 @@ class Session:
     written by save(): if it holds one, the session continues from it.
 
     With ``coordinator`` (or $DISTTRAIN_COORDINATOR) no process group is needed: the session joins
-    the elastic job ``job`` of that coordinator (secret from ``secret_file`` or $DISTTRAIN_SECRET),
+    the elastic job ``job`` of that coordinator (secret from ``secret_file`` or $DISTTRAIN_SECRET;
+    ``coordinator_key`` or $DISTTRAIN_COORDINATOR_KEY when it runs with ``--curve-keys``),
     and membership changes at round starts (every ``sync_every`` steps for per-step methods) and
     after failures, inside step(). ``membership`` takes one you built instead (the CLI's workers do).
     """
@@ -168,6 +169,7 @@ class Session:
         coordinator: str | None = None,
         job: str = "disttrain",
         secret_file: str | None = None,
+        coordinator_key: str | None = None,
         membership: Membership | None = None,
         resume_from: str | Path | None = None,
         **compression: Any,
@@ -179,7 +181,9 @@ class Session:
         if not 0 < round_quorum <= 1:
             raise ValueError(f"round_quorum is a share of the workers in (0, 1], got {round_quorum}")
         self.fingerprint = model_fingerprint(model, dataclasses.asdict(self.method), seed)
-        self.members: Membership = membership or membership_for(group, coordinator, job, secret_file, self.fingerprint)
+        self.members: Membership = membership or membership_for(
+            group, coordinator, job, secret_file, self.fingerprint, coordinator_key
+        )
         if self.members.elastic and not self.method.traits.elastic:
             raise ValueError(
                 f"method {self.method.name!r} cannot change membership (torch DDP and zeroth-order steps keep "

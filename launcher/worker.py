@@ -16,6 +16,7 @@ import torch.distributed as dist
 from disttrain.comm.device import resolve_device
 from disttrain.comm.process_group import close_process_group
 from disttrain.elastic.agent import CoordinatorUnreachable, GenerationTimeout, JobFinished, WorkerRefused
+from disttrain.elastic.curve import coordinator_public_key
 from disttrain.elastic.membership import ElasticConfig
 from disttrain.exchange.membership import ElasticGroup
 from disttrain.elastic.protocol import SECRET_ENV, check_address, load_secret
@@ -48,6 +49,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     elastic.add_argument("--coordinator", metavar="tcp://HOST:PORT", help="address of a running `disttrain coordinator`")
     elastic.add_argument("--job", default="disttrain", metavar="ID", help="job id; must match the coordinator's (default: disttrain)")
     elastic.add_argument("--secret-file", metavar="FILE", help=f"file holding the job secret (default: ${SECRET_ENV})")
+    elastic.add_argument(
+        "--coordinator-key", metavar="FILE|KEY",
+        help="the coordinator's CURVE public key (its --curve-keys folder's coordinator.key, or the key in Z85) "
+        "when it encrypts the control plane (default: plain text)",
+    )
     elastic.add_argument("--heartbeat-s", type=float, metavar="S", default=0.25, help="seconds between heartbeats (default: 0.25)")
     elastic.add_argument("--sync-every", type=int, metavar="N", default=5, help="steps between membership checks (default: 5)")
     elastic.add_argument(
@@ -71,6 +77,8 @@ def check_worker_args(args: argparse.Namespace) -> TrainConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.coordinator:
         check_address(args.coordinator)
+    if args.coordinator_key:
+        coordinator_public_key(args.coordinator_key)
     return config_from_args(args)
 
 
@@ -112,7 +120,7 @@ def elastic_membership(args: argparse.Namespace, config: TrainConfig, backend: s
     settings = ElasticConfig(sync_every=args.sync_every, collective_timeout_s=args.timeout_s, backend=backend)
     members = ElasticGroup.connect(
         args.coordinator, args.job, load_secret(args.secret_file), config.fingerprint(), args.heartbeat_s,
-        args.connect_timeout_s, settings,
+        args.connect_timeout_s, settings, coordinator_public_key(args.coordinator_key) if args.coordinator_key else None,
     )
     set_tag(lambda: members.agent.name)
     return members

@@ -4,9 +4,12 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 
 import pytest
+import torch.distributed as dist
 from tiny import TINY_FLAGS, TINY_PER_STEP_FLAGS
 
 from disttrain.launcher.elastic_job import ElasticJob
@@ -25,23 +28,12 @@ def start(job: ElasticJob, workers: int = 3) -> None:
         job.start_worker()
 
 
-def assert_identical_and_complete(job: ElasticJob, indices: list[int]) -> list[dict]:
-    """Every listed worker finished with the same parameters, and no collective ever waited for its
-    timeout (which is what members issuing different collectives looks like)."""
-    for index in indices:
-        assert b"Application timeout" not in job.log(index), job.log(index).decode()[-3000:]
-    summaries = [job.summary(i) for i in indices]
-    assert {s["parameter_digest"] for s in summaries} == {summaries[0]["parameter_digest"]}
-    assert all(s["steps"] == job.steps for s in summaries)
-    return summaries
-
-
 def test_survivors_of_a_kill_9_continue_in_the_same_processes_with_identical_parameters(job):
     start(job)
     job.wait_for_step(0, 40)
     job.signal(2, signal.SIGKILL)
     assert job.wait_for_exit([0, 1]) == [0, 0]
-    summaries = assert_identical_and_complete(job, [0, 1])
+    summaries = job.assert_finished_identically([0, 1])
     assert summaries[0]["workers"] == 2
     assert b"regrouping" in job.log(0) or b"regrouping" in job.log(1)
 
@@ -52,7 +44,7 @@ def test_a_worker_joining_mid_run_ends_with_identical_parameters(job):
     job.wait_for_step(0, 40)
     job.start_worker()
     assert job.wait_for_exit([0, 1, 2, 3]) == [0, 0, 0, 0]
-    summaries = assert_identical_and_complete(job, [0, 1, 2, 3])
+    summaries = job.assert_finished_identically([0, 1, 2, 3])
     assert summaries[0]["workers"] == 4
     assert b"sent to ranks [3]" in job.log(0)
 
@@ -66,7 +58,7 @@ def test_a_stopped_worker_is_evicted_and_rejoins_with_fresh_state_after_sigcont(
     job.wait_for_step(0, stopped_at + 40)  # the others went on without it
     job.signal(2, signal.SIGCONT)
     assert job.wait_for_exit([0, 1, 2]) == [0, 0, 0]
-    assert_identical_and_complete(job, [0, 1, 2])
+    job.assert_finished_identically([0, 1, 2])
     assert b"evicted" in job.log(2)
 
 
@@ -80,7 +72,7 @@ def test_workers_keep_training_while_the_coordinator_restarts(job):
     job.wait_for_step(0, down_at + 20)  # progress with no coordinator
     job.start_coordinator(start_workers=3)
     assert job.wait_for_exit([0, 1, 2]) == [0, 0, 0]
-    assert_identical_and_complete(job, [0, 1, 2])
+    job.assert_finished_identically([0, 1, 2])
 
 
 @pytest.mark.slow
@@ -94,11 +86,59 @@ def test_survivors_regroup_when_the_coordinator_and_a_worker_are_killed_together
     time.sleep(2)
     job.start_coordinator(start_workers=3)
     assert job.wait_for_exit([0, 1], timeout_s=120) == [0, 0]
-    assert_identical_and_complete(job, [0, 1])
+    job.assert_finished_identically([0, 1])
 
 
-def coordinator_log(job: ElasticJob) -> str:
-    return (job.workdir / "coordinator-1.log").read_text()
+@pytest.mark.slow
+def test_survivors_regroup_when_the_coordinator_is_killed_while_a_generation_forms(job):
+    start(job)
+    job.wait_for_step(0, 30)
+    job.signal(2, signal.SIGKILL)
+    time.sleep(0.3)  # the survivors have reported the failure; the next generation is forming
+    job.coordinator.send_signal(signal.SIGKILL)
+    job.coordinator.wait()
+    time.sleep(2)
+    job.start_coordinator(start_workers=2)
+    assert job.wait_for_exit([0, 1], timeout_s=120) == [0, 0]
+    job.assert_finished_identically([0, 1])
+
+
+class StoreVandal:
+    """A stranger connected to the coordinator's rendezvous store: for ``for_s`` after it first sees
+    keys it did not see before, it overwrites every key it finds with 8 zero bytes, over and over."""
+
+    def __init__(self, job: ElasticJob, for_s: float = 3.0):
+        self.store = dist.TCPStore("127.0.0.1", job.store_port, is_master=False, timeout=timedelta(seconds=10))
+        self.known = set(self.store.list_keys())
+        self.for_s = for_s
+        self.overwrites = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        deadline = None
+        while deadline is None or time.monotonic() < deadline:
+            keys = [key for key in self.store.list_keys() if not key.startswith("disttrain/")]
+            fresh = set(keys) - self.known
+            if fresh and deadline is None:
+                deadline = time.monotonic() + self.for_s
+            for key in fresh if deadline is not None else ():
+                self.store.set(key, b"\0" * 8)
+                self.overwrites += 1
+            time.sleep(0.001)
+
+
+@pytest.mark.slow
+def test_garbage_written_into_the_store_while_a_generation_forms_fails_that_generation_and_crashes_no_one(job):
+    start(job)
+    job.wait_for_step(0, 30)
+    vandal = StoreVandal(job)
+    job.signal(2, signal.SIGKILL)
+    vandal.thread.join(timeout=120)
+    assert vandal.overwrites > 0
+    assert job.wait_for_exit([0, 1], timeout_s=180) == [0, 0]
+    job.assert_finished_identically([0, 1])
+    assert b"not signed with the job secret" in job.log(0) + job.log(1)
 
 
 def test_a_worker_without_the_job_secret_is_told_why_once_and_the_coordinator_survives(job):
@@ -111,7 +151,7 @@ def test_a_worker_without_the_job_secret_is_told_why_once_and_the_coordinator_su
     time.sleep(2)  # eight more refused heartbeats
     assert job.log(0).count(b"unusable answer") == 1 and b"DISTTRAIN_SECRET" in job.log(0)
     assert job.coordinator.poll() is None
-    assert coordinator_log(job).count("bad signature") == 1
+    assert job.coordinator_log().decode().count("bad signature") == 1
 
 
 def test_a_worker_that_joins_after_the_last_step_is_told_the_job_finished_and_exits_0(tmp_path):
@@ -122,7 +162,7 @@ def test_a_worker_that_joins_after_the_last_step_is_told_the_job_finished_and_ex
         digest = job.summary(0)["parameter_digest"]
         assert job.start_worker().wait(timeout=120) == 0
         assert f"already finished at step 20 (parameter digest {digest})".encode() in job.log(2)
-        log = coordinator_log(job)
+        log = job.coordinator_log().decode()
         assert log.count("left (run finished)") == 2 and "must be replaced" not in log
         assert log.count(f"finished at step 20 (parameter digest {digest})") == 1
     finally:
@@ -162,7 +202,7 @@ def test_adaptive_refresh_renews_svd_bases_on_every_worker_at_the_same_step(tmp_
         job.start_worker()
         job.start_worker()
         assert job.wait_for_exit([0, 1]) == [0, 0]
-        assert_identical_and_complete(job, [0, 1])
+        job.assert_finished_identically([0, 1])
         refresh_steps = [re.findall(rb"refreshing the SVD bases at step (\d+)", job.log(i)) for i in (0, 1)]
         assert refresh_steps[0] and refresh_steps[0] == refresh_steps[1]
         assert b"refresh 1 requested" in (tmp_path / "coordinator-1.log").read_bytes()
@@ -179,7 +219,7 @@ def test_local_step_rounds_survive_a_kill_and_admit_a_joiner_at_a_round_start(tm
         job.wait_for_step(0, job.latest_step(0) + 12)
         job.start_worker()
         assert job.wait_for_exit([0, 1, 3]) == [0, 0, 0]
-        summaries = assert_identical_and_complete(job, [0, 1, 3])
+        summaries = job.assert_finished_identically([0, 1, 3])
         assert summaries[0]["workers"] == 3
         # The joiner issues the survivors' collectives in their order (a deferred evaluation included):
         # nothing fails after the kill's one regroup, and no collective waits for its timeout.

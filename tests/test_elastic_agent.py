@@ -30,15 +30,7 @@ def job(tmp_path):
 def serve(job: ElasticJob, start_workers: int = 1) -> None:
     """Start the coordinator of job JOB and wait until it listens."""
     job.start_coordinator(start_workers=start_workers, extra=["--job", JOB])
-    deadline = time.monotonic() + 60
-    while b"coordinator for job" not in coordinator_log(job):
-        assert time.monotonic() < deadline and job.coordinator.poll() is None, coordinator_log(job).decode()
-        time.sleep(0.05)
-
-
-def coordinator_log(job: ElasticJob) -> bytes:
-    path = job.workdir / "coordinator-1.log"
-    return path.read_bytes() if path.exists() else b""
+    job.wait_until_serving()
 
 
 def agent(address: str, secret: str, job: str = JOB, connect_timeout_s: float = 2.0) -> Agent:
@@ -80,7 +72,7 @@ def test_a_coordinator_under_another_secret_is_named_once_then_given_up_on(job, 
     waiter.stop(leave=False)
     warnings = [line for line in agent_lines(caplog) if line.startswith("unusable answer")]
     assert len(warnings) == 1 and "another secret" in warnings[0]
-    assert coordinator_log(job).count(b"bad signature") == 1  # about 8 refusals, one line
+    assert job.coordinator_log().count(b"bad signature") == 1  # about 8 refusals, one line
 
 
 def test_a_coordinator_of_another_job_is_named_with_both_job_ids(job, caplog):
@@ -124,6 +116,6 @@ def test_a_worker_that_joins_after_the_job_finished_is_told_so_with_the_step_and
             late.wait_for_view(active, timeout_s=600)
         late.stop()
         assert (finished.value.step, finished.value.digest) == (7, "0123abcd")
-    log = coordinator_log(job).decode()
+    log = job.coordinator_log().decode()
     assert f"worker {member.name} left (run finished)" in log and "must be replaced" not in log
     assert log.count(f"job {JOB!r} finished at step 7") == 1 and log.count("that the job finished at step 7") == 2

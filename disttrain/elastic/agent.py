@@ -23,7 +23,7 @@ from typing import Callable
 
 import zmq
 
-from disttrain.elastic import protocol
+from disttrain.elastic import curve, protocol
 from disttrain.elastic.protocol import BadSignature, JobMismatch, Message, ProtocolError, short_id
 from disttrain.elastic.throttle import Throttle
 
@@ -83,7 +83,8 @@ class Agent:
     """Talks to the coordinator for one training process."""
 
     def __init__(
-        self, address: str, secret: bytes, job: str, config: str, heartbeat_s: float = 0.25, connect_timeout_s: float = 60.0
+        self, address: str, secret: bytes, job: str, config: str, heartbeat_s: float = 0.25, connect_timeout_s: float = 60.0,
+        coordinator_key: bytes | None = None,
     ):
         self.host, self.port = protocol.check_address(address)
         self.address = address
@@ -93,6 +94,7 @@ class Agent:
         self.refused: str | None = None
         self.heartbeat_s = heartbeat_s
         self.connect_timeout_s = connect_timeout_s
+        self.coordinator_key = coordinator_key  # the coordinator's CURVE public key (None: plain text)
         self.worker_id = uuid.uuid4().hex
         self.step = 0
         self.refresh_epoch = 0  # the last basis refresh this worker applied
@@ -219,7 +221,11 @@ class Agent:
             return GenerationTimeout(
                 f"the coordinator at {self.address} formed no generation with this worker within {limit:.0f} s: {_joined(view)}"
             )
-        nothing = f"nothing answered (is `disttrain coordinator` running there, with TCP port {self.port} open to this node?)"
+        nothing = f"nothing answered (is `disttrain coordinator` running there, with TCP port {self.port} open to this node?"
+        if self.coordinator_key is None:
+            nothing += " If it runs with --curve-keys, give this worker --coordinator-key)"
+        else:
+            nothing += " With --coordinator-key the coordinator must run with --curve-keys, and the key be its coordinator.key)"
         problem = self._problem or nothing
         return CoordinatorUnreachable(f"no usable answer from the coordinator at {self.address} in {limit:.0f} s: {problem}")
 
@@ -253,6 +259,8 @@ class Agent:
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES + 1024)
+        if self.coordinator_key is not None:
+            curve.connect_encrypted(sock, self.coordinator_key)
         sock.connect(self.address)
         return sock
 

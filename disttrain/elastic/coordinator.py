@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch.distributed as dist
 import zmq
 
-from disttrain.elastic import protocol
+from disttrain.elastic import curve, protocol
 from disttrain.elastic.protocol import Message, ProtocolError, ReplayGuard, Unauthenticated, short_id
 from disttrain.elastic.throttle import Throttle
 
@@ -65,6 +65,7 @@ class CoordinatorConfig:
     store_port: int = 0  # 0: the bind port + 1
     refresh: str = "fixed"  # "adaptive": also refresh SVD bases when captured energy drops
     energy_threshold: float = 0.5
+    curve_keys: str = ""  # a folder of CURVE keys: encrypt the control plane ("": plain text)
 
     def validate(self) -> None:
         port = self.port  # refuses a malformed --bind
@@ -150,6 +151,7 @@ class Coordinator:
         config.validate()
         self.config = config
         self.secret = secret
+        self.curve = curve.coordinator_keys(config.curve_keys) if config.curve_keys else None  # (public, secret)
         self._store: dist.TCPStore | None = None  # hosted while serving
         self.replays = ReplayGuard()  # in memory only: a restart forgets it, and the incarnation takes over
         self.incarnation = secrets.token_hex(8)
@@ -357,7 +359,10 @@ class Coordinator:
         stop = stop or threading.Event()
         socket = self._listen()
         config = self.config
-        log.info("coordinator for job %r on %s, rendezvous store on port %d", config.job, config.bind, config.rendezvous_port)
+        log.info(
+            "coordinator for job %r on %s, rendezvous store on port %d, control plane %s", config.job, config.bind,
+            config.rendezvous_port, "encrypted (CURVE)" if self.curve else "signed, not encrypted",
+        )
         try:
             while not stop.is_set():
                 if socket.poll(int(tick_s * 1000)):
@@ -381,6 +386,8 @@ class Coordinator:
         socket = zmq.Context.instance().socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES + 1024)
+        if self.curve is not None:
+            curve.serve_encrypted(socket, self.curve)
         try:
             socket.bind(config.bind)
         except zmq.ZMQError as error:

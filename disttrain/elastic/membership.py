@@ -21,6 +21,7 @@ import torch.distributed as dist
 from disttrain.comm.device import collective_device
 from disttrain.comm.waiting import abort_waits_when, wait_work
 from disttrain.elastic.agent import Agent, View
+from disttrain.elastic.signed_store import SignedStore
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class ElasticMembership:
         if dist.is_initialized():
             _ABANDONED.append(dist.group.WORLD)
             dist.destroy_process_group()
+        prefix = f"gen{view.gen}/{view.store_prefix}"
         store = dist.TCPStore(
             self.agent.host,
             view.store_port,
@@ -89,7 +91,7 @@ class ElasticMembership:
         )
         dist.init_process_group(
             self.config.backend,
-            store=dist.PrefixStore(f"gen{view.gen}/{view.store_prefix}", store),
+            store=SignedStore(dist.PrefixStore(prefix, store), self.agent.secret, context=prefix),
             rank=view.rank_of(self.agent.worker_id),
             world_size=len(view.roster),
             timeout=timedelta(seconds=self.config.rendezvous_timeout_s),  # a ghost member fails fast

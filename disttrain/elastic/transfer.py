@@ -10,6 +10,8 @@ state point to point; the others receive nothing.
 from __future__ import annotations
 
 import io
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,6 +22,7 @@ from disttrain.comm.bucket import all_gather_flat
 from disttrain.comm.device import collective_device
 from disttrain.comm.waiting import wait_work
 
+log = logging.getLogger(__name__)
 _DIGEST_BYTES = 32
 
 
@@ -66,15 +69,27 @@ def synchronise(
     plan = plan_sync(gathered.reshape(world, -1).cpu())
     rank = dist.get_rank()
     if rank == plan.donor and plan.receivers:
+        started = time.monotonic()
         payload = _serialise(export()).to(device)
+        serialised = time.monotonic()
         size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
         for receiver in plan.receivers:
             wait_work(dist.isend(size, receiver))
             wait_work(dist.isend(payload, receiver))
+        log.info(
+            "state from rank %d at step %d sent to ranks %s: %.1f MB, serialised in %.2f s, sent in %.2f s",
+            rank, plan.step, list(plan.receivers), payload.numel() / 1e6, serialised - started, time.monotonic() - serialised,
+        )
     elif rank in plan.receivers:
+        started = time.monotonic()
         size = torch.empty(1, dtype=torch.int64, device=device)
         wait_work(dist.irecv(size, plan.donor))
         payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
         wait_work(dist.irecv(payload, plan.donor))
+        received = time.monotonic()
         load(torch.load(io.BytesIO(payload.cpu().numpy().tobytes()), weights_only=False, map_location=device))
+        log.info(
+            "state of step %d received from rank %d: %.1f MB in %.2f s (the donor's serialising included), loaded in %.2f s",
+            plan.step, plan.donor, payload.numel() / 1e6, received - started, time.monotonic() - received,
+        )
     return plan

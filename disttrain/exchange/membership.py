@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from disttrain.comm.waiting import abort_waits_when, wait_work
 from disttrain.elastic.agent import Agent
+from disttrain.elastic.curve import coordinator_public_key
 from disttrain.elastic.membership import ElasticConfig, ElasticMembership
 from disttrain.elastic.protocol import load_secret
 from disttrain.elastic.transfer import synchronise
@@ -37,6 +38,7 @@ from disttrain.train.replica import broadcast_from_rank0
 log = logging.getLogger(__name__)
 
 COORDINATOR_ENV = "DISTTRAIN_COORDINATOR"
+COORDINATOR_KEY_ENV = "DISTTRAIN_COORDINATOR_KEY"
 MAX_CONSECUTIVE_FAILURES = 5
 
 
@@ -143,10 +145,11 @@ class ElasticGroup:
     @classmethod
     def connect(
         cls, address: str, job: str, secret: bytes, fingerprint: str, heartbeat_s: float = 0.25,
-        connect_timeout_s: float = 60.0, config: ElasticConfig | None = None,
+        connect_timeout_s: float = 60.0, config: ElasticConfig | None = None, coordinator_key: bytes | None = None,
     ) -> ElasticGroup:
-        """An agent for the coordinator at ``address`` (not started yet)."""
-        agent = Agent(address, secret, job, fingerprint, heartbeat_s, connect_timeout_s)
+        """An agent for the coordinator at ``address`` (not started yet); ``coordinator_key``: its
+        CURVE public key, when it encrypts the control plane."""
+        agent = Agent(address, secret, job, fingerprint, heartbeat_s, connect_timeout_s, coordinator_key)
         return cls(ElasticMembership(agent, config or ElasticConfig()))
 
     @property
@@ -250,20 +253,22 @@ class ElasticGroup:
             self.agent.refresh_epoch = state.pop("refresh_epoch")
             replica.load_replica(state)
 
-        plan = synchronise(replica.steps, self.membership.fresh, replica.replica_digest(), export, load)
+        synchronise(replica.steps, self.membership.fresh, replica.replica_digest(), export, load)
         self.membership.fresh = False
         self.agent.step = replica.steps
-        if plan.receivers:
-            log.info("state from rank %d at step %d sent to ranks %s", plan.donor, plan.step, list(plan.receivers))
 
 
 def membership_for(
-    group: dist.ProcessGroup | None, coordinator: str | None, job: str, secret_file: str | None, fingerprint: str
+    group: dist.ProcessGroup | None, coordinator: str | None, job: str, secret_file: str | None, fingerprint: str,
+    coordinator_key: str | None = None,
 ) -> Membership:
-    """FixedGroup, or ElasticGroup when a coordinator is named (or ``$DISTTRAIN_COORDINATOR`` is set)."""
+    """FixedGroup, or ElasticGroup when a coordinator is named (or ``$DISTTRAIN_COORDINATOR`` is set);
+    ``coordinator_key`` (or ``$DISTTRAIN_COORDINATOR_KEY``): its CURVE public key, a file or Z85 text."""
     address = coordinator or os.environ.get(COORDINATOR_ENV)
     if not address:
         return FixedGroup(group)
     if group is not None:
         raise ValueError("a Session under a coordinator trains in the generations it forms: give no group")
-    return ElasticGroup.connect(address, job, load_secret(secret_file), fingerprint)
+    key = coordinator_key or os.environ.get(COORDINATOR_KEY_ENV)
+    public = coordinator_public_key(key) if key else None
+    return ElasticGroup.connect(address, job, load_secret(secret_file), fingerprint, coordinator_key=public)
