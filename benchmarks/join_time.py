@@ -7,8 +7,9 @@ stamps, each join is split into its phases:
 - start: the process started (Python, torch, the model) until it asks the coordinator;
 - admission: asking until it enters a generation (the coordinator's join grace, the members
   reaching their next round start, the process group forming);
-- transfer: entering until the state has arrived (the small step/digest all-gather, the donor
-  serialising its replica state, sending it point to point);
+- setup: entering until the transfer starts (the joiner builds its exchange; the members'
+  step and digest all-gather);
+- transfer: the donor serialising its replica state and broadcasting it to the joiner;
 - load: deserialising and loading that state;
 - first step: the state loaded until its first committed step (a round's local steps, then the
   round's exchange).
@@ -46,7 +47,7 @@ MODELS = {  # name: (n_layer, n_embd); the default GPT first
 ENTERED = re.compile(rb"^(\S+) .*entered generation \d+ as rank", re.MULTILINE)
 RECEIVED = re.compile(rb"^(\S+) .*state of step \d+ received from rank \d+: ([\d.]+) MB in ([\d.]+) s .*loaded in ([\d.]+) s", re.MULTILINE)
 SENT = re.compile(rb"^(\S+) .*state from rank \d+ at step \d+ sent to ranks .*: ([\d.]+) MB, serialised in ([\d.]+) s, sent in ([\d.]+) s", re.MULTILINE)
-PHASES = ("start", "admission", "transfer", "load", "first_step", "total")
+PHASES = ("start", "admission", "setup", "transfer", "load", "first_step", "total")
 
 
 def model_flags(layers: int, width: int) -> list[str]:
@@ -69,7 +70,7 @@ def join_phases(job: ElasticJob, joiner: int, started_at: float) -> dict | None:
         return None
     t_request, t_entered = _stamp(request.group(1)), _stamp(entered.group(1))
     t_received = _stamp(received.group(1))
-    load_s = float(received.group(4))
+    transfer_s, load_s = float(received.group(3)), float(received.group(4))
     sent = sorted(
         (_stamp(m.group(1)), float(m.group(3)), float(m.group(4)))
         for i in range(joiner) for m in SENT.finditer(job.log(i)) if _stamp(m.group(1)) >= started_at
@@ -77,7 +78,8 @@ def join_phases(job: ElasticJob, joiner: int, started_at: float) -> dict | None:
     phases = {
         "start": t_request - started_at,
         "admission": t_entered - t_request,
-        "transfer": t_received - load_s - t_entered,
+        "setup": t_received - load_s - transfer_s - t_entered,
+        "transfer": transfer_s,
         "load": load_s,
         "first_step": firsts[0][0] - t_received,
         "total": firsts[0][0] - t_request,
@@ -136,7 +138,7 @@ def render_table(result: dict, results_file: Path) -> str:
         ])
     headers = [
         "model", "parameters", "state sent", "step", "start (process to request)", "admission (request to generation)",
-        "transfer", "load", "to the first step", "request to first step",
+        "setup", "transfer", "load", "to the first step", "request to first step",
     ]
     note = (
         f"\n\nMedians of {result['joins']} joins per model, each into a running job of 2 or more workers on this machine "

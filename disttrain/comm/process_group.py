@@ -1,10 +1,19 @@
-"""Ending a process group cleanly."""
+"""Ending a process group cleanly, or leaving one behind that cannot end cleanly."""
 
 from __future__ import annotations
 
 import gc
 
 import torch.distributed as dist
+
+# Process groups abandoned mid-collective. Destroying one blocks until its silent peers answer,
+# so they are kept here instead; each holds a few sockets and threads.
+_ABANDONED: list[object] = []
+
+
+def abandon(group: object) -> None:
+    """Keep ``group`` alive for the rest of the process, so that destroying the process groups never waits on it."""
+    _ABANDONED.append(group)
 
 
 def close_process_group() -> None:

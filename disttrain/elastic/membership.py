@@ -19,16 +19,12 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.device import collective_device
+from disttrain.comm.process_group import abandon
 from disttrain.comm.waiting import abort_waits_when, wait_work
 from disttrain.elastic.agent import Agent, View
 from disttrain.elastic.signed_store import SignedStore
 
 log = logging.getLogger(__name__)
-
-# Process groups abandoned mid-collective. Destroying one blocks until its silent peers answer,
-# so they are kept here instead; each holds a few sockets and threads.
-_ABANDONED: list[object] = []
-
 
 @dataclass(frozen=True)
 class ElasticConfig:
@@ -49,6 +45,9 @@ class ElasticMembership:
         self.config = config
         self.fresh = True  # holds no state that others need (a new or evicted worker)
         self.awaiting_first_step = False  # set on entering a generation, cleared by its first step
+        # The generation's store. Python must hold it: Gloo calls back into its methods (a new
+        # group, the round-closing counters), which fail once the Python object is collected.
+        self.store: SignedStore | None = None
 
     def _wanted(self, view: View) -> bool:
         if view.status == "evicted":
@@ -80,7 +79,8 @@ class ElasticMembership:
 
     def _rebuild_group(self, view: View) -> None:
         if dist.is_initialized():
-            _ABANDONED.append(dist.group.WORLD)
+            abandon(dist.group.WORLD)
+            abandon(self.store)
             dist.destroy_process_group()
         prefix = f"gen{view.gen}/{view.store_prefix}"
         store = dist.TCPStore(
@@ -89,9 +89,10 @@ class ElasticMembership:
             is_master=False,
             timeout=timedelta(seconds=self.config.rendezvous_timeout_s),
         )
+        self.store = SignedStore(dist.PrefixStore(prefix, store), self.agent.secret, context=prefix)
         dist.init_process_group(
             self.config.backend,
-            store=SignedStore(dist.PrefixStore(prefix, store), self.agent.secret, context=prefix),
+            store=self.store,
             rank=view.rank_of(self.agent.worker_id),
             world_size=len(view.roster),
             timeout=timedelta(seconds=self.config.rendezvous_timeout_s),  # a ghost member fails fast

@@ -4,7 +4,10 @@ All workers share (committed step, fresh?, parameter digest) in one small all_ga
 is the lowest rank among the non-fresh workers with the highest committed step (or rank 0 when
 all are fresh, as at the very start, where identical seeded initialisations need no transfer).
 Fresh workers (joiners) and any worker whose step or digest differs receive the donor's replica
-state point to point; the others receive nothing.
+state, broadcast in a process group of the donor and its receivers only; the others receive
+nothing. (Not point to point: a Gloo send or receive whose wait is polled with a timeout, as
+every wait under a coordinator is, closes its connection when one poll expires, and a state of
+50 MB or more takes longer than a poll.)
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.distributed as dist
 
 from disttrain.comm.bucket import all_gather_flat
 from disttrain.comm.device import collective_device
+from disttrain.comm.process_group import abandon
 from disttrain.comm.waiting import wait_work
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,38 @@ def _serialise(state: dict[str, Any]) -> torch.Tensor:
     return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
 
+def _transfer(
+    plan: SyncPlan, donor: bool, export: Callable[[], dict[str, Any]], load: Callable[[dict[str, Any]], None], device: torch.device
+) -> None:
+    """The donor's state to its receivers: its size, then its bytes, broadcast in their own group."""
+    started = time.monotonic()
+    group = dist.new_group(sorted((plan.donor, *plan.receivers)), use_local_synchronization=True)
+    try:
+        payload = _serialise(export()).to(device) if donor else None
+        serialised = time.monotonic()
+        size = torch.tensor([payload.numel() if donor else 0], dtype=torch.int64, device=device)
+        wait_work(dist.broadcast(size, src=plan.donor, group=group, async_op=True))
+        if not donor:
+            payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+        wait_work(dist.broadcast(payload, src=plan.donor, group=group, async_op=True))
+    except BaseException:
+        abandon(group)
+        raise
+    dist.destroy_process_group(group)
+    moved = time.monotonic()
+    if donor:
+        log.info(
+            "state from rank %d at step %d sent to ranks %s: %.1f MB, serialised in %.2f s, sent in %.2f s",
+            plan.donor, plan.step, list(plan.receivers), payload.numel() / 1e6, serialised - started, moved - serialised,
+        )
+        return
+    load(torch.load(io.BytesIO(payload.cpu().numpy().tobytes()), weights_only=False, map_location=device))
+    log.info(
+        "state of step %d received from rank %d: %.1f MB in %.2f s (the donor's serialising included), loaded in %.2f s",
+        plan.step, plan.donor, payload.numel() / 1e6, moved - started, time.monotonic() - moved,
+    )
+
+
 def synchronise(
     step: int,
     fresh: bool,
@@ -68,28 +104,6 @@ def synchronise(
     wait_work(all_gather_flat(gathered, mine, async_op=True))
     plan = plan_sync(gathered.reshape(world, -1).cpu())
     rank = dist.get_rank()
-    if rank == plan.donor and plan.receivers:
-        started = time.monotonic()
-        payload = _serialise(export()).to(device)
-        serialised = time.monotonic()
-        size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
-        for receiver in plan.receivers:
-            wait_work(dist.isend(size, receiver))
-            wait_work(dist.isend(payload, receiver))
-        log.info(
-            "state from rank %d at step %d sent to ranks %s: %.1f MB, serialised in %.2f s, sent in %.2f s",
-            rank, plan.step, list(plan.receivers), payload.numel() / 1e6, serialised - started, time.monotonic() - serialised,
-        )
-    elif rank in plan.receivers:
-        started = time.monotonic()
-        size = torch.empty(1, dtype=torch.int64, device=device)
-        wait_work(dist.irecv(size, plan.donor))
-        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-        wait_work(dist.irecv(payload, plan.donor))
-        received = time.monotonic()
-        load(torch.load(io.BytesIO(payload.cpu().numpy().tobytes()), weights_only=False, map_location=device))
-        log.info(
-            "state of step %d received from rank %d: %.1f MB in %.2f s (the donor's serialising included), loaded in %.2f s",
-            plan.step, plan.donor, payload.numel() / 1e6, received - started, time.monotonic() - received,
-        )
+    if plan.receivers and (rank == plan.donor or rank in plan.receivers):
+        _transfer(plan, rank == plan.donor, export, load, device)
     return plan
