@@ -255,11 +255,13 @@ class Chaos:
         return event
 
     def run(self, kind: str) -> Event:
-        """One event of ``kind``; a fault when only min_alive workers are left becomes a join."""
+        """One event of ``kind``: a fault when only min_alive workers are left comes after a join
+        (an event of its own), so that every scheduled fault happens; a join at max_alive becomes a kill."""
         alive = len(self.alive())
         if kind in MEMBERSHIP_FAULTS and alive <= self.min_alive:
-            kind = "join"
-        if kind == "join" and alive >= self.max_alive:
+            self.run("join")
+            time.sleep(1.0)
+        elif kind == "join" and alive >= self.max_alive:
             kind = "kill"
         if kind == "partition" and self.lab is None:
             kind = "stop"

@@ -120,11 +120,11 @@ def measure(name: str, layers: int, width: int, joins: int, workdir: Path) -> di
 
 
 def _step_time(job: ElasticJob) -> float | None:
-    """Seconds per step of worker 0 over its last logged evaluations."""
+    """Seconds per step of worker 0 between its first and last logged evaluations (joins included)."""
     points = [(_stamp(m.group(1)), int(m.group(2))) for m in re.finditer(rb"^(\S+) .*step (\d+): val loss", job.log(0), re.MULTILINE)]
-    if len(points) < 3:
+    if len(points) < 2:
         return None
-    (t0, s0), (t1, s1) = points[-3], points[-1]
+    (t0, s0), (t1, s1) = points[0], points[-1]
     return round((t1 - t0) / (s1 - s0), 3) if s1 > s0 else None
 
 
@@ -133,11 +133,11 @@ def render_table(result: dict, results_file: Path) -> str:
     for run in result["models"]:
         m = run["median"]
         rows.append([
-            run["model"], f"{run['parameters'] / 1e6:.1f} M", f"{m['state_mb']:.0f} MB", f"{run['step_s']} s",
+            run["model"], f"{run['parameters'] / 1e6:.1f} M", f"{m['state_mb']:.0f} MB", f"{run['step_s']} s" if run["step_s"] else "-",
             *(f"{m[phase]:.2f} s" for phase in PHASES),
         ])
     headers = [
-        "model", "parameters", "state sent", "step", "start (process to request)", "admission (request to generation)",
+        "model", "parameters", "state sent", "seconds per step over the run", "start (process to request)", "admission (request to generation)",
         "setup", "transfer", "load", "to the first step", "request to first step",
     ]
     note = (
