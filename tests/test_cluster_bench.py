@@ -136,6 +136,7 @@ def test_the_benchmark_skips_with_what_is_missing_when_not_root(monkeypatch, cap
 
 
 @pytest.mark.skipif(bool(missing_requirements()), reason=f"needs {'; '.join(missing_requirements())}")
+@pytest.mark.slow  # 21 s
 def test_the_small_mode_runs_for_real_in_namespaces_and_cleans_up(tmp_path):
     doc = tmp_path / "benchmarks.md"
     doc.write_text("<!-- cluster-table:start -->\n<!-- cluster-table:end -->\n")

@@ -154,6 +154,7 @@ def test_a_worker_without_the_job_secret_is_told_why_once_and_the_coordinator_su
     assert job.coordinator_log().decode().count("bad signature") == 1
 
 
+@pytest.mark.slow  # 10 s; a user loop joining a finished job stays in the default set
 def test_a_worker_that_joins_after_the_last_step_is_told_the_job_finished_and_exits_0(tmp_path):
     job = ElasticJob(tmp_path, TINY_PER_STEP_FLAGS, steps=20)
     try:
@@ -195,6 +196,7 @@ def test_torchrun_processes_join_through_the_coordinator(job):
     assert '"workers": 2' in result.stdout
 
 
+@pytest.mark.slow  # 10 s
 def test_adaptive_refresh_renews_svd_bases_on_every_worker_at_the_same_step(tmp_path):
     job = ElasticJob(tmp_path, TINY_PER_STEP_FLAGS, steps=60, link_mbit=2.0)
     try:

@@ -83,6 +83,7 @@ def test_without_a_quorum_or_deadline_every_round_waits_for_the_straggler():
     assert with_straggler[0] != without_it[0]
 
 
+@pytest.mark.slow  # 7 s; tests/test_zeroth_order.py runs two real clients
 def test_zeroth_order_training_sends_one_byte_per_step_and_keeps_replicas_identical():
     overrides = {"method": "zo-1byte", "steps": 5, "digest_every": 1, "eval_every": 100}
     results = run_workers(train_and_digest, 3, overrides)

@@ -24,7 +24,7 @@ def train(*flags: str) -> dict:
 RUNS = {
     "default method": ([], DEFAULT_METHOD),
     "per-step method": (["--method", DEFAULT_PER_STEP_METHOD], DEFAULT_PER_STEP_METHOD),
-    "federated shards": (["--mode", "federated"], DEFAULT_FEDERATED_METHOD),
+    "federated shards": pytest.param(["--mode", "federated"], DEFAULT_FEDERATED_METHOD, marks=pytest.mark.slow),
 }
 
 
