@@ -91,7 +91,7 @@ class Event:
     back_s: float | None = None  # a stopped or partitioned worker: its return to its first committed step again
 
 
-def _stamp(raw: bytes) -> float:
+def log_stamp(raw: bytes) -> float:
     """The wall-clock time of a log stamp (HH:MM:SS.mmm, today; yesterday if that lies ahead)."""
     of_day = datetime.strptime(raw.decode(), "%H:%M:%S.%f").time()
     stamp = datetime.combine(date.today(), of_day).timestamp()
@@ -102,7 +102,7 @@ def first_steps_after(text: bytes, after: float) -> list[tuple[float, int]]:
     """(time, committed step) of each 'first step of generation' line logged after ``after``."""
     found = []
     for match in FIRST_STEP.finditer(text):
-        when = _stamp(match.group(1))
+        when = log_stamp(match.group(1))
         if when >= after:
             found.append((when, int(match.group(3))))
     return found
@@ -110,7 +110,7 @@ def first_steps_after(text: bytes, after: float) -> list[tuple[float, int]]:
 
 def failures_after(text: bytes, after: float) -> list[tuple[float, int]]:
     """(time, step) of each failed step logged after ``after``."""
-    return [(when, int(m.group(2))) for m in FAILED_STEP.finditer(text) if (when := _stamp(m.group(1))) >= after]
+    return [(when, int(m.group(2))) for m in FAILED_STEP.finditer(text) if (when := log_stamp(m.group(1))) >= after]
 
 
 def steps_lost(text: bytes, after: float) -> int:
@@ -126,7 +126,7 @@ def steps_lost(text: bytes, after: float) -> int:
 
 def progress_after(text: bytes, after: float) -> list[float]:
     """Times of the logged steps (evaluations every 10 steps) after ``after``."""
-    return [when for match in PROGRESS.finditer(text) if (when := _stamp(match.group(1))) >= after]
+    return [when for match in PROGRESS.finditer(text) if (when := log_stamp(match.group(1))) >= after]
 
 
 def wait_until(predicate, timeout_s: float) -> bool:
@@ -290,7 +290,7 @@ def schedule(events: int, rng: random.Random) -> list[str]:
 def _join_request_time(text: bytes) -> float | None:
     """When the worker asked the coordinator to join (after its imports)."""
     match = JOIN_REQUEST.search(text)
-    return _stamp(match.group(1)) if match else None
+    return log_stamp(match.group(1)) if match else None
 
 
 def step_rate(job: ElasticJob, worker: int, since: float, until: float) -> float | None:
@@ -298,7 +298,7 @@ def step_rate(job: ElasticJob, worker: int, since: float, until: float) -> float
     points = [
         (when, int(match.group(2)))
         for match in PROGRESS.finditer(job.log(worker))
-        if since <= (when := _stamp(match.group(1))) <= until
+        if since <= (when := log_stamp(match.group(1))) <= until
     ]
     if len(points) < 2 or points[-1][0] <= points[0][0]:
         return None

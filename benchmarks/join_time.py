@@ -35,7 +35,7 @@ from disttrain.models.gpt import GPT, GPTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from chaos import JOIN_REQUEST, _stamp, first_steps_after, wait_until  # noqa: E402
+from chaos import JOIN_REQUEST, log_stamp, first_steps_after, wait_until  # noqa: E402
 
 log = logging.getLogger("benchmarks.join_time")
 
@@ -68,12 +68,12 @@ def join_phases(job: ElasticJob, joiner: int, started_at: float) -> dict | None:
     received, entered, request = RECEIVED.search(text), ENTERED.search(text), JOIN_REQUEST.search(text)
     if not (firsts and received and entered and request):
         return None
-    t_request, t_entered = _stamp(request.group(1)), _stamp(entered.group(1))
-    t_received = _stamp(received.group(1))
+    t_request, t_entered = log_stamp(request.group(1)), log_stamp(entered.group(1))
+    t_received = log_stamp(received.group(1))
     transfer_s, load_s = float(received.group(3)), float(received.group(4))
     sent = sorted(
-        (_stamp(m.group(1)), float(m.group(3)), float(m.group(4)))
-        for i in range(joiner) for m in SENT.finditer(job.log(i)) if _stamp(m.group(1)) >= started_at
+        (log_stamp(m.group(1)), float(m.group(3)), float(m.group(4)))
+        for i in range(joiner) for m in SENT.finditer(job.log(i)) if log_stamp(m.group(1)) >= started_at
     )
     phases = {
         "start": t_request - started_at,
@@ -121,7 +121,7 @@ def measure(name: str, layers: int, width: int, joins: int, workdir: Path) -> di
 
 def _step_time(job: ElasticJob) -> float | None:
     """Seconds per step of worker 0 between its first and last logged evaluations (joins included)."""
-    points = [(_stamp(m.group(1)), int(m.group(2))) for m in re.finditer(rb"^(\S+) .*step (\d+): val loss", job.log(0), re.MULTILINE)]
+    points = [(log_stamp(m.group(1)), int(m.group(2))) for m in re.finditer(rb"^(\S+) .*step (\d+): val loss", job.log(0), re.MULTILINE)]
     if len(points) < 2:
         return None
     (t0, s0), (t1, s1) = points[0], points[-1]
