@@ -224,6 +224,14 @@ for _votes, _rounds in ((4, 5), (4, 10), (8, 10)):
         replace(_VOTES, per_chunk=_votes), engine="local_steps", local_steps=_rounds, lr=3e-3,
         outer_lr=0.05, outer_momentum=0.0, outer_lr_scheduled=True,
     ))
+for _keep in (4, 8):
+    register(Method(
+        f"diloco-owners-k4-keep{_keep}-h5",
+        f"diloco-sparse-k4-h5 whose votes are summed by chunk owners (all_to_all), which keep the {_keep} strongest "
+        "per 256 and all_gather them: a worker's bytes stay flat as workers are added",
+        replace(_VOTES, per_chunk=4, vote_reduction="owners", owner_keep=_keep), engine="local_steps", local_steps=5, lr=3e-3,
+        outer_lr=0.05, outer_momentum=0.0, outer_lr_scheduled=True,
+    ))
 register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8, error feedback)", replace(_SEEDED, payload="int8"), engine="ddp_hook"))
 
 _FEDAVG = dict(engine="local_steps", local_steps=10, outer_lr=1.0, outer_momentum=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import replace
 from typing import Any, Iterable
@@ -9,7 +10,8 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from disttrain.comm.bucket import Bucket, PendingExchange, plan_buckets
+from disttrain.comm.bucket import Bucket, BucketFactory, PendingExchange, plan_buckets
+from disttrain.comm.owner_votes import OwnerVotesBucket
 from disttrain.comm.link import LinkEmulator, ring_wire_bytes
 from disttrain.comm.waiting import wait_work
 from disttrain.compress.base import Compressor, load_compressor_states
@@ -62,7 +64,7 @@ class CompressedAllReduce:
         self.compressors: list[Compressor] = [
             build_compressor(self.spec, p.shape, index, seed) for index, p in enumerate(self.params)
         ]
-        self.buckets: list[Bucket] = plan_buckets(self.compressors, bucket_cap_bytes)
+        self.buckets: list[Bucket] = plan_buckets(self.compressors, bucket_cap_bytes, bucket_factory(self.spec))
         self._bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket.param_indices}
         self.dense_bytes_per_step = sum(p.numel() * 4 for p in self.params)
         self.payload_bytes_last_step = 0
@@ -84,7 +86,7 @@ class CompressedAllReduce:
 
     def compressed_payload_bytes(self) -> int:
         """Bytes this worker puts into collectives per step, not counting basis refreshes."""
-        return sum(bucket.payload_bytes for bucket in self.buckets)
+        return sum(bucket.payload_bytes_for(self.world_size) for bucket in self.buckets)
 
     def _hook_for(self, index: int):
         def hook(_: torch.Tensor) -> None:
@@ -123,9 +125,8 @@ class CompressedAllReduce:
         grad = self.params[index].grad
         return torch.zeros_like(self.params[index]) if grad is None else grad
 
-    def _count(self, kind: str, payload_bytes: int) -> float:
+    def _count(self, payload_bytes: int, wire_bytes: int) -> float:
         """Count a collective's bytes; the time its bytes take on an emulated link (0 without one)."""
-        wire_bytes = ring_wire_bytes(kind, payload_bytes, self.world_size)
         self.payload_bytes_last_step += payload_bytes
         self.wire_bytes_last_step += wire_bytes
         return 0.0 if self.link is None else self.link.reserve(wire_bytes)
@@ -139,9 +140,9 @@ class CompressedAllReduce:
                 part, whole = compressor.captured_energy(grad)
                 self._energy = (self._energy[0] + part, self._energy[1] + whole)
         if basis_bytes:
-            LinkEmulator.wait_until(self._count("broadcast", basis_bytes))
+            LinkEmulator.wait_until(self._count(basis_bytes, ring_wire_bytes("broadcast", basis_bytes, self.world_size)))
         pending = bucket.launch(bucket.encode(grads), self.group)
-        self._pending[b] = (pending, self._count(bucket.collective, pending.payload_bytes))
+        self._pending[b] = (pending, self._count(pending.payload_bytes, pending.wire_bytes))
 
     def finish(self, contributors: int | None = None) -> None:
         """Launch what backward did not, wait for every collective, and decode the means: over
@@ -222,6 +223,13 @@ class CompressedAllReduce:
 
     def state_bytes(self) -> int:
         return sum(c.state_bytes() for c in self.compressors)
+
+
+def bucket_factory(spec: CompressionSpec) -> BucketFactory:
+    """How a bucket of this spec's payloads is reduced: one collective, or votes summed by chunk owners."""
+    if spec.vote_reduction == "owners":
+        return functools.partial(OwnerVotesBucket, keep=spec.owner_keep)
+    return Bucket
 
 
 def cheaper_payload(spec: CompressionSpec, shapes: list[torch.Size], world_size: int) -> CompressionSpec:

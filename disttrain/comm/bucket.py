@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from disttrain.comm.link import ring_wire_bytes
 from disttrain.comm.waiting import wait_work
 from disttrain.compress.base import Compressor
 
@@ -21,7 +23,8 @@ class PendingExchange:
 
     work: dist.Work | None
     output: torch.Tensor
-    payload_bytes: int
+    payload_bytes: int  # what this worker put into the collectives
+    wire_bytes: int  # what they move per worker (see link.ring_wire_bytes)
 
 
 def _group_src(group: dist.ProcessGroup | None) -> int:
@@ -57,9 +60,13 @@ class Bucket:
     def payload_bytes(self) -> int:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
-    @property
-    def collective(self) -> str:
-        return "all_reduce" if self.summable else "all_gather"
+    def payload_bytes_for(self, world_size: int) -> int:
+        """What a worker puts into this bucket's collectives among ``world_size`` workers."""
+        return self.payload_bytes
+
+    def wire_bytes(self, world_size: int) -> int:
+        """What those collectives move per worker."""
+        return ring_wire_bytes("all_reduce" if self.summable else "all_gather", self.payload_bytes, world_size)
 
     def refresh_bases(self, grads: list[torch.Tensor], step: int, group: dist.ProcessGroup | None) -> int:
         """Broadcast freshly computed data-dependent bases from rank 0; returns bytes sent."""
@@ -87,10 +94,10 @@ class Bucket:
         world = dist.get_world_size(group)
         if self.summable:
             work = dist.all_reduce(flat, group=group, async_op=True)
-            return PendingExchange(work, flat, self.payload_bytes)
+            return PendingExchange(work, flat, self.payload_bytes, self.wire_bytes(world))
         output = torch.empty(world * flat.numel(), dtype=torch.uint8, device=flat.device)
         work = all_gather_flat(output, flat, group=group, async_op=True)
-        return PendingExchange(work, output, self.payload_bytes)
+        return PendingExchange(work, output, self.payload_bytes, self.wire_bytes(world))
 
     def mean_coefficients(self, output: torch.Tensor, world_size: int, divisor: int) -> list[torch.Tensor]:
         """The workers' summed coefficients for each parameter over ``divisor``, from the collective's
@@ -110,12 +117,15 @@ class Bucket:
         return means
 
 
+BucketFactory = Callable[[list[int], list[Compressor]], Bucket]
+
+
 def _as_wire(raw: torch.Tensor, compressor: Compressor) -> torch.Tensor:
     """Bytes of one payload back into the compressor's wire dtype."""
     return raw.clone().view(compressor.wire_dtype)
 
 
-def plan_buckets(compressors: list[Compressor], cap_bytes: int) -> list[Bucket]:
+def plan_buckets(compressors: list[Compressor], cap_bytes: int, make: BucketFactory = Bucket) -> list[Bucket]:
     """Groups parameters in reverse order (the order backward produces gradients) up to a cap."""
     buckets: list[Bucket] = []
     indices: list[int] = []
@@ -123,10 +133,10 @@ def plan_buckets(compressors: list[Compressor], cap_bytes: int) -> list[Bucket]:
     for index in reversed(range(len(compressors))):
         wire = compressors[index].wire_bytes()
         if indices and size + wire > cap_bytes:
-            buckets.append(Bucket(indices, [compressors[i] for i in indices]))
+            buckets.append(make(indices, [compressors[i] for i in indices]))
             indices, size = [], 0
         indices.append(index)
         size += wire
     if indices:
-        buckets.append(Bucket(indices, [compressors[i] for i in indices]))
+        buckets.append(make(indices, [compressors[i] for i in indices]))
     return buckets

@@ -30,6 +30,11 @@ class DisttrainHookState:
     ):
         self.spec = spec or CompressionSpec()
         self.spec.validate()
+        if self.spec.vote_reduction != "all_gather":
+            raise ValueError(
+                f"vote_reduction={self.spec.vote_reduction!r} takes two dependent collectives, which a DDP "
+                "comm hook cannot run: use it through disttrain.Session, or vote_reduction='all_gather' here"
+            )
         self.process_group = process_group
         trainable = [p for p in params if p.requires_grad]
         self._index_by_storage = {p.data_ptr(): i for i, p in enumerate(trainable)}
@@ -63,7 +68,7 @@ def disttrain_hook(state: DisttrainHookState, bucket: dist.GradBucket) -> torch.
     pending = exchange.launch(exchange.encode(grads), group)
     state.payload_bytes += basis_bytes + pending.payload_bytes
     state.wire_bytes += ring_wire_bytes("broadcast", basis_bytes, world_size)
-    state.wire_bytes += ring_wire_bytes(exchange.collective, pending.payload_bytes, world_size)
+    state.wire_bytes += pending.wire_bytes
     if bucket.is_last():
         state.step += 1
 

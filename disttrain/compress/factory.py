@@ -24,6 +24,8 @@ from disttrain.kernels.seeded import Distribution
 BasisKind = Literal["dense", "svd", "seeded", "power", "sparse_rows", "sparse_momentum", "sign_votes"]
 BASIS_KINDS = get_args(BasisKind)
 VOTE_KINDS = ("sparse_momentum", "sign_votes")  # payloads that are update directions, not gradients
+VoteReduction = Literal["all_gather", "owners"]
+VOTE_REDUCTIONS = get_args(VoteReduction)
 PayloadKind = Literal["fp32", "bf16", "int8", "int4", "int2", "int1"]
 _WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUANTIZED_BITS = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}  # per-row scaled codes; int1 is a scaled sign
@@ -48,6 +50,8 @@ class CompressionSpec:
     vote_every: int = 5  # sign_votes: one coordinate in this many is voted per step
     lion_betas: tuple[float, float] = (0.9, 0.99)  # sign_votes: Lion's interpolation and momentum decay
     explore: int = 0  # power: of the rank's directions, this many are fresh seeded random ones each step
+    vote_reduction: VoteReduction = "all_gather"  # sparse_momentum: every payload to everyone, or summed by chunk owners
+    owner_keep: int = 8  # vote_reduction "owners": vote positions per chunk of 256 an owner keeps and sends on
 
     def validate(self) -> None:
         if self.basis not in BASIS_KINDS:
@@ -57,6 +61,15 @@ class CompressionSpec:
                 f"{self.basis} sends its own votes and keeps its own momentum: "
                 "use payload='fp32' and error_feedback=False with it"
             )
+        if self.vote_reduction not in VOTE_REDUCTIONS:
+            raise ValueError(f"unknown vote_reduction {self.vote_reduction!r}; use one of {', '.join(map(repr, VOTE_REDUCTIONS))}")
+        if self.vote_reduction == "owners" and self.basis != "sparse_momentum":
+            raise ValueError(
+                f"vote_reduction='owners' sums sparse momentum votes by chunk owner; basis {self.basis!r} sends "
+                "no such votes: use basis='sparse_momentum' with it, or vote_reduction='all_gather'"
+            )
+        if not 1 <= self.owner_keep <= 256:
+            raise ValueError(f"owner_keep must be in [1, 256] (positions kept per chunk of 256), got {self.owner_keep}")
         if self.payload not in _WIRE_DTYPES and self.payload not in QUANTIZED_BITS:
             known = ", ".join(repr(kind) for kind in (*_WIRE_DTYPES, *QUANTIZED_BITS))
             raise ValueError(f"unknown payload {self.payload!r}; use one of {known}")

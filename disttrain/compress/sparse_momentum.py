@@ -59,9 +59,18 @@ class SparseMomentum(VoteCompressor):
         self._pending = chunks.reshape(-1)[: self.shape.numel()].clone()
         return torch.cat([positions.to(torch.uint8).reshape(-1), pack_codes(signs, 2)])
 
-    def decode(self, wire: torch.Tensor) -> torch.Tensor:
+    def votes(self, wire: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One payload's (positions, votes of -1, 0 or +1), one row per chunk."""
         positions = wire[: self._picks()].long().view(self.chunks, self.per_chunk)
         signs = unpack_codes(wire[self._picks() :], 2, self._picks()).view(self.chunks, self.per_chunk)
-        votes = torch.zeros(self.chunks, self.chunk, device=wire.device)
-        votes.scatter_(1, positions, signs.float() - 1)
-        return votes.reshape(-1)[: self.shape.numel()].reshape(self.shape)
+        return positions, signs.float() - 1
+
+    def scatter(self, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """A full-size tensor holding ``values`` at chunk ``positions`` (rows: chunks) and zeros elsewhere;
+        positions past a short chunk's end are dropped."""
+        dense = torch.zeros(self.chunks, CHUNK, device=values.device)
+        dense.scatter_(1, positions, values)
+        return dense[:, : self.chunk].reshape(-1)[: self.shape.numel()].reshape(self.shape)
+
+    def decode(self, wire: torch.Tensor) -> torch.Tensor:
+        return self.scatter(*self.votes(wire))
