@@ -13,7 +13,7 @@ from typing import Literal
 from disttrain.compress.factory import CompressionSpec
 from disttrain.optim.projected_adamw import RefreshMoments
 
-Engine = Literal["disttrain", "local_steps", "zeroth_order", "ddp", "ddp_powersgd", "ddp_hook"]
+Engine = Literal["disttrain", "local_steps", "overlapped_rounds", "zeroth_order", "ddp", "ddp_powersgd", "ddp_hook"]
 OptimizerKind = Literal["adamw", "projected_adamw", "orthogonal", "sgd"]
 Role = Literal["baseline", "study"]
 PROJECTED_OPTIMIZERS = ("projected_adamw", "orthogonal")  # they read the averaged coefficients themselves
@@ -31,15 +31,19 @@ class EngineTraits:
     user_optimizer: bool  # the user's own optimizer applies the update (a Session, the Hugging Face Trainer)
     torch_ddp: bool  # runs inside torch DistributedDataParallel
     federated: bool  # trains without a per-step gradient exchange, as --mode federated needs
+    closes_early: bool  # a round may close at a quorum or a deadline, without its stragglers
 
 
 ENGINES: dict[Engine, EngineTraits] = {
-    "disttrain": EngineTraits(compresses=True, rounds=False, elastic=True, user_optimizer=True, torch_ddp=False, federated=False),
-    "local_steps": EngineTraits(compresses=True, rounds=True, elastic=True, user_optimizer=True, torch_ddp=False, federated=True),
-    "zeroth_order": EngineTraits(compresses=False, rounds=False, elastic=False, user_optimizer=False, torch_ddp=False, federated=True),
-    "ddp": EngineTraits(compresses=False, rounds=False, elastic=False, user_optimizer=True, torch_ddp=True, federated=False),
-    "ddp_powersgd": EngineTraits(compresses=False, rounds=False, elastic=False, user_optimizer=True, torch_ddp=True, federated=False),
-    "ddp_hook": EngineTraits(compresses=True, rounds=False, elastic=False, user_optimizer=True, torch_ddp=True, federated=False),
+    "disttrain": EngineTraits(compresses=True, rounds=False, elastic=True, user_optimizer=True, torch_ddp=False, federated=False, closes_early=False),
+    "local_steps": EngineTraits(compresses=True, rounds=True, elastic=True, user_optimizer=True, torch_ddp=False, federated=True, closes_early=True),
+    "overlapped_rounds": EngineTraits(
+        compresses=True, rounds=True, elastic=False, user_optimizer=True, torch_ddp=False, federated=False, closes_early=False
+    ),
+    "zeroth_order": EngineTraits(compresses=False, rounds=False, elastic=False, user_optimizer=False, torch_ddp=False, federated=True, closes_early=False),
+    "ddp": EngineTraits(compresses=False, rounds=False, elastic=False, user_optimizer=True, torch_ddp=True, federated=False, closes_early=False),
+    "ddp_powersgd": EngineTraits(compresses=False, rounds=False, elastic=False, user_optimizer=True, torch_ddp=True, federated=False, closes_early=False),
+    "ddp_hook": EngineTraits(compresses=True, rounds=False, elastic=False, user_optimizer=True, torch_ddp=True, federated=False, closes_early=False),
 }
 
 
@@ -51,7 +55,8 @@ class Method:
     powerSGD_hook (the baseline); "ddp_hook" is torch DDP with disttrain_hook. "local_steps" runs
     DiLoCo rounds: ``local_steps`` inner AdamW steps, then one compressed exchange of the
     pseudo-gradient and an outer SGD step (``outer_lr``; Nesterov with ``outer_momentum`` > 0):
-    FedAvg is outer_lr 1 without momentum. "zeroth_order" sends one byte per step (shared-seed SPSA).
+    FedAvg is outer_lr 1 without momentum. "overlapped_rounds" runs the same rounds with each exchange
+    behind the next round's local steps (the outer step one round late, replicas agreeing every ``drain_every`` rounds). "zeroth_order" sends one byte per step (shared-seed SPSA).
     optimizer "adamw" reconstructs the averaged gradient for torch AdamW; "projected_adamw"
     keeps Adam moments in the projected space (GaLore); "orthogonal" moves projected weights by
     the orthogonalised reconstruction F U V^T (Muon / Dion style); "sgd" applies the average as it is
@@ -72,6 +77,7 @@ class Method:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     outer_lr_scheduled: bool = False  # the outer lr follows the inner lr's warm-up and decay (for vote payloads)
+    drain_every: int = 10  # overlapped rounds: every this many rounds the exchange is waited for and replicas agree
     role: Role = "study"
 
     @property
@@ -95,6 +101,14 @@ class Method:
         if self.traits.rounds:
             taken.add("local_steps")
         return frozenset(taken)
+
+    def require_elastic(self) -> None:
+        """Refuse a method whose engine keeps its group, before it joins a coordinator's job."""
+        if not self.traits.elastic:
+            raise ValueError(
+                f"method {self.name!r} cannot change membership ({self.engine} keeps its group): pick a disttrain "
+                "per-step or local-step method without overlap for elastic training (see `disttrain methods`)"
+            )
 
     def why_not(self, override: str) -> str:
         """Why this method does not take ``override``, and which methods do."""
@@ -216,22 +230,28 @@ register(Method(
     "(one bit each, no positions: 160x), SGD on the mean vote",
     CompressionSpec(basis="sign_votes", error_feedback=False, vote_every=5), "sgd", lr=1e-3,
 ))
+_SPARSE_ROUNDS = dict(engine="local_steps", lr=3e-3, outer_lr=0.05, outer_momentum=0.0, outer_lr_scheduled=True)
+_SPARSE_OUTER = "outer SGD lr 0.05 following the schedule, no outer momentum"
 for _votes, _rounds in ((4, 5), (4, 10), (8, 10)):
     register(Method(
         f"diloco-sparse-k{_votes}-h{_rounds}",
-        f"DiLoCo: {_rounds} local AdamW steps, the pseudo-gradient sent as sparse momentum votes ({_votes} per 256), "
-        "outer SGD lr 0.05 following the schedule, no outer momentum",
-        replace(_VOTES, per_chunk=_votes), engine="local_steps", local_steps=_rounds, lr=3e-3,
-        outer_lr=0.05, outer_momentum=0.0, outer_lr_scheduled=True,
+        f"DiLoCo: {_rounds} local AdamW steps, the pseudo-gradient sent as sparse momentum votes ({_votes} per 256), {_SPARSE_OUTER}",
+        replace(_VOTES, per_chunk=_votes), local_steps=_rounds, **_SPARSE_ROUNDS,
     ))
+_OWNERS = "votes summed by chunk owners (all_to_all), which keep the {} strongest per 256 and all_gather them"
 for _keep in (4, 8):
     register(Method(
         f"diloco-owners-k4-keep{_keep}-h5",
-        f"diloco-sparse-k4-h5 whose votes are summed by chunk owners (all_to_all), which keep the {_keep} strongest "
-        "per 256 and all_gather them: a worker's bytes stay flat as workers are added",
-        replace(_VOTES, per_chunk=4, vote_reduction="owners", owner_keep=_keep), engine="local_steps", local_steps=5, lr=3e-3,
-        outer_lr=0.05, outer_momentum=0.0, outer_lr_scheduled=True,
+        f"diloco-sparse-k4-h5 with its {_OWNERS.format(_keep)}: a worker's bytes stay flat as workers are added",
+        replace(_VOTES, per_chunk=4, vote_reduction="owners", owner_keep=_keep), local_steps=5, **_SPARSE_ROUNDS,
     ))
+_OVERLAPPED = dict(_SPARSE_ROUNDS, engine="overlapped_rounds")
+register(Method(
+    "diloco-sparse-k4-h5-overlap",
+    "diloco-sparse-k4-h5 with each round's exchange running behind the next round's local steps "
+    "(its outer step lands one round late; every 10 rounds replicas agree)",
+    replace(_VOTES, per_chunk=4), local_steps=5, **_OVERLAPPED,
+))
 register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8, error feedback)", replace(_SEEDED, payload="int8"), engine="ddp_hook"))
 
 _FEDAVG = dict(engine="local_steps", local_steps=10, outer_lr=1.0, outer_momentum=0.0)

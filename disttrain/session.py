@@ -184,11 +184,8 @@ class Session:
         self.members: Membership = membership or membership_for(
             group, coordinator, job, secret_file, self.fingerprint, coordinator_key
         )
-        if self.members.elastic and not self.method.traits.elastic:
-            raise ValueError(
-                f"method {self.method.name!r} cannot change membership (torch DDP and zeroth-order steps keep "
-                "their group): pick a disttrain per-step or local-step method for elastic training (see `disttrain methods`)"
-            )
+        if self.members.elastic:
+            self.method.require_elastic()
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.group = group
         self.check_every = check_every

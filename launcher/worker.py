@@ -21,6 +21,7 @@ from disttrain.elastic.membership import ElasticConfig
 from disttrain.exchange.membership import ElasticGroup
 from disttrain.elastic.protocol import SECRET_ENV, check_address, load_secret
 from disttrain.logs import set_tag, setup_logging
+from disttrain.methods import get_method
 from disttrain.train.config import TrainConfig
 from disttrain.train.flags import OneLineParser, add_config_flags, config_from_args
 from disttrain.train.trainer import RunSummary, Trainer
@@ -79,7 +80,10 @@ def check_worker_args(args: argparse.Namespace) -> TrainConfig:
         check_address(args.coordinator)
     if args.coordinator_key:
         coordinator_public_key(args.coordinator_key)
-    return config_from_args(args)
+    config = config_from_args(args)
+    if args.coordinator:
+        get_method(config.method_name).require_elastic()
+    return config
 
 
 class NotLaunched(RuntimeError):

@@ -1,5 +1,7 @@
 """Sparse votes summed by chunk owners (all_to_all, then all_gather) across real processes over Gloo."""
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -59,6 +61,38 @@ def test_owners_keep_the_positions_of_largest_vote_count_in_every_chunk():
             weakest_kept = chunk_kept[nonzero].abs().min() if nonzero.any() else torch.tensor(0.0)
             assert chunk_exact[~nonzero].abs().max() <= weakest_kept or int(nonzero.sum()) == min(2, chunk_exact.numel())
         offset += numel
+
+
+def votes_applied_and_owed(rank: int, world: int, rounds: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Over ``rounds`` exchanges keeping 1 position per chunk: the summed votes every worker sent, the
+    summed counts applied, and the counts the owners still owe (gathered), all as flat chunk rows."""
+    params = [torch.nn.Parameter(torch.zeros(64, 40))]
+    reducer = CompressedAllReduce(params, spec("owners", keep=1), seed=0, overlap=False)
+    generator = torch.Generator().manual_seed(rank)
+    sent = torch.zeros(64 * 40)
+    applied = torch.zeros(64 * 40)
+    for step in range(rounds):
+        params[0].grad = torch.randn(64, 40, generator=generator)
+        twin = copy.deepcopy(reducer.compressors[0])  # encodes what this worker's exchange is about to send
+        sent += twin.decode(twin.encode(params[0].grad)).reshape(-1)
+        reducer.start_step(step)
+        reducer.finish()
+        reducer.write_gradients()
+        applied += params[0].grad.reshape(-1) * world
+        reducer.commit()
+    everyone = [torch.zeros_like(sent) for _ in range(world)]
+    dist.all_gather(everyone, sent)
+    owed = reducer.buckets[0].residual
+    owed_everywhere = [torch.zeros_like(owed) for _ in range(world)]
+    dist.all_gather(owed_everywhere, owed)
+    return torch.stack(everyone).sum(0), applied, torch.cat(owed_everywhere).reshape(-1)[: 64 * 40]
+
+
+def test_a_vote_an_owner_did_not_send_is_owed_until_a_later_round_sends_it():
+    """Nothing is lost: what every worker voted equals what was applied plus what the owners still owe."""
+    for sent, applied, owed in run_workers(votes_applied_and_owed, 2, 3):
+        assert torch.equal(sent, applied + owed)
+        assert owed.abs().sum() > 0
 
 
 def test_every_worker_applies_the_same_owner_reduced_votes():

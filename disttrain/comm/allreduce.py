@@ -144,6 +144,10 @@ class CompressedAllReduce:
         pending = bucket.launch(bucket.encode(grads), self.group)
         self._pending[b] = (pending, self._count(pending.payload_bytes, pending.wire_bytes))
 
+    def launch_all(self) -> None:
+        """Encode every bucket now and start its collective (for a caller that does not wait during backward)."""
+        self._launch_ready(force=True)
+
     def finish(self, contributors: int | None = None) -> None:
         """Launch what backward did not, wait for every collective, and decode the means: over
         all workers, or over ``contributors`` of them when the others sent zeros."""
@@ -198,12 +202,12 @@ class CompressedAllReduce:
             compressor.request_refresh()
 
     def commit(self) -> None:
-        for compressor in self.compressors:
-            compressor.commit()
+        for stateful in (*self.compressors, *self.buckets):
+            stateful.commit()
 
     def rollback(self) -> None:
-        for compressor in self.compressors:
-            compressor.rollback()
+        for stateful in (*self.compressors, *self.buckets):
+            stateful.rollback()
         self._armed = False
 
     def close(self) -> None:
@@ -212,17 +216,25 @@ class CompressedAllReduce:
         self._hooks = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"compressors": [c.state_dict() for c in self.compressors]}
+        return {"compressors": [c.state_dict() for c in self.compressors], "buckets": [b.state_dict() for b in self.buckets]}
 
     def shared_state_dict(self) -> dict[str, Any]:
         """What a joiner needs to match the others: bases, not this worker's residuals."""
         return {"compressors": [c.shared_state_dict() for c in self.compressors]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict() (or shared_state_dict(), which holds no bucket state: buckets start without)."""
         load_compressor_states(self.compressors, state["compressors"])
+        buckets = state.get("buckets", [{}] * len(self.buckets))
+        if len(buckets) != len(self.buckets):
+            raise ValueError(f"checkpoint has state for {len(buckets)} buckets, this exchange has {len(self.buckets)}: it was written with another bucket cap")
+        for bucket, saved in zip(self.buckets, buckets):
+            bucket.load_state_dict(saved)
 
     def state_bytes(self) -> int:
-        return sum(c.state_bytes() for c in self.compressors)
+        """Bytes of the compressors' persistent state and the buckets' own (an owner's unsent vote counts)."""
+        owed = [t for b in self.buckets for t in b.state_dict().values() if torch.is_tensor(t)]
+        return sum(c.state_bytes() for c in self.compressors) + sum(t.numel() * t.element_size() for t in owed)
 
 
 def bucket_factory(spec: CompressionSpec) -> BucketFactory:

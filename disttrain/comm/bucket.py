@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,19 @@ class Bucket:
     def wire_bytes(self, world_size: int) -> int:
         """What those collectives move per worker."""
         return ring_wire_bytes("all_reduce" if self.summable else "all_gather", self.payload_bytes, world_size)
+
+    def commit(self) -> None:
+        """Make the bucket's own state of the last exchange current (a plain bucket keeps none)."""
+
+    def rollback(self) -> None:
+        """Forget the bucket's own state of the last exchange."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The bucket's own state, for checkpoints (a plain bucket keeps none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict() returned."""
 
     def refresh_bases(self, grads: list[torch.Tensor], step: int, group: dist.ProcessGroup | None) -> int:
         """Broadcast freshly computed data-dependent bases from rank 0; returns bytes sent."""

@@ -7,13 +7,17 @@ owner sums them, keeps in every chunk the ``keep`` positions with the largest vo
 one all_gather hands every worker each owner's kept (position, count) pairs. Every worker then
 applies the same mean votes. A worker sends about one vote payload plus one kept payload
 whatever W is (the pattern of Ok-Topk, Li and Hoefler 2022). What differs from the all_gather:
-in a chunk where the workers' votes fall on more than ``keep`` positions, the weakest are dropped.
+in a chunk where the workers' votes fall on more than ``keep`` positions, the weakest wait: the
+owner keeps the counts it did not send and adds them to the next round's (error feedback), until
+membership changes and the ranges move.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from typing import Any
 
 from disttrain.comm.bucket import Bucket, PendingExchange, all_gather_flat
 from disttrain.comm.waiting import wait_work
@@ -38,6 +42,10 @@ class OwnerVotesBucket(Bucket):
         self.picks = max(c.per_chunk for c in self.votes)  # a chunk's votes, padded to the widest
         self.keep = min(keep, CHUNK)
         self._group: dist.ProcessGroup | None = None
+        self._owner = (0, 1)  # (rank, world size) of the last launch: which range this worker owns
+        self.residual: torch.Tensor | None = None  # counts of its range not sent yet, one row of 256 per chunk
+        self.residual_owner: tuple[int, int] | None = None  # the range they belong to
+        self._pending_residual: torch.Tensor | None = None
 
     def _record_bytes(self) -> int:
         """One chunk's votes: a byte per position, two bits per vote."""
@@ -75,6 +83,7 @@ class OwnerVotesBucket(Bucket):
         if world > MAX_WORKERS:
             raise ValueError(f"owner-reduced votes count at most {MAX_WORKERS} workers in an int8; this group has {world}")
         self._group = group
+        self._owner = (dist.get_rank(group), world)
         per_owner = self._chunks_per_owner(world)
         padded = torch.zeros(world * per_owner, records.shape[1], dtype=torch.uint8, device=records.device)
         padded[: self.chunks] = records
@@ -96,10 +105,31 @@ class OwnerVotesBucket(Bucket):
         return counts
 
     def _kept(self, counts: torch.Tensor) -> torch.Tensor:
-        """Each chunk's ``keep`` strongest (position byte, int8 count) pairs, as bytes."""
+        """Each chunk's ``keep`` strongest (position byte, int8 count) pairs, as bytes; what is left waits."""
+        if self.residual is not None and self.residual_owner == self._owner:
+            counts = counts + self.residual
         positions = counts.abs().topk(self.keep, dim=1).indices
-        kept = counts.gather(1, positions).to(torch.int8).view(torch.uint8)
-        return torch.cat([positions.to(torch.uint8), kept], dim=1).contiguous()
+        kept = counts.gather(1, positions).clamp(-MAX_WORKERS, MAX_WORKERS)
+        self._pending_residual = counts.scatter_add(1, positions, -kept)
+        return torch.cat([positions.to(torch.uint8), kept.to(torch.int8).view(torch.uint8)], dim=1).contiguous()
+
+    def commit(self) -> None:
+        if self._pending_residual is not None:
+            self.residual, self.residual_owner, self._pending_residual = self._pending_residual, self._owner, None
+
+    def rollback(self) -> None:
+        self._pending_residual = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts this worker's range still owes (its own state: a joiner starts without)."""
+        if self.residual is None or self.residual_owner is None:
+            return {}
+        return {"residual": self.residual.clone(), "owner": list(self.residual_owner)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.residual = state["residual"].clone() if "residual" in state else None
+        self.residual_owner = tuple(state["owner"]) if "owner" in state else None  # type: ignore[assignment]
+        self._pending_residual = None
 
     def mean_coefficients(self, output: torch.Tensor, world_size: int, divisor: int) -> list[torch.Tensor]:
         """Sum this worker's range, all_gather every owner's kept votes, and decode the mean of each parameter."""

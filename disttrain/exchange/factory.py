@@ -6,6 +6,7 @@ import torch
 
 from disttrain.exchange.base import Exchange, ExchangeOptions
 from disttrain.exchange.local_rounds import LocalRoundsExchange
+from disttrain.exchange.overlapped_rounds import OverlappedRoundsExchange
 from disttrain.exchange.per_step import PerStepExchange
 from disttrain.exchange.torch_ddp import TorchDDPExchange
 from disttrain.exchange.zeroth_order import ZerothOrderExchange
@@ -18,6 +19,8 @@ def build_exchange(model: torch.nn.Module, optimizer: torch.optim.Optimizer, met
         return PerStepExchange(model, optimizer, method, options)
     if method.engine == "local_steps":
         return LocalRoundsExchange(model, optimizer, method, options)
+    if method.engine == "overlapped_rounds":
+        return OverlappedRoundsExchange(model, optimizer, method, options)
     if method.engine == "zeroth_order":
         return ZerothOrderExchange(model, optimizer, method, options)
     if method.traits.torch_ddp:

@@ -38,13 +38,17 @@ class LocalRoundsExchange:
 
     needs_closure = False
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions):
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions, overlap: bool = False
+    ):
         self.module = model
         self.optimizer = optimizer
         self.local_steps = method.local_steps
         self.total_steps = options.total_steps
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.outer = OuterStep(trainable, method, options.seed, peak_lr_of(optimizer), options.group, options.link(), options.elastic)
+        self.outer = OuterStep(
+            trainable, method, options.seed, peak_lr_of(optimizer), options.group, options.link(), options.elastic, overlap
+        )
         self.reducer = self.outer.reducer
         self.subspace: LocalSubspace | None = None
         if isinstance(optimizer, ProjectedAdamW):

@@ -105,10 +105,10 @@ class TrainConfig:
                 f"federated mode trains in rounds, and {self.method_name!r} exchanges gradients every step: "
                 f"pick a fedavg-*, diloco-* or zo-* method, or drop --method for {DEFAULT_FEDERATED_METHOD!r}"
             )
-        if (self.round_quorum < 1 or self.round_deadline_s is not None) and not method.traits.rounds:
+        if (self.round_quorum < 1 or self.round_deadline_s is not None) and not method.traits.closes_early:
             raise ValueError(
-                f"round-quorum and round-deadline-s close local-step rounds, and {self.method_name!r} has none: "
-                "drop them or pick a fedavg-* or diloco-* method"
+                f"round-quorum and round-deadline-s close local-step rounds early, and {self.method_name!r} has no rounds "
+                "that can close early: drop them or pick a fedavg-* or diloco-* method without overlap"
             )
         if not 0 < self.round_quorum <= 1:
             raise ValueError(f"round-quorum is a share of the workers in (0, 1], got {self.round_quorum}")

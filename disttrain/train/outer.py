@@ -7,6 +7,11 @@ current weights) goes through the same CompressedAllReduce as a per-step gradien
 SGD (Nesterov when the method has outer momentum) applies the average to the starting weights, and
 the result becomes every replica's weights and the next round's start. The built-in trainer's
 local-step engine and ``disttrain.Session`` in a user's loop share it.
+
+With ``overlap`` the exchange runs on a thread while the worker's next round computes (launch(),
+later complete()). The pseudo-gradient is then taken from where this worker's own round started
+(``round_start``), and complete() moves the worker's weights by as much as the global ones moved,
+so that the local progress made meanwhile is kept and sent with the next exchange.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.allreduce import CompressedAllReduce
+from disttrain.comm.background import InBackground
 from disttrain.comm.device import collective_device
 from disttrain.comm.link import LinkEmulator
 from disttrain.comm.waiting import wait_work
@@ -35,6 +41,7 @@ class OuterStep:
         group: dist.ProcessGroup | None = None,
         link: LinkEmulator | None = None,
         elastic: bool = False,
+        overlap: bool = False,
     ):
         self.reducer = CompressedAllReduce(
             params, method.compression, seed, group, overlap=False, link=link, fixed_membership=not elastic
@@ -46,6 +53,12 @@ class OuterStep:
             self.global_params, lr=method.outer_lr, momentum=method.outer_momentum, nesterov=method.outer_momentum > 0
         )
         self.rounds = 0
+        self.overlap = overlap
+        # Where this worker's current round started: the global weights, unless an exchange overlaps.
+        self.round_start = [t.clone() for t in self.global_params] if overlap else self.global_params
+        self.pending = False  # an exchange was launched and is not completed yet
+        self._contributors: int | None = None
+        self._in_flight: InBackground | None = None
 
     def apply(self, inner_lr: float, contributors: int | None = None) -> None:
         """Average the compressed pseudo-gradients and move every replica to the same weights.
@@ -55,22 +68,50 @@ class OuterStep:
         collective fails, CompressedAllReduce rolls its state back and raises before any weight
         has changed, so the exchange can be redone.
         """
+        self.launch(contributors)
+        self.complete(inner_lr)
+
+    def launch(self, contributors: int | None = None) -> None:
+        """Encode this worker's pseudo-gradient (round start minus current weights) and start its exchange."""
         with torch.no_grad():
-            for p, start in zip(self.params, self.global_params):
+            for p, start in zip(self.params, self.round_start):
                 p.grad = start - p
         self.reducer.start_step(self.rounds)
-        self.reducer.finish(contributors)
+        self.reducer.launch_all()
+        for p in self.params:
+            p.grad = None
+        self.pending, self._contributors = True, contributors
+        if self.overlap:
+            self._in_flight = InBackground(lambda: self.reducer.finish(contributors), "disttrain-outer-exchange")
+            with torch.no_grad():
+                for p, start in zip(self.params, self.round_start):
+                    start.copy_(p)
+
+    def complete(self, inner_lr: float, keep_progress: bool = False) -> None:
+        """Wait for the launched exchange and take the outer step on the global weights; this worker's
+        weights become them, or with ``keep_progress`` move by as much as they did (the progress made
+        since the launch stays on top)."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.wait()
+        else:
+            self.reducer.finish(self._contributors)
+        self.pending = False
         self.reducer.write_gradients()
         for p, start in zip(self.params, self.global_params):
-            start.grad = p.grad
+            start.grad, p.grad = p.grad, None
         if self.lr_scheduled:
             self.outer.param_groups[0]["lr"] = self.outer_lr * inner_lr / self.peak_lr
         self.outer.step()
         with torch.no_grad():
-            for p, start in zip(self.params, self.global_params):
-                p.copy_(start)
+            for p, start, current in zip(self.params, self.global_params, self.round_start):
+                if keep_progress:
+                    p.add_(start - current)
+                else:
+                    p.copy_(start)
+                if self.overlap:
+                    current.copy_(start)
                 start.grad = None
-                p.grad = None
         self.reducer.commit()
         self.rounds += 1
 
@@ -83,8 +124,9 @@ class OuterStep:
     def adopt_current_weights(self) -> None:
         """Take the model's weights as the round's start (after a replica repair copied rank 0's in)."""
         with torch.no_grad():
-            for p, start in zip(self.params, self.global_params):
+            for p, start, current in zip(self.params, self.global_params, self.round_start):
                 start.copy_(p)
+                current.copy_(p)
 
     def back_to_round_start(self) -> None:
         """Drop this worker's local work of the round: its weights become the round's start again."""
@@ -107,6 +149,7 @@ class OuterStep:
         self.outer.load_state_dict(state["outer"])
         self.rounds = state["rounds"]
         with torch.no_grad():
-            for p, start, saved in zip(self.params, self.global_params, state["global"]):
+            for p, start, current, saved in zip(self.params, self.global_params, self.round_start, state["global"]):
                 start.copy_(saved)
+                current.copy_(saved)
                 p.copy_(saved)

@@ -1,0 +1,107 @@
+"""Overlapped rounds: each round's exchange runs behind the next round's local steps, the outer step lands one
+round late, the global weights agree at every round end and the models at every drain."""
+
+import dataclasses
+
+import pytest
+import torch
+from distributed import run_workers
+from test_training import train_and_digest
+from tiny import TINY_MODEL, tiny_config
+
+import disttrain
+from disttrain.methods import Method, get_method
+from disttrain.models.gpt import GPT
+from disttrain.train.config import TrainConfig
+from disttrain.train.trainer import Trainer
+from disttrain.train.replica import parameter_digest
+
+OVERLAPPED = "diloco-sparse-k4-h5-overlap"
+
+
+def digests_after_each_round(rank: int, world: int, method: Method, rounds: int) -> list[tuple[bytes, bytes, bool]]:
+    """(global weights' digest, model's digest, in_sync) after every round end of a Session in a plain loop."""
+    torch.manual_seed(0)
+    model = GPT(TINY_MODEL)
+    session = disttrain.Session(model, torch.optim.AdamW(model.parameters(), lr=3e-3), method)
+    generator = torch.Generator().manual_seed(rank)
+    seen: list[tuple[bytes, bytes, bool]] = []
+    while session.steps < rounds * method.local_steps:
+        tokens = torch.randint(0, TINY_MODEL.vocab_size, (2, TINY_MODEL.block_size + 1), generator=generator)
+        session.step(lambda: model(tokens[:, :-1], tokens[:, 1:])[1])
+        if session.steps % method.local_steps == 0:
+            seen.append((session.replica_digest(), parameter_digest(model), session.in_sync))
+    return seen
+
+
+def overlapped(drain_every: int) -> Method:
+    return dataclasses.replace(get_method(OVERLAPPED), local_steps=2, drain_every=drain_every)
+
+
+def test_global_weights_agree_at_every_round_end_and_models_at_every_drain():
+    per_worker = run_workers(digests_after_each_round, 3, overlapped(drain_every=3), 6)
+    for round_index, seen in enumerate(zip(*per_worker)):
+        globals_, models, in_sync = zip(*seen)
+        assert len(set(globals_)) == 1
+        drained = (round_index + 1) % 3 == 0
+        assert all(flag == drained for flag in in_sync)
+        assert (len(set(models)) == 1) == drained  # between drains each model carries its own progress
+
+
+def global_digest_before_any_outer_step(rank: int, world: int) -> tuple[bytes, bytes]:
+    torch.manual_seed(0)
+    model = GPT(TINY_MODEL)
+    session = disttrain.Session(model, torch.optim.AdamW(model.parameters(), lr=3e-3), overlapped(drain_every=100))
+    start = session.replica_digest()
+    tokens = torch.randint(0, TINY_MODEL.vocab_size, (2, TINY_MODEL.block_size + 1), generator=torch.Generator().manual_seed(rank))
+    seen = [start]
+    for _ in range(2):
+        for _ in range(2):  # a round of two local steps: its exchange is launched at its end
+            session.step(lambda: model(tokens[:, :-1], tokens[:, 1:])[1])
+        seen.append(session.replica_digest())
+    return seen
+
+
+def test_a_rounds_outer_step_lands_at_the_next_round_end():
+    for start, after_one_round, after_two in run_workers(global_digest_before_any_outer_step, 2):
+        assert after_one_round == start
+        assert after_two != start
+
+
+def test_an_overlapped_run_ends_with_bit_identical_replicas_and_a_falling_loss():
+    results = run_workers(train_and_digest, 2, {"method": OVERLAPPED, "steps": 24, "local_steps": 2, "eval_every": 20})
+    assert len({r["digest"] for r in results}) == 1
+    summary = results[0]["summary"]
+    assert summary.replicas_identical
+    assert [point.step for point in summary.history] == [20, 24]  # evaluations wait for a drain (every 10 rounds) or the end
+    assert summary.history[-1].val_loss < summary.history[0].val_loss + 0.5 and summary.history[-1].val_loss < 5.0
+
+
+def checkpoint_at_a_drain_and_resume(rank: int, world: int, directory: str) -> tuple[bytes, bytes, int]:
+    run = {"method": OVERLAPPED, "local_steps": 1, "steps": 24, "eval_every": 100}
+    straight = Trainer(tiny_config(**run), progress=False)
+    straight.run()
+    config = tiny_config(**run, checkpoint_dir=directory, checkpoint_every=4)
+    Trainer(config, progress=False).run(stop_at=15)  # stops mid-overlap; the last drain was step 10
+    resumed = Trainer(config, progress=False)
+    start = resumed.start_step
+    resumed.run()
+    return parameter_digest(straight.model), parameter_digest(resumed.model), start
+
+
+def test_checkpoints_are_taken_at_drains_and_a_resumed_run_ends_bit_identical(tmp_path):
+    for straight, resumed, start in run_workers(checkpoint_at_a_drain_and_resume, 2, str(tmp_path)):
+        assert start == 10
+        assert straight == resumed
+
+
+def test_an_overlapped_method_under_a_coordinator_is_refused_before_joining(monkeypatch):
+    monkeypatch.setenv("DISTTRAIN_SECRET", "s" * 32)
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="cannot change membership.*without overlap"):
+        disttrain.Session(model, torch.optim.AdamW(model.parameters()), OVERLAPPED, coordinator="tcp://127.0.0.1:1")
+
+
+def test_a_round_quorum_with_an_overlapped_method_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="round-quorum.*without overlap"):
+        TrainConfig(method=OVERLAPPED, round_quorum=0.75).validate()
