@@ -257,6 +257,7 @@ def summary_fields(summary: dict[str, Any], tx_bytes: list[int]) -> dict[str, An
         "wall_s": summary["wall_s"],
         "step_s": summary["wall_s"] / steps,
         "payload_bytes_per_step": summary["bytes_per_step"],
+        "counted_wire_bytes_per_step": summary["wire_bytes_per_step"],
         "dense_bytes_per_step": summary["dense_bytes_per_step"],
         "wire_bytes_per_step": sum(tx_bytes) / len(tx_bytes) / steps,
         "replicas_identical": summary["replicas_identical"],

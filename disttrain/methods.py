@@ -25,25 +25,24 @@ class EngineTraits:
     """What an engine can do, declared once: the CLI's checks, the Session, the Hugging Face
     integration, the trainer and the benchmarks read these, not engine names."""
 
-    compresses: bool  # runs the method's CompressionSpec (torch DDP and zeroth-order steps do not)
-    rounds: bool  # local steps between exchanges: replicas agree only at round ends
-    elastic: bool  # membership may change mid-run (the coordinator's generations)
-    user_optimizer: bool  # the user's own optimizer applies the update (a Session, the Hugging Face Trainer)
-    torch_ddp: bool  # runs inside torch DistributedDataParallel
-    federated: bool  # trains without a per-step gradient exchange, as --mode federated needs
-    closes_early: bool  # a round may close at a quorum or a deadline, without its stragglers
+    compresses: bool = False  # runs the method's CompressionSpec (torch DDP and zeroth-order steps do not)
+    rounds: bool = False  # local steps between exchanges: replicas agree only at round ends
+    elastic: bool = False  # membership may change mid-run (the coordinator's generations)
+    user_optimizer: bool = False  # the user's own optimizer applies the update (a Session, the Hugging Face Trainer)
+    torch_ddp: bool = False  # runs inside torch DistributedDataParallel
+    federated: bool = False  # trains without a per-step gradient exchange, as --mode federated needs
+    closes_early: bool = False  # a round may close at a quorum or a deadline, without its stragglers
+    overlaps: bool = False  # a round's exchange runs behind the next round's local steps (sequenced by the Session)
 
 
 ENGINES: dict[Engine, EngineTraits] = {
-    "disttrain": EngineTraits(compresses=True, rounds=False, elastic=True, user_optimizer=True, torch_ddp=False, federated=False, closes_early=False),
-    "local_steps": EngineTraits(compresses=True, rounds=True, elastic=True, user_optimizer=True, torch_ddp=False, federated=True, closes_early=True),
-    "overlapped_rounds": EngineTraits(
-        compresses=True, rounds=True, elastic=False, user_optimizer=True, torch_ddp=False, federated=False, closes_early=False
-    ),
-    "zeroth_order": EngineTraits(compresses=False, rounds=False, elastic=False, user_optimizer=False, torch_ddp=False, federated=True, closes_early=False),
-    "ddp": EngineTraits(compresses=False, rounds=False, elastic=False, user_optimizer=True, torch_ddp=True, federated=False, closes_early=False),
-    "ddp_powersgd": EngineTraits(compresses=False, rounds=False, elastic=False, user_optimizer=True, torch_ddp=True, federated=False, closes_early=False),
-    "ddp_hook": EngineTraits(compresses=True, rounds=False, elastic=False, user_optimizer=True, torch_ddp=True, federated=False, closes_early=False),
+    "disttrain": EngineTraits(compresses=True, elastic=True, user_optimizer=True),
+    "local_steps": EngineTraits(compresses=True, rounds=True, elastic=True, user_optimizer=True, federated=True, closes_early=True),
+    "overlapped_rounds": EngineTraits(compresses=True, rounds=True, user_optimizer=True, overlaps=True),
+    "zeroth_order": EngineTraits(federated=True),
+    "ddp": EngineTraits(user_optimizer=True, torch_ddp=True),
+    "ddp_powersgd": EngineTraits(user_optimizer=True, torch_ddp=True),
+    "ddp_hook": EngineTraits(compresses=True, user_optimizer=True, torch_ddp=True),
 }
 
 
@@ -239,10 +238,10 @@ for _votes, _rounds in ((4, 5), (4, 10), (8, 10)):
         replace(_VOTES, per_chunk=_votes), local_steps=_rounds, **_SPARSE_ROUNDS,
     ))
 _OWNERS = "votes summed by chunk owners (all_to_all), which keep the {} strongest per 256 and all_gather them"
-for _keep in (4, 8):
+for _keep, _note in ((16, "the default's result up to 4 workers"), (8, "half the kept bytes")):
     register(Method(
         f"diloco-owners-k4-keep{_keep}-h5",
-        f"diloco-sparse-k4-h5 with its {_OWNERS.format(_keep)}: a worker's bytes stay flat as workers are added",
+        f"diloco-sparse-k4-h5 with its {_OWNERS.format(_keep)}: a worker's bytes stay flat as workers are added; {_note}",
         replace(_VOTES, per_chunk=4, vote_reduction="owners", owner_keep=_keep), local_steps=5, **_SPARSE_ROUNDS,
     ))
 _OVERLAPPED = dict(_SPARSE_ROUNDS, engine="overlapped_rounds")

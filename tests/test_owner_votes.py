@@ -104,12 +104,12 @@ def test_every_worker_applies_the_same_owner_reduced_votes():
 
 def test_wire_bytes_per_worker_stay_below_one_vote_and_one_kept_payload_however_many_workers():
     """All_gather's bytes grow with W - 1; the owners' stay below one payload of votes (5 bytes a chunk at
-    4 votes) plus one of kept pairs (8 bytes a chunk at 4 kept), give or take the chunks that pad the ranges."""
+    4 votes) plus one of kept pairs (6 bytes a chunk at 4 kept), give or take the chunks that pad the ranges."""
     chunks = sum(-(-torch.Size(shape).numel() // 256) for shape in SHAPES)
     gathered = {world: run_workers(vote_means, world, "all_gather", 8)[0][2] for world in (2, 4)}
     assert gathered[4] == 3 * gathered[2]
     for world in (2, 4):
-        assert run_workers(vote_means, world, "owners", 4)[0][2] <= (chunks + world - 1) * (5 + 8)
+        assert run_workers(vote_means, world, "owners", 4)[0][2] <= (chunks + world - 1) * (5 + 6)
 
 
 def test_owner_reduction_is_refused_for_payloads_that_are_not_sparse_votes():

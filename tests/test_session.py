@@ -1,6 +1,8 @@
 """disttrain.Session in a user's own loop, two real processes over Gloo: local-step rounds and
 per-step methods, the same results as `disttrain train`, replica checks, save and resume."""
 
+import logging
+
 import pytest
 import torch
 from distributed import run_workers
@@ -171,6 +173,29 @@ def test_a_session_without_a_process_group_says_to_use_torchrun():
     model = nn.Linear(4, 4)
     with pytest.raises(RuntimeError, match="launch your script with torchrun.*init_process_group"):
         disttrain.Session(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def starting_weights(rank: int, world: int, seed_of_rank: bool) -> tuple[str, bool]:
+    """(this rank's parameter digest after Session start, whether the start broadcast anything)."""
+    torch.manual_seed(rank if seed_of_rank else 0)
+    model = GPT(TINY_MODEL)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("disttrain.train.replica").addHandler(handler)
+    logging.getLogger("disttrain.train.replica").setLevel(logging.INFO)
+    session = disttrain.Session(model, torch.optim.AdamW(model.parameters()), "diloco-sparse-k4-h5")
+    return session.parameters_digest(), any("broadcasting rank 0's" in r.getMessage() for r in records)
+
+
+def test_ranks_that_start_from_other_weights_start_from_rank_0s():
+    (digest_0, sent_0), (digest_1, sent_1) = run_workers(starting_weights, 2, True)
+    assert digest_0 == digest_1 and sent_0 and sent_1
+
+
+def test_ranks_that_start_identical_send_no_weights_at_the_start():
+    (digest_0, sent_0), (digest_1, sent_1) = run_workers(starting_weights, 2, False)
+    assert digest_0 == digest_1 and not sent_0 and not sent_1
 
 
 def repaired_rounds(rank: int, world: int) -> tuple[bool, bool, str]:

@@ -4,12 +4,13 @@ An all_gather of sparse votes makes every worker receive and pass on every other
 payload: (W - 1) payloads each. Here the chunks of 256 values are split into W equal ranges,
 one per worker (its owner). One all_to_all sends each range's votes to its owner only; the
 owner sums them, keeps in every chunk the ``keep`` positions with the largest vote count, and
-one all_gather hands every worker each owner's kept (position, count) pairs. Every worker then
+one all_gather hands every worker each owner's kept pairs (a byte of position, four bits of count). Every worker then
 applies the same mean votes. A worker sends about one vote payload plus one kept payload
 whatever W is (the pattern of Ok-Topk, Li and Hoefler 2022). What differs from the all_gather:
-in a chunk where the workers' votes fall on more than ``keep`` positions, the weakest wait: the
-owner keeps the counts it did not send and adds them to the next round's (error feedback), until
-membership changes and the ranges move.
+in a chunk where the workers' votes fall on more than ``keep`` positions, the weakest wait, and a
+count beyond +-7 sends 7 and keeps the rest: the owner adds what it did not send to the next
+round's counts (error feedback), until membership changes and the ranges move. With at most 7
+workers and ``keep`` >= workers x votes per chunk nothing waits: the result is the all_gather's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from disttrain.compress.base import Compressor
 from disttrain.compress.lowbit import pack_codes, unpack_codes
 from disttrain.compress.sparse_momentum import CHUNK, SparseMomentum
 
-MAX_WORKERS = 127  # a kept vote count travels as an int8
+COUNT_LIMIT = 7  # a kept vote count travels in four bits, as count + 8
 
 
 class OwnerVotesBucket(Bucket):
@@ -51,17 +52,21 @@ class OwnerVotesBucket(Bucket):
         """One chunk's votes: a byte per position, two bits per vote."""
         return self.picks + -(-self.picks // 4)
 
+    def _kept_bytes(self) -> int:
+        """One chunk's kept pairs: a byte per position, four bits per count."""
+        return self.keep + -(-self.keep // 2)
+
     def _chunks_per_owner(self, world_size: int) -> int:
         return -(-self.chunks // world_size)
 
     def payload_bytes_for(self, world_size: int) -> int:
         """What a worker puts into the two collectives: its votes, then its kept (position, count) pairs."""
-        return self.chunks * self._record_bytes() + self._chunks_per_owner(world_size) * 2 * self.keep
+        return self.chunks * self._record_bytes() + self._chunks_per_owner(world_size) * self._kept_bytes()
 
     def wire_bytes(self, world_size: int) -> int:
         """What a worker sends: the votes of the W - 1 ranges it does not own, and its kept pairs to W - 1 workers."""
         per_owner = self._chunks_per_owner(world_size)
-        return (world_size - 1) * per_owner * (self._record_bytes() + 2 * self.keep)
+        return (world_size - 1) * per_owner * (self._record_bytes() + self._kept_bytes())
 
     def encode(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Every chunk's votes as one fixed-size record, chunks in parameter order."""
@@ -80,8 +85,6 @@ class OwnerVotesBucket(Bucket):
     def launch(self, records: torch.Tensor, group: dist.ProcessGroup | None) -> PendingExchange:
         """Send each owner its range's votes (asynchronously); the owners' work follows in mean_coefficients()."""
         world = dist.get_world_size(group)
-        if world > MAX_WORKERS:
-            raise ValueError(f"owner-reduced votes count at most {MAX_WORKERS} workers in an int8; this group has {world}")
         self._group = group
         self._owner = (dist.get_rank(group), world)
         per_owner = self._chunks_per_owner(world)
@@ -105,13 +108,14 @@ class OwnerVotesBucket(Bucket):
         return counts
 
     def _kept(self, counts: torch.Tensor) -> torch.Tensor:
-        """Each chunk's ``keep`` strongest (position byte, int8 count) pairs, as bytes; what is left waits."""
+        """Each chunk's ``keep`` strongest (position, count) pairs, as bytes; what is left waits."""
         if self.residual is not None and self.residual_owner == self._owner:
             counts = counts + self.residual
         positions = counts.abs().topk(self.keep, dim=1).indices
-        kept = counts.gather(1, positions).clamp(-MAX_WORKERS, MAX_WORKERS)
+        kept = counts.gather(1, positions).clamp(-COUNT_LIMIT, COUNT_LIMIT)
         self._pending_residual = counts.scatter_add(1, positions, -kept)
-        return torch.cat([positions.to(torch.uint8), kept.to(torch.int8).view(torch.uint8)], dim=1).contiguous()
+        codes = torch.nn.functional.pad((kept + COUNT_LIMIT + 1).to(torch.uint8), (0, self.keep % 2))
+        return torch.cat([positions.to(torch.uint8), pack_codes(codes, 4).view(counts.shape[0], -1)], dim=1).contiguous()
 
     def commit(self) -> None:
         if self._pending_residual is not None:
@@ -136,8 +140,10 @@ class OwnerVotesBucket(Bucket):
         kept = self._kept(self._counts(output, world_size))
         gathered = torch.empty(world_size * kept.numel(), dtype=torch.uint8, device=kept.device)
         wait_work(all_gather_flat(gathered, kept.reshape(-1), group=self._group, async_op=True))
-        pairs = gathered.view(-1, 2 * self.keep)[: self.chunks]
-        positions, counts = pairs[:, : self.keep].long(), pairs[:, self.keep :].contiguous().view(torch.int8).float()
+        pairs = gathered.view(-1, self._kept_bytes())[: self.chunks]
+        positions = pairs[:, : self.keep].long()
+        codes = unpack_codes(pairs[:, self.keep :].reshape(-1), 4, pairs.shape[0] * 2 * (self._kept_bytes() - self.keep))
+        counts = codes.view(pairs.shape[0], -1)[:, : self.keep].float() - (COUNT_LIMIT + 1)
         means, start = [], 0
         for compressor in self.votes:
             rows = slice(start, start + compressor.chunks)

@@ -33,7 +33,7 @@ from disttrain.elastic.membership import ElasticConfig, ElasticMembership
 from disttrain.elastic.protocol import load_secret
 from disttrain.elastic.transfer import synchronise
 from disttrain.exchange.base import Exchange
-from disttrain.train.replica import broadcast_from_rank0
+from disttrain.train.replica import start_from_rank0
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,9 @@ class FixedGroup:
         self.group = group
 
     def join(self, model: torch.nn.Module) -> None:
-        """Every rank starts from rank 0's parameters and buffers."""
+        """Every rank starts from rank 0's parameters and buffers (sent only where they differ)."""
         _require_process_group()
-        broadcast_from_rank0(model, group=self.group)
-        src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=src, group=self.group)
+        start_from_rank0(model, group=self.group)
 
     def agree(self, replica: Replica) -> None:
         pass  # join() copied rank 0's weights already

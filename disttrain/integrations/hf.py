@@ -64,8 +64,9 @@ log = logging.getLogger(__name__)
 
 
 def runs_in_trainer(method: Method) -> bool:
-    """Whether Trainer's AdamW can apply the method: a per-step exchange or local-step rounds."""
-    return method.traits.user_optimizer and method.traits.compresses and method.optimizer == "adamw"
+    """Whether Trainer's AdamW can apply the method: a per-step exchange or local-step rounds (not overlapped ones)."""
+    traits = method.traits
+    return traits.user_optimizer and traits.compresses and not traits.overlaps and method.optimizer == "adamw"
 
 
 class DisttrainCallback(TrainerCallback):

@@ -52,6 +52,32 @@ def broadcast_from_rank0(
             wait_work(dist.broadcast(tensor, src=src, group=group, async_op=True))
 
 
+def ranks_differing_from_rank0(digest: bytes, group: dist.ProcessGroup | None = None) -> list[int]:
+    """Collective: the ranks whose ``digest`` differs from rank 0's (one all_gather of the digests)."""
+    device = collective_device(group)
+    mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(device)
+    world = dist.get_world_size(group)
+    gathered = torch.empty(world * mine.numel(), dtype=torch.uint8, device=device)
+    wait_work(all_gather_flat(gathered, mine, group=group, async_op=True))
+    digests = gathered.reshape(world, -1).cpu()
+    return [r for r in range(world) if not torch.equal(digests[r], digests[0])]
+
+
+def start_from_rank0(module: torch.nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Collective: every rank ends with rank 0's parameters and buffers. They are compared by digest
+    first and sent only if some rank's differ: on a slow link the whole model is worth not sending."""
+    tensors = [p.data for p in module.parameters()] + list(module.buffers())
+    differing = ranks_differing_from_rank0(tensors_digest(tensors), group)
+    if not differing:
+        log.info("every rank starts from the same parameters and buffers: nothing to broadcast")
+        return
+    log.info("ranks %s start from other parameters than rank 0: broadcasting rank 0's", differing)
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for tensor in tensors:
+            wait_work(dist.broadcast(tensor, src=src, group=group, async_op=True))
+
+
 def check_replicas(
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
@@ -59,13 +85,7 @@ def check_replicas(
     step: int | None = None,
 ) -> bool:
     """True when every worker holds bit-identical parameters; otherwise log and repair."""
-    device = collective_device(group)
-    mine = torch.frombuffer(bytearray(parameter_digest(module)), dtype=torch.uint8).to(device)
-    world = dist.get_world_size(group)
-    gathered = torch.empty(world * mine.numel(), dtype=torch.uint8, device=device)
-    wait_work(all_gather_flat(gathered, mine, group=group, async_op=True))
-    digests = gathered.reshape(world, -1).cpu()
-    diverged = [r for r in range(world) if not torch.equal(digests[r], digests[0])]
+    diverged = ranks_differing_from_rank0(parameter_digest(module), group)
     if not diverged:
         return True
     log.error(
