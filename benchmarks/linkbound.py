@@ -1,0 +1,311 @@
+"""Link-bound benchmark: the default, its overlapped and flat-bytes variants and the baselines on links
+slow enough that the default's exchange takes about 0.3x, 1x and 3x its round's compute.
+
+The cluster benchmark's lab (one worker per network namespace, every link capped with tc tbf both
+ways). Calibration: the default's uncapped step time and counted wire bytes give the rate at which
+its exchange would take as long as its round's compute; a probe run on that link measures the ratio
+it really reaches (tbf's burst and TCP make it differ), and the three rates are scaled from it.
+On each rate the default, the default with overlap and the flat-bytes exchange train for real.
+PowerSGD's loss curve does not depend on the link (the same sums in the same order), so it runs a few
+capped steps for its step time and its time to target is its uncapped steps to target x that
+step time; DDP's is computed from its uncapped step time plus a ring all-reduce at the rate.
+A second table trains the small model at 4, 8 and 16 workers on one link: wire bytes per worker
+and time to target as workers are added. Needs root and iproute2, like the cluster benchmark.
+
+    python benchmarks/linkbound.py                 # both tables (about 75 minutes on 2 cores)
+    python benchmarks/linkbound.py --render-only   # the tables and plots from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
+
+from disttrain.methods import DEFAULT_METHOD, get_method  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings also when run via `disttrain bench`
+import common  # noqa: E402
+from cluster import LIMIT, Run, Settings, execute, interpolate_crossing, ring_seconds_per_step  # noqa: E402
+from netlab import missing_requirements  # noqa: E402
+
+log = logging.getLogger("benchmarks.linkbound")
+
+OVERLAP_METHOD = "diloco-sparse-k4-h5-overlap"
+FLAT_METHOD = "diloco-owners-k4-keep16-h5"
+TRAINED = (DEFAULT_METHOD, OVERLAP_METHOD, FLAT_METHOD)  # trained for real on every capped link
+EXTRAPOLATED = ("powersgd-r4", "powersgd-r8")  # a few capped steps give their step time
+RATIOS = (0.3, 1.0, 3.0)  # the default's exchange time over its round's compute
+WORKER_COUNTS = (4, 8, 16)
+WORKER_METHODS = (DEFAULT_METHOD, FLAT_METHOD, "diloco-owners-k4-keep8-h5")
+PROBE_STEPS = 30
+EXTRAPOLATION_STEPS = 5
+MARKER, WORKERS_MARKER = "linkbound-table", "linkbound-workers-table"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150, help="training steps of every full run (default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=15, help="steps between evaluations (default: %(default)s)")
+    parser.add_argument("--timeout-s", type=float, default=2400.0, help="give up on one run after this long")
+    parser.add_argument("--no-workers-table", action="store_true", help="skip the 4/8/16-worker table")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR / "linkbound.json")
+    parser.add_argument("--doc", type=Path, default=common.DOC, help="the document the tables go into, between their markers")
+    parser.add_argument("--render-only", action="store_true", help="only redraw plots and tables from --out")
+    return parser.parse_args(argv)
+
+
+def base_settings(args: argparse.Namespace, workers: int = 4, small: bool = False) -> Settings:
+    return Settings(
+        workers=workers, steps=args.steps, eval_every=args.eval_every, target_step=args.steps // 2 // args.eval_every * args.eval_every,
+        headline_mbit=0.0, calibration_steps=PROBE_STEPS, max_run_s=0.0, small=small,
+    )
+
+
+class Runner:
+    """Executes runs in the lab, one at a time, keeping every record and a progress bar."""
+
+    def __init__(self, logs_dir: Path, timeout_s: float, total: int):
+        self.logs_dir, self.timeout_s = logs_dir, timeout_s
+        self.bar = tqdm(total=total, desc="runs", unit="run")
+        self.records: list[dict[str, Any]] = []
+
+    def __call__(self, run: Run, settings: Settings, **labels: Any) -> dict[str, Any]:
+        rate = "uncapped" if run.rate_mbit is None else f"{run.rate_mbit:.3g} Mbit/s"
+        self.bar.set_postfix_str(f"{run.method} x{settings.workers} @ {rate}")
+        logs_dir = self.logs_dir / f"{'small-' if settings.small else ''}x{settings.workers}"
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        record = {**execute(run, settings, logs_dir, self.timeout_s), "workers": settings.workers, "small": settings.small, **labels}
+        if "history" not in record:
+            raise RuntimeError(f"{run.method} at {rate} failed: {record.get('error')}")
+        log.info("%s x%d @ %s: val loss %.4f after %d steps, %.3f s/step", run.method, settings.workers, rate,
+                 record["final_val_loss"], record["steps_run"], record["step_s"])
+        self.records.append(record)
+        self.bar.update()
+        return record
+
+
+def nominal_rate(uncapped: dict[str, Any]) -> float:
+    """Mbit/s at which the counted wire bytes of a step take as long as the step's compute."""
+    return uncapped["counted_wire_bytes_per_step"] * 8 / uncapped["step_s"] / 1e6
+
+
+def link_table_runs(args: argparse.Namespace, run: Runner) -> dict[str, Any]:
+    """The limit, the calibration, and every method on the three calibrated links."""
+    settings = base_settings(args)
+    run(Run(LIMIT, None), settings, role="limit")
+    uncapped = {name: run(Run(name, None, stop_at=PROBE_STEPS), settings, role="uncapped") for name in TRAINED}
+    for name in EXTRAPOLATED:
+        uncapped[name] = run(Run(name, None), settings, role="uncapped")
+    probe_rate = nominal_rate(uncapped[DEFAULT_METHOD])
+    probe = run(Run(DEFAULT_METHOD, probe_rate, stop_at=PROBE_STEPS), settings, role="probe")
+    probe_ratio = probe["step_s"] / uncapped[DEFAULT_METHOD]["step_s"] - 1
+    rates = {ratio: probe_rate * probe_ratio / ratio for ratio in RATIOS}
+    log.info("calibration: at %.3f Mbit/s the default's exchange took %.2fx its compute; rates %s", probe_rate, probe_ratio,
+             ", ".join(f"{ratio:g}x: {rate:.3f} Mbit/s" for ratio, rate in rates.items()))
+    for ratio, rate in rates.items():
+        for name in TRAINED:
+            run(Run(name, rate), settings, role="capped", ratio=ratio)
+        for name in EXTRAPOLATED:
+            run(Run(name, rate, stop_at=EXTRAPOLATION_STEPS), settings, role="capped", ratio=ratio)
+    return {
+        "settings": dataclasses.asdict(settings), "probe_rate_mbit": probe_rate, "probe_ratio": probe_ratio,
+        "rates_mbit": {f"{ratio:g}": rate for ratio, rate in rates.items()},
+    }
+
+
+def workers_table_runs(args: argparse.Namespace, run: Runner) -> dict[str, Any]:
+    """The small model at 4, 8 and 16 workers on one link (the rate of ratio 1 for the small default at 4)."""
+    small = base_settings(args, small=True)
+    limit = run(Run(LIMIT, None), small, role="workers-limit")
+    reference = run(Run(DEFAULT_METHOD, None, stop_at=PROBE_STEPS), small, role="workers-uncapped")
+    rate = nominal_rate(reference)
+    for workers in WORKER_COUNTS:
+        for name in WORKER_METHODS:
+            run(Run(name, rate), dataclasses.replace(small, workers=workers), role="workers")
+    target = next(p["val_loss"] for p in limit["history"] if p["step"] == small.target_step)
+    return {"settings": dataclasses.asdict(small), "rate_mbit": rate, "target_val_loss": target}
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    logs_dir = args.out.parent / "logs" / "linkbound"
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    total = 1 + len(TRAINED) + len(EXTRAPOLATED) + 1 + len(RATIOS) * (len(TRAINED) + len(EXTRAPOLATED))
+    if not args.no_workers_table:
+        total += 2 + len(WORKER_COUNTS) * len(WORKER_METHODS)
+    with logging_redirect_tqdm():
+        run = Runner(logs_dir, args.timeout_s, total)
+        results: dict[str, Any] = {"machine": common.machine_description(), "command": shlex.join([Path(sys.executable).name, *sys.argv])}
+        results["links"] = link_table_runs(args, run)
+        if not args.no_workers_table:
+            results["workers"] = workers_table_runs(args, run)
+        run.bar.close()
+    results["runs"] = run.records
+    return derive(results)
+
+
+def steps_to(history: list[dict[str, Any]], target: float) -> float | None:
+    return interpolate_crossing(history, target, "step")
+
+
+def derive(results: dict[str, Any]) -> dict[str, Any]:
+    """Target, time to target, x the limit and comm share of every capped run; DDP's rows computed."""
+    runs = [r for r in results["runs"] if not r["small"]]
+    links = results["links"]
+    limit = next(r for r in runs if r["role"] == "limit")
+    target = next(p["val_loss"] for p in limit["history"] if p["step"] == links["settings"]["target_step"])
+    limit_time, limit_steps = interpolate_crossing(limit["history"], target, "wall_s"), steps_to(limit["history"], target)
+    uncapped = {r["method"]: r for r in runs if r["role"] == "uncapped"}
+    rows = []
+    for record in (r for r in runs if r["role"] == "capped"):
+        extrapolated = record["method"] in EXTRAPOLATED
+        steps = steps_to(uncapped[record["method"]]["history"], target) if extrapolated else None
+        time = (steps * record["step_s"] if steps is not None else None) if extrapolated else interpolate_crossing(record["history"], target, "wall_s")
+        rows.append({
+            "method": record["method"], "ratio": record["ratio"], "rate_mbit": record["rate_mbit"], "workers": record["workers"],
+            "extrapolated": extrapolated, "time_to_target_s": time, "x_limit": None if time is None else time / limit_time,
+            "final_val_loss": None if extrapolated else record["final_val_loss"], "steps_run": record["steps_run"],
+            "counted_wire_bytes_per_step": record["counted_wire_bytes_per_step"], "tx_bytes_per_step": record["wire_bytes_per_step"],
+            "comm_share": max(0.0, 1 - uncapped[record["method"]]["step_s"] / record["step_s"]),
+            "step_s": record["step_s"],
+        })
+    for ratio, rate in links["rates_mbit"].items():
+        step = limit["step_s"] + ring_seconds_per_step(limit["dense_bytes_per_step"], links["settings"]["workers"], rate)
+        rows.append({
+            "method": LIMIT, "ratio": float(ratio), "rate_mbit": rate, "workers": links["settings"]["workers"], "extrapolated": True,
+            "computed": True, "time_to_target_s": limit_steps * step, "x_limit": limit_steps * step / limit_time,
+            "final_val_loss": None, "steps_run": 0, "counted_wire_bytes_per_step": limit["counted_wire_bytes_per_step"],
+            "tx_bytes_per_step": None, "comm_share": 1 - limit["step_s"] / step, "step_s": step,
+        })
+    for row in rows:
+        if row["method"] == DEFAULT_METHOD:
+            row["measured_ratio"] = row["step_s"] / uncapped[DEFAULT_METHOD]["step_s"] - 1
+    results.update(target_val_loss=target, limit_time_to_target_s=limit_time, link_rows=rows)
+    if "workers" in results:
+        results["worker_rows"] = worker_rows(results)
+    return results
+
+
+def worker_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    target = results["workers"]["target_val_loss"]
+    return [
+        {
+            "method": r["method"], "workers": r["workers"], "rate_mbit": r["rate_mbit"],
+            "counted_wire_bytes_per_step": r["counted_wire_bytes_per_step"], "tx_bytes_per_step": r["wire_bytes_per_step"],
+            "time_to_target_s": interpolate_crossing(r["history"], target, "wall_s"), "final_val_loss": r["final_val_loss"],
+            "step_s": r["step_s"],
+        }
+        for r in results["runs"] if r["role"] == "workers"
+    ]
+
+
+def _number(value: float | None, fmt: str, missing: str = "—") -> str:
+    return missing if value is None else format(value, fmt)
+
+
+def render_link_table(results: dict[str, Any], out: Path) -> str:
+    links = results["links"]
+    headers = ["exchange / compute", "link", "method", "time to target (s)", "x the limit", "val loss @ 150",
+               "wire/step (counted)", "wire/step (tx_bytes)", "comm % of step"]
+    rows = []
+    for row in sorted(results["link_rows"], key=lambda r: (r["ratio"], r["method"] != LIMIT, r["method"])):
+        ratio = f"{row['ratio']:g}x" + (f" (measured {row['measured_ratio']:.2f}x)" if "measured_ratio" in row else "")
+        time = _number(row["time_to_target_s"], ".0f", "not reached") + ("*" if row["extrapolated"] else "")
+        rows.append([
+            ratio, f"{row['rate_mbit']:.3g} Mbit/s", row["method"], time, _number(row["x_limit"], ".2f"),
+            _number(row["final_val_loss"], ".3f"), common.human_bytes(row["counted_wire_bytes_per_step"]),
+            common.human_bytes(row["tx_bytes_per_step"]), _number(100 * row["comm_share"], ".0f"),
+        ])
+    s = links["settings"]
+    return (
+        f"{common.markdown_table(headers, rows)}\n\n"
+        f"Target: val loss {results['target_val_loss']:.4f}, the uncapped DDP run's at step {s['target_step']} "
+        f"(reached in {results['limit_time_to_target_s']:.0f} s: the compute-bound limit). Calibration: at "
+        f"{links['probe_rate_mbit']:.3f} Mbit/s (where the default's counted wire bytes would take as long as its compute) "
+        f"its exchange took {links['probe_ratio']:.2f}x its compute over {PROBE_STEPS} steps; the three rates are scaled from that. "
+        f"Measured on {common.machine_line(results['machine'])}: {s['workers']} workers, one per network namespace, links capped with "
+        f"tc tbf both ways; {s['steps']} steps, eval every {s['eval_every']}. Comm % = 1 - the method's uncapped step time / its "
+        "capped step time. \\* PowerSGD's curve does not depend on the link: its time is its uncapped steps to target x its "
+        f"step time over {EXTRAPOLATION_STEPS} capped steps. DDP's is computed: its uncapped step time plus a ring all-reduce of "
+        f"its fp32 gradients at the rate. {common.generated_by(results['command'], out)}"
+    )
+
+
+def render_workers_table(results: dict[str, Any], out: Path) -> str:
+    workers = results["workers"]
+    headers = ["method", "workers", "wire/step per worker (counted)", "wire/step (tx_bytes)", "time to target (s)", "s/step", "val loss @ 150"]
+    rows = [
+        [r["method"], str(r["workers"]), common.human_bytes(r["counted_wire_bytes_per_step"]), common.human_bytes(r["tx_bytes_per_step"]),
+         _number(r["time_to_target_s"], ".0f", "not reached"), f"{r['step_s']:.2f}", f"{r['final_val_loss']:.3f}"]
+        for r in sorted(results["worker_rows"], key=lambda r: (r["method"], r["workers"]))
+    ]
+    return (
+        f"{common.markdown_table(headers, rows)}\n\n"
+        f"The small model (--small settings: 2 layers x 128), links at {workers['rate_mbit']:.3g} Mbit/s (where the default's "
+        f"counted wire bytes at 4 workers take as long as its compute); target val loss {workers['target_val_loss']:.4f}, the "
+        f"uncapped 4-worker DDP run's at step {workers['settings']['target_step']}. Every worker is a process on the same 2 cores, "
+        "so step time grows with the workers for compute alone; the bytes are what to compare. "
+        f"{common.generated_by(results['command'], out)}"
+    )
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Time to target against the exchange/compute ratio, one line per method."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    methods = sorted({r["method"] for r in results["link_rows"]})
+    for method in methods:
+        rows = sorted((r for r in results["link_rows"] if r["method"] == method and r["x_limit"] is not None), key=lambda r: r["ratio"])
+        ax.plot([r["ratio"] for r in rows], [r["x_limit"] for r in rows], "--" if rows and rows[0]["extrapolated"] else "-",
+                marker="o", label=method)
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="compute-bound limit")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("the default's exchange time / its round's compute (log scale)")
+    ax.set_ylabel("time to target / the limit's (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, title="dashed: extrapolated or computed", title_fontsize=7)
+    fig.text(0.5, 0.01, f"4 workers in network namespaces, tc tbf; {common.machine_line(results['machine'])}", ha="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(results: dict[str, Any], document: Path, out: Path) -> bool:
+    plot(results, out.parent / "linkbound_time_vs_ratio.png")
+    ok = common.publish_table(render_link_table(results, out), MARKER, document, out.parent)
+    if "worker_rows" in results:
+        ok &= common.publish_table(render_workers_table(results, out), WORKERS_MARKER, document, out.parent)
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    common.setup_logging()
+    args = parse_args(argv)
+    for name in (*TRAINED, *EXTRAPOLATED):
+        get_method(name)
+    if not args.render_only:
+        missing = missing_requirements()
+        if missing:
+            log.warning("skipping the link-bound benchmark: it needs %s", "; ".join(missing))
+            return 0
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args))
+    if results is None:
+        return 2
+    return 0 if render(results, args.doc, args.out) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
