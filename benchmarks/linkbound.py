@@ -12,7 +12,7 @@ step time; DDP's is computed from its uncapped step time plus a ring all-reduce 
 A second table trains the small model at 4, 8 and 16 workers on one link: wire bytes per worker
 and time to target as workers are added. Needs root and iproute2, like the cluster benchmark.
 
-    python benchmarks/linkbound.py                 # both tables (about 75 minutes on 2 cores)
+    python benchmarks/linkbound.py --steps 120     # both tables, as in docs/benchmarks.md (about 65 minutes on 2 cores)
     python benchmarks/linkbound.py --render-only   # the tables and plots from the JSON
 """
 
@@ -153,7 +153,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             results["workers"] = workers_table_runs(args, run)
         run.bar.close()
     results["runs"] = run.records
-    return derive(results)
+    return results
 
 
 def steps_to(history: list[dict[str, Any]], target: float) -> float | None:
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args))
     if results is None:
         return 2
-    return 0 if render(results, args.doc, args.out) else 1
+    return 0 if render(derive(results), args.doc, args.out) else 1
 
 
 if __name__ == "__main__":

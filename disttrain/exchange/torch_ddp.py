@@ -52,7 +52,9 @@ class TorchDDPExchange(EveryStepAgrees):
         self.dense_bytes_per_step = sum(p.numel() * 4 for p in model.parameters())
         # One bucket: several powerSGD buckets in flight can issue collectives in different
         # orders on different ranks over a slow link (see docs/design.md).
-        self.module = DistributedDataParallel(model, process_group=options.group, bucket_cap_mb=1024)
+        # init_sync=False: the Session's membership already started every rank from rank 0's state,
+        # sending it only where it differed (on a slow link the model is worth not sending twice).
+        self.module = DistributedDataParallel(model, process_group=options.group, bucket_cap_mb=1024, init_sync=False)
         self.world_size = dist.get_world_size(options.group)
         self.payload_bytes_last_step = 0
         self.wire_bytes_last_step = 0
