@@ -6,9 +6,9 @@ ways). Calibration: the default's uncapped step time and counted wire bytes give
 its exchange would take as long as its round's compute; a probe run on that link measures the ratio
 it really reaches (tbf's burst and TCP make it differ), and the three rates are scaled from it.
 On each rate the default, the default with overlap and the flat-bytes exchange train for real.
-PowerSGD's loss curve does not depend on the link (the same sums in the same order), so it runs a few
-capped steps for its step time and its time to target is its uncapped steps to target x that
-step time; DDP's is computed from its uncapped step time plus a ring all-reduce at the rate.
+DDP's and PowerSGD's loss curves do not depend on the link (the same sums in the same order), and
+a few capped steps would time only powerSGD_hook's dense warm-up steps, so their capped step time
+is computed: the uncapped step time plus the counted ring wire bytes of a step at the rate.
 A second table trains the small model at 4, 8 and 16 workers on one link: wire bytes per worker
 and time to target as workers are added. Needs root and iproute2, like the cluster benchmark.
 
@@ -38,7 +38,7 @@ from disttrain.methods import DEFAULT_METHOD, get_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings also when run via `disttrain bench`
 import common  # noqa: E402
-from cluster import LIMIT, Run, Settings, execute, interpolate_crossing, ring_seconds_per_step  # noqa: E402
+from cluster import LIMIT, Run, Settings, execute, interpolate_crossing  # noqa: E402
 from netlab import missing_requirements  # noqa: E402
 
 log = logging.getLogger("benchmarks.linkbound")
@@ -46,12 +46,11 @@ log = logging.getLogger("benchmarks.linkbound")
 OVERLAP_METHOD = "diloco-sparse-k4-h5-overlap"
 FLAT_METHOD = "diloco-owners-k4-keep16-h5"
 TRAINED = (DEFAULT_METHOD, OVERLAP_METHOD, FLAT_METHOD)  # trained for real on every capped link
-EXTRAPOLATED = ("powersgd-r4", "powersgd-r8")  # a few capped steps give their step time
+COMPUTED = (LIMIT, "powersgd-r4", "powersgd-r8")  # capped step time computed from the uncapped run
 RATIOS = (0.3, 1.0, 3.0)  # the default's exchange time over its round's compute
 WORKER_COUNTS = (4, 8, 16)
 WORKER_METHODS = (DEFAULT_METHOD, FLAT_METHOD, "diloco-owners-k4-keep8-h5")
 PROBE_STEPS = 30
-EXTRAPOLATION_STEPS = 5
 MARKER, WORKERS_MARKER = "linkbound-table", "linkbound-workers-table"
 
 
@@ -107,8 +106,8 @@ def link_table_runs(args: argparse.Namespace, run: Runner) -> dict[str, Any]:
     settings = base_settings(args)
     run(Run(LIMIT, None), settings, role="limit")
     uncapped = {name: run(Run(name, None, stop_at=PROBE_STEPS), settings, role="uncapped") for name in TRAINED}
-    for name in EXTRAPOLATED:
-        uncapped[name] = run(Run(name, None), settings, role="uncapped")
+    for name in COMPUTED[1:]:
+        run(Run(name, None), settings, role="uncapped")
     probe_rate = nominal_rate(uncapped[DEFAULT_METHOD])
     probe = run(Run(DEFAULT_METHOD, probe_rate, stop_at=PROBE_STEPS), settings, role="probe")
     probe_ratio = probe["step_s"] / uncapped[DEFAULT_METHOD]["step_s"] - 1
@@ -118,8 +117,6 @@ def link_table_runs(args: argparse.Namespace, run: Runner) -> dict[str, Any]:
     for ratio, rate in rates.items():
         for name in TRAINED:
             run(Run(name, rate), settings, role="capped", ratio=ratio)
-        for name in EXTRAPOLATED:
-            run(Run(name, rate, stop_at=EXTRAPOLATION_STEPS), settings, role="capped", ratio=ratio)
     return {
         "settings": dataclasses.asdict(settings), "probe_rate_mbit": probe_rate, "probe_ratio": probe_ratio,
         "rates_mbit": {f"{ratio:g}": rate for ratio, rate in rates.items()},
@@ -142,7 +139,7 @@ def workers_table_runs(args: argparse.Namespace, run: Runner) -> dict[str, Any]:
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     logs_dir = args.out.parent / "logs" / "linkbound"
     logs_dir.mkdir(parents=True, exist_ok=True)
-    total = 1 + len(TRAINED) + len(EXTRAPOLATED) + 1 + len(RATIOS) * (len(TRAINED) + len(EXTRAPOLATED))
+    total = len(COMPUTED) + len(TRAINED) + 1 + len(RATIOS) * len(TRAINED)
     if not args.no_workers_table:
         total += 2 + len(WORKER_COUNTS) * len(WORKER_METHODS)
     with logging_redirect_tqdm():
@@ -166,29 +163,21 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     links = results["links"]
     limit = next(r for r in runs if r["role"] == "limit")
     target = next(p["val_loss"] for p in limit["history"] if p["step"] == links["settings"]["target_step"])
-    limit_time, limit_steps = interpolate_crossing(limit["history"], target, "wall_s"), steps_to(limit["history"], target)
-    uncapped = {r["method"]: r for r in runs if r["role"] == "uncapped"}
+    limit_time = interpolate_crossing(limit["history"], target, "wall_s")
+    uncapped = {r["method"]: r for r in runs if r["role"] in ("uncapped", "limit")}
     rows = []
     for record in (r for r in runs if r["role"] == "capped"):
-        extrapolated = record["method"] in EXTRAPOLATED
-        steps = steps_to(uncapped[record["method"]]["history"], target) if extrapolated else None
-        time = (steps * record["step_s"] if steps is not None else None) if extrapolated else interpolate_crossing(record["history"], target, "wall_s")
+        time = interpolate_crossing(record["history"], target, "wall_s")
         rows.append({
             "method": record["method"], "ratio": record["ratio"], "rate_mbit": record["rate_mbit"], "workers": record["workers"],
-            "extrapolated": extrapolated, "time_to_target_s": time, "x_limit": None if time is None else time / limit_time,
-            "final_val_loss": None if extrapolated else record["final_val_loss"], "steps_run": record["steps_run"],
+            "computed": False, "time_to_target_s": time, "x_limit": None if time is None else time / limit_time,
+            "final_val_loss": record["final_val_loss"], "steps_run": record["steps_run"],
             "counted_wire_bytes_per_step": record["counted_wire_bytes_per_step"], "tx_bytes_per_step": record["wire_bytes_per_step"],
             "comm_share": max(0.0, 1 - uncapped[record["method"]]["step_s"] / record["step_s"]),
             "step_s": record["step_s"],
         })
     for ratio, rate in links["rates_mbit"].items():
-        step = limit["step_s"] + ring_seconds_per_step(limit["dense_bytes_per_step"], links["settings"]["workers"], rate)
-        rows.append({
-            "method": LIMIT, "ratio": float(ratio), "rate_mbit": rate, "workers": links["settings"]["workers"], "extrapolated": True,
-            "computed": True, "time_to_target_s": limit_steps * step, "x_limit": limit_steps * step / limit_time,
-            "final_val_loss": None, "steps_run": 0, "counted_wire_bytes_per_step": limit["counted_wire_bytes_per_step"],
-            "tx_bytes_per_step": None, "comm_share": 1 - limit["step_s"] / step, "step_s": step,
-        })
+        rows += [computed_row(uncapped[name], target, limit_time, float(ratio), rate) for name in COMPUTED]
     for row in rows:
         if row["method"] == DEFAULT_METHOD:
             row["measured_ratio"] = row["step_s"] / uncapped[DEFAULT_METHOD]["step_s"] - 1
@@ -196,6 +185,20 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     if "workers" in results:
         results["worker_rows"] = worker_rows(results)
     return results
+
+
+def computed_row(uncapped: dict[str, Any], target: float, limit_time: float, ratio: float, rate: float) -> dict[str, Any]:
+    """A link-independent method on a capped link: its uncapped steps to target x (its uncapped step
+    time + its counted ring wire bytes per step at the rate)."""
+    step = uncapped["step_s"] + uncapped["counted_wire_bytes_per_step"] * 8 / (rate * 1e6)
+    steps = steps_to(uncapped["history"], target)
+    time = None if steps is None else steps * step
+    return {
+        "method": uncapped["method"], "ratio": ratio, "rate_mbit": rate, "workers": uncapped["workers"], "computed": True,
+        "time_to_target_s": time, "x_limit": None if time is None else time / limit_time,
+        "final_val_loss": uncapped["final_val_loss"], "steps_run": 0, "counted_wire_bytes_per_step": uncapped["counted_wire_bytes_per_step"],
+        "tx_bytes_per_step": None, "comm_share": 1 - uncapped["step_s"] / step, "step_s": step,
+    }
 
 
 def worker_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -217,12 +220,12 @@ def _number(value: float | None, fmt: str, missing: str = "—") -> str:
 
 def render_link_table(results: dict[str, Any], out: Path) -> str:
     links = results["links"]
-    headers = ["exchange / compute", "link", "method", "time to target (s)", "x the limit", "val loss @ 150",
+    headers = ["exchange / compute", "link", "method", "time to target (s)", "x the limit", f"val loss @ {links['settings']['steps']}",
                "wire/step (counted)", "wire/step (tx_bytes)", "comm % of step"]
     rows = []
     for row in sorted(results["link_rows"], key=lambda r: (r["ratio"], r["method"] != LIMIT, r["method"])):
         ratio = f"{row['ratio']:g}x" + (f" (measured {row['measured_ratio']:.2f}x)" if "measured_ratio" in row else "")
-        time = _number(row["time_to_target_s"], ".0f", "not reached") + ("*" if row["extrapolated"] else "")
+        time = _number(row["time_to_target_s"], ".0f", "not reached") + ("*" if row["computed"] else "")
         rows.append([
             ratio, f"{row['rate_mbit']:.3g} Mbit/s", row["method"], time, _number(row["x_limit"], ".2f"),
             _number(row["final_val_loss"], ".3f"), common.human_bytes(row["counted_wire_bytes_per_step"]),
@@ -237,15 +240,17 @@ def render_link_table(results: dict[str, Any], out: Path) -> str:
         f"its exchange took {links['probe_ratio']:.2f}x its compute over {PROBE_STEPS} steps; the three rates are scaled from that. "
         f"Measured on {common.machine_line(results['machine'])}: {s['workers']} workers, one per network namespace, links capped with "
         f"tc tbf both ways; {s['steps']} steps, eval every {s['eval_every']}. Comm % = 1 - the method's uncapped step time / its "
-        "capped step time. \\* PowerSGD's curve does not depend on the link: its time is its uncapped steps to target x its "
-        f"step time over {EXTRAPOLATION_STEPS} capped steps. DDP's is computed: its uncapped step time plus a ring all-reduce of "
-        f"its fp32 gradients at the rate. {common.generated_by(results['command'], out)}"
+        "capped step time. \\* Computed, not run on the capped link: DDP's and PowerSGD's curves do not depend on the link, so "
+        "their time is their uncapped steps to target x (their uncapped step time + their counted ring wire bytes per step at "
+        "the rate; PowerSGD's include powerSGD_hook's two dense warm-up steps); their loss is the uncapped run's. "
+        f"{common.generated_by(results['command'], out)}"
     )
 
 
 def render_workers_table(results: dict[str, Any], out: Path) -> str:
     workers = results["workers"]
-    headers = ["method", "workers", "wire/step per worker (counted)", "wire/step (tx_bytes)", "time to target (s)", "s/step", "val loss @ 150"]
+    headers = ["method", "workers", "wire/step per worker (counted)", "wire/step (tx_bytes)", "time to target (s)", "s/step",
+               f"val loss @ {workers['settings']['steps']}"]
     rows = [
         [r["method"], str(r["workers"]), common.human_bytes(r["counted_wire_bytes_per_step"]), common.human_bytes(r["tx_bytes_per_step"]),
          _number(r["time_to_target_s"], ".0f", "not reached"), f"{r['step_s']:.2f}", f"{r['final_val_loss']:.3f}"]
@@ -267,7 +272,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     methods = sorted({r["method"] for r in results["link_rows"]})
     for method in methods:
         rows = sorted((r for r in results["link_rows"] if r["method"] == method and r["x_limit"] is not None), key=lambda r: r["ratio"])
-        ax.plot([r["ratio"] for r in rows], [r["x_limit"] for r in rows], "--" if rows and rows[0]["extrapolated"] else "-",
+        ax.plot([r["ratio"] for r in rows], [r["x_limit"] for r in rows], "--" if rows and rows[0]["computed"] else "-",
                 marker="o", label=method)
     ax.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="compute-bound limit")
     ax.set_xscale("log")
@@ -275,7 +280,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("the default's exchange time / its round's compute (log scale)")
     ax.set_ylabel("time to target / the limit's (log scale)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, title="dashed: extrapolated or computed", title_fontsize=7)
+    ax.legend(fontsize=7, title="dashed: computed from the uncapped run", title_fontsize=7)
     fig.text(0.5, 0.01, f"4 workers in network namespaces, tc tbf; {common.machine_line(results['machine'])}", ha="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
@@ -293,7 +298,7 @@ def render(results: dict[str, Any], document: Path, out: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     args = parse_args(argv)
-    for name in (*TRAINED, *EXTRAPOLATED):
+    for name in (*TRAINED, *COMPUTED[1:]):
         get_method(name)
     if not args.render_only:
         missing = missing_requirements()
