@@ -80,7 +80,7 @@ def test_time_to_target_is_interpolated_between_evaluations():
 def record(method, rate, points, **extra):
     fields = cluster.summary_fields(
         {"steps": points[-1]["step"], "history": points, "val_loss": points[-1]["val_loss"],
-         "wall_s": points[-1]["wall_s"], "bytes_per_step": 10.0, "dense_bytes_per_step": 100,
+         "wall_s": points[-1]["wall_s"], "bytes_per_step": 10.0, "wire_bytes_per_step": 15.0, "dense_bytes_per_step": 100,
          "replicas_identical": True},
         [1000, 1000],
     )

@@ -6,14 +6,13 @@ import dataclasses
 import pytest
 import torch
 from distributed import run_workers
-from test_training import train_and_digest
-from tiny import TINY_MODEL, tiny_config
+from test_training import interrupted_and_resumed, train_and_digest
+from tiny import TINY_MODEL
 
 import disttrain
 from disttrain.methods import Method, get_method
 from disttrain.models.gpt import GPT
 from disttrain.train.config import TrainConfig
-from disttrain.train.trainer import Trainer
 from disttrain.train.replica import parameter_digest
 
 OVERLAPPED = "diloco-sparse-k4-h5-overlap"
@@ -77,20 +76,10 @@ def test_an_overlapped_run_ends_with_bit_identical_replicas_and_a_falling_loss()
     assert summary.history[-1].val_loss < summary.history[0].val_loss + 0.5 and summary.history[-1].val_loss < 5.0
 
 
-def checkpoint_at_a_drain_and_resume(rank: int, world: int, directory: str) -> tuple[bytes, bytes, int]:
-    run = {"method": OVERLAPPED, "local_steps": 1, "steps": 24, "eval_every": 100}
-    straight = Trainer(tiny_config(**run), progress=False)
-    straight.run()
-    config = tiny_config(**run, checkpoint_dir=directory, checkpoint_every=4)
-    Trainer(config, progress=False).run(stop_at=15)  # stops mid-overlap; the last drain was step 10
-    resumed = Trainer(config, progress=False)
-    start = resumed.start_step
-    resumed.run()
-    return parameter_digest(straight.model), parameter_digest(resumed.model), start
-
-
 def test_checkpoints_are_taken_at_drains_and_a_resumed_run_ends_bit_identical(tmp_path):
-    for straight, resumed, start in run_workers(checkpoint_at_a_drain_and_resume, 2, str(tmp_path)):
+    run = {"method": OVERLAPPED, "local_steps": 1, "steps": 24, "eval_every": 100}
+    # Checkpoints are due every 4 steps, stops after step 15 (mid-overlap); the last drain was step 10.
+    for straight, resumed, start in run_workers(interrupted_and_resumed, 2, str(tmp_path), run, 4, 15):
         assert start == 10
         assert straight == resumed
 

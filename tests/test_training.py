@@ -75,12 +75,15 @@ def test_workers_started_with_different_configs_are_refused_by_field():
     assert all("different configs" in m and "steps (8 vs 9)" in m for m in messages)
 
 
-def interrupted_and_resumed(rank: int, world: int, directory: str, overrides: dict | None = None) -> tuple[bytes, bytes, int]:
+def interrupted_and_resumed(
+    rank: int, world: int, directory: str, overrides: dict | None = None, checkpoint_every: int = 2, stop_at: int = 5
+) -> tuple[bytes, bytes, int]:
+    """Digests of a straight run and of one that "crashes" after ``stop_at`` and resumes, and where it resumed."""
     run = {"steps": 8, **(overrides or {})}
     straight = Trainer(tiny_config(**run), progress=False)
     straight.run()
-    config = tiny_config(**run, checkpoint_dir=directory, checkpoint_every=2)
-    Trainer(config, progress=False).run(stop_at=5)  # "crashes" after step 5; last checkpoint at 4
+    config = tiny_config(**run, checkpoint_dir=directory, checkpoint_every=checkpoint_every)
+    Trainer(config, progress=False).run(stop_at=stop_at)
     resumed = Trainer(config, progress=False)
     start = resumed.start_step
     resumed.run()
