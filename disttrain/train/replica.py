@@ -46,9 +46,14 @@ def broadcast_from_rank0(
     group: dist.ProcessGroup | None = None,
 ) -> None:
     """Overwrite parameters (and optimizer state) on every worker with rank 0's."""
+    _broadcast_rank0s([p.data for p in module.parameters()] + _state_tensors(optimizer), group)
+
+
+def _broadcast_rank0s(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """Collective: every rank's ``tensors`` become rank 0's, one broadcast each."""
     src = 0 if group is None else dist.get_global_rank(group, 0)
     with torch.no_grad():
-        for tensor in [p.data for p in module.parameters()] + _state_tensors(optimizer):
+        for tensor in tensors:
             wait_work(dist.broadcast(tensor, src=src, group=group, async_op=True))
 
 
@@ -72,10 +77,7 @@ def start_from_rank0(module: torch.nn.Module, group: dist.ProcessGroup | None = 
         log.info("every rank starts from the same parameters and buffers: nothing to broadcast")
         return
     log.info("ranks %s start from other parameters than rank 0: broadcasting rank 0's", differing)
-    src = 0 if group is None else dist.get_global_rank(group, 0)
-    with torch.no_grad():
-        for tensor in tensors:
-            wait_work(dist.broadcast(tensor, src=src, group=group, async_op=True))
+    _broadcast_rank0s(tensors, group)
 
 
 def check_replicas(
