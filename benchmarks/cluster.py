@@ -41,7 +41,7 @@ from disttrain.methods import DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD, get_metho
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings also when run via `disttrain bench`
 import common  # noqa: E402
-from netlab import HOST_INTERFACE, HUB_ADDRESS, NetLab, missing_requirements  # noqa: E402
+from netlab import HOST_INTERFACE, HUB_ADDRESS, NetLab, ready_for  # noqa: E402
 
 log = logging.getLogger("benchmarks.cluster")
 
@@ -475,12 +475,8 @@ def render(results: dict[str, Any], document: Path, out: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     args = parse_args(argv)
-    if not args.render_only:
-        missing = missing_requirements()
-        if missing:
-            log.warning("skipping the cluster benchmark: it needs %s", "; ".join(missing))
-            return 0
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    if not args.render_only and not ready_for("cluster benchmark"):
+        return 0
     results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args, settings_from(args)))
     if results is None:
         return 2

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import logging
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from disttrain.methods import DEFAULT_METHOD, get_method  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings also when run via `disttrain bench`
 import common  # noqa: E402
 from cluster import LIMIT, Run, Settings, execute, interpolate_crossing  # noqa: E402
-from netlab import missing_requirements  # noqa: E402
+from netlab import ready_for  # noqa: E402
 
 log = logging.getLogger("benchmarks.linkbound")
 
@@ -300,12 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for name in (*TRAINED, *COMPUTED[1:]):
         get_method(name)
-    if not args.render_only:
-        missing = missing_requirements()
-        if missing:
-            log.warning("skipping the link-bound benchmark: it needs %s", "; ".join(missing))
-            return 0
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    if not args.render_only and not ready_for("link-bound benchmark"):
+        return 0
     results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args))
     if results is None:
         return 2

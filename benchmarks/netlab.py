@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 
@@ -35,6 +36,17 @@ def missing_requirements() -> list[str]:
         if shutil.which(tool) is None:
             missing.append(f"the `{tool}` command (install iproute2, e.g. `apt-get install iproute2`)")
     return missing
+
+
+def ready_for(benchmark: str) -> bool:
+    """Whether the lab can run here (if not, log what it needs); from then on a SIGTERM ends the
+    run as Ctrl-C does, so the lab's namespaces are taken down."""
+    missing = missing_requirements()
+    if missing:
+        log.warning("skipping the %s: it needs %s", benchmark, "; ".join(missing))
+        return False
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    return True
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import cluster  # noqa: E402
+import netlab  # noqa: E402
 from netlab import NetLab, missing_requirements  # noqa: E402
 
 
@@ -130,7 +131,7 @@ def test_the_table_goes_into_docs_benchmarks_md_by_default():
 
 
 def test_the_benchmark_skips_with_what_is_missing_when_not_root(monkeypatch, caplog):
-    monkeypatch.setattr(cluster, "missing_requirements", lambda: ["root (run as root)"])
+    monkeypatch.setattr(netlab, "missing_requirements", lambda: ["root (run as root)"])
     assert cluster.main(["--small"]) == 0
     assert "skipping the cluster benchmark: it needs root" in caplog.text
 
