@@ -21,9 +21,13 @@ log = logging.getLogger(__name__)
 SUBNET = "10.77.0"
 HUB_ADDRESS = f"{SUBNET}.1"
 HOST_INTERFACE = "eth0"
-# tbf needs a bucket of at least one (GSO) packet; 64 kB also lets TCP keep the link busy.
-TBF_BURST = "64kb"
-TBF_LATENCY = "100ms"
+# tbf's bucket banks idle link time: a bucket of B bytes lets B go out at once after a pause, so
+# it holds a few milliseconds of traffic (at least two full frames: the kernel's tbf splits GSO
+# packets to fit), not seconds of it at slow rates. The queue holds a second of traffic, enough
+# for TCP to keep the link busy.
+TBF_BURST_S = 0.005
+TBF_MIN_BURST_BYTES = 2 * 1514
+TBF_LATENCY = "1s"
 CLONE_NEWNET = 0x40000000
 
 
@@ -47,6 +51,11 @@ def ready_for(benchmark: str) -> bool:
         return False
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     return True
+
+
+def tbf_burst_bytes(rate_mbit: float) -> int:
+    """The tbf bucket for a link of ``rate_mbit``: TBF_BURST_S of its traffic, at least two frames."""
+    return max(TBF_MIN_BURST_BYTES, round(rate_mbit * 1e6 / 8 * TBF_BURST_S))
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,7 @@ class NetLab:
         rate = f"{self.rate_mbit:g}mbit"
         return [
             "tc", "-n", namespace, "qdisc", "add", "dev", device, "root",
-            "tbf", "rate", rate, "burst", TBF_BURST, "latency", TBF_LATENCY,
+            "tbf", "rate", rate, "burst", f"{tbf_burst_bytes(self.rate_mbit)}b", "latency", TBF_LATENCY,
         ]
 
     def namespaces(self) -> list[str]:

@@ -4,6 +4,7 @@ writes, and (as root with iproute2) a real run of its small mode in network name
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,45 @@ def test_every_link_is_capped_in_both_directions():
     caps = [c for c in commands if c[0] == "tc"]
     assert [(c[2], c[6]) for c in caps] == [("t-h0", "eth0"), ("t-hub", "p0"), ("t-h1", "eth0"), ("t-hub", "p1")]
     assert all(c[c.index("rate") + 1] == "20mbit" for c in caps)
+
+
+@pytest.mark.parametrize("rate_mbit", [0.117, 1.17, 20.0, 100.0])
+def test_the_link_bucket_holds_milliseconds_of_traffic_not_seconds(rate_mbit):
+    burst = netlab.tbf_burst_bytes(rate_mbit)
+    assert burst >= netlab.TBF_MIN_BURST_BYTES
+    assert burst * 8 / (rate_mbit * 1e6) <= max(netlab.TBF_BURST_S, netlab.TBF_MIN_BURST_BYTES * 8 / (rate_mbit * 1e6))
+    cap = next(c for c in NetLab(hosts=1, rate_mbit=rate_mbit, prefix="t").setup_commands() if c[0] == "tc")
+    assert cap[cap.index("burst") + 1] == f"{burst}b"
+
+
+@pytest.mark.skipif(bool(missing_requirements()), reason=f"needs {'; '.join(missing_requirements())}")
+def test_a_link_left_idle_does_not_send_a_backlog_at_once():
+    """After a pause, 40 kB at 0.4 Mbit/s takes its 0.8 s, not the instant a large bucket would allow."""
+    lab = NetLab(hosts=2, rate_mbit=0.4, prefix="tidle")
+    lab.setup()
+    receiver_code = (
+        "import socket\ns = socket.create_server(('0.0.0.0', 5601))\nc, _ = s.accept()\nn = 0\n"
+        "while n < 40000:\n    n += len(c.recv(65536))\nc.sendall(b'k')\n"
+    )
+    sender_code = (
+        f"import socket, time\ns = socket.create_connection(('{lab.address(1)}', 5601))\ntime.sleep(2)\n"
+        "t = time.monotonic()\ns.sendall(b'x' * 40000)\ns.recv(1)\nprint(time.monotonic() - t)\n"
+    )
+    try:
+        receiver = subprocess.Popen(lab.in_namespace(lab.host(1), [sys.executable, "-c", receiver_code]))
+        for _ in range(50):
+            probe = subprocess.run(lab.in_namespace(lab.host(1), ["ss", "-ltn"]), capture_output=True, text=True)
+            if ":5601" in probe.stdout:
+                break
+            time.sleep(0.1)
+        sender = subprocess.run(lab.in_namespace(lab.host(0), [sys.executable, "-c", sender_code]),
+                                capture_output=True, text=True, timeout=60)
+        receiver.wait(timeout=30)
+    finally:
+        receiver.kill()
+        lab.teardown()
+    assert sender.returncode == 0, sender.stderr
+    assert float(sender.stdout) >= 0.8 * 40000 * 8 / 0.4e6
 
 
 def test_the_lab_creates_nothing_outside_its_own_namespaces():
