@@ -71,6 +71,11 @@ class Settings:
     max_run_s: float
     small: bool
     seed: int = 0
+    per_node: int = 1  # processes per node: a node is one network namespace, its processes on its loopback
+
+    @property
+    def processes(self) -> int:
+        return self.workers * self.per_node
 
 
 @dataclass(frozen=True)
@@ -81,10 +86,13 @@ class Run:
     rate_mbit: float | None
     elastic: bool = False
     stop_at: int | None = None
+    inner: str = "auto"  # who a worker is, with several processes per node (--inner)
 
     @property
     def label(self) -> str:
-        return f"{self.method} (elastic)" if self.elastic else self.method
+        if self.elastic:
+            return f"{self.method} (elastic)"
+        return self.method if self.inner == "auto" else f"{self.method} (inner {self.inner})"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -155,7 +163,7 @@ def early_stop(run: Run, settings: Settings, limit: dict[str, Any]) -> Run:
     """
     if run.method != LIMIT or run.rate_mbit is None or "step_s" not in limit:
         return run
-    expected = limit["step_s"] + ring_seconds_per_step(limit["dense_bytes_per_step"], settings.workers, run.rate_mbit)
+    expected = limit["step_s"] + ring_seconds_per_step(limit["dense_bytes_per_step"], settings.processes, run.rate_mbit)
     affordable = int(settings.max_run_s / expected) // settings.eval_every * settings.eval_every
     return run if affordable >= settings.steps else Run(run.method, run.rate_mbit, stop_at=max(settings.eval_every, affordable))
 
@@ -173,6 +181,8 @@ def worker_flags(run: Run, settings: Settings, summary_file: Path) -> list[str]:
         flags += ["--stop_at", str(run.stop_at)]
     if run.elastic:
         flags += ["--coordinator", f"tcp://{HUB_ADDRESS}:{COORDINATOR_PORT}", "--job", "cluster"]
+    if run.inner != "auto":
+        flags += ["--inner", run.inner]
     return flags + (SMALL_MODEL_FLAGS if settings.small else [])
 
 
@@ -185,22 +195,22 @@ def coordinator_command(settings: Settings) -> list[str]:
 
 def worker_environment(rank: int, lab: NetLab, settings: Settings, secret: str) -> dict[str, str]:
     """torchrun's variables, pointing at rank 0's namespace, with Gloo on the lab's interface."""
-    env = worker_env(rank, settings.workers, COORDINATOR_PORT + 10)
+    env = worker_env(rank, settings.processes, COORDINATOR_PORT + 10, per_node=settings.per_node)
     env.update(MASTER_ADDR=lab.address(0), GLOO_SOCKET_IFNAME=HOST_INTERFACE, PYTHONUNBUFFERED="1")
     env[SECRET_ENV] = secret
     return env
 
 
 def start_processes(run: Run, lab: NetLab, settings: Settings, summary_file: Path, log_handle) -> list[subprocess.Popen]:
-    """The coordinator (elastic runs) in the hub, then one worker per host namespace."""
+    """The coordinator (elastic runs) in the hub, then every node's processes in its host namespace."""
     secret = secrets.token_hex(32)
     procs = []
     if run.elastic:
         env = {**os.environ, SECRET_ENV: secret}
         command = lab.in_namespace(lab.hub, coordinator_command(settings))
         procs.append(subprocess.Popen(command, env=env, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True))
-    for rank in range(settings.workers):
-        command = lab.in_namespace(lab.host(rank), [sys.executable, "-m", "disttrain.launcher", *worker_flags(run, settings, summary_file)])
+    for rank in range(settings.processes):
+        command = lab.in_namespace(lab.host(rank // settings.per_node), [sys.executable, "-m", "disttrain.launcher", *worker_flags(run, settings, summary_file)])
         procs.append(subprocess.Popen(
             command, env=worker_environment(rank, lab, settings, secret), stdout=log_handle,
             stderr=subprocess.STDOUT, start_new_session=True,
@@ -247,6 +257,33 @@ def execute(run: Run, settings: Settings, logs_dir: Path, timeout_s: float) -> d
     return record
 
 
+class Runner:
+    """Executes runs in the lab, one at a time, keeping every record and a progress bar."""
+
+    def __init__(self, logs_dir: Path, timeout_s: float, total: int):
+        self.logs_dir, self.timeout_s = logs_dir, timeout_s
+        self.bar = tqdm(total=total, desc="runs", unit="run")
+        self.records: list[dict[str, Any]] = []
+
+    def __call__(self, run: Run, settings: Settings, **labels: Any) -> dict[str, Any]:
+        rate = "uncapped" if run.rate_mbit is None else f"{run.rate_mbit:.3g} Mbit/s"
+        layout = f"x{settings.workers}" + (f"x{settings.per_node}" if settings.per_node > 1 else "")
+        self.bar.set_postfix_str(f"{run.label} {layout} @ {rate}")
+        logs_dir = self.logs_dir / f"{'small-' if settings.small else ''}{layout}"
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            **execute(run, settings, logs_dir, self.timeout_s),
+            "workers": settings.workers, "per_node": settings.per_node, "small": settings.small, **labels,
+        }
+        if "history" not in record:
+            raise RuntimeError(f"{run.method} at {rate} failed: {record.get('error')}")
+        log.info("%s %s @ %s: val loss %.4f after %d steps, %.3f s/step", run.label, layout, rate,
+                 record["final_val_loss"], record["steps_run"], record["step_s"])
+        self.records.append(record)
+        self.bar.update()
+        return record
+
+
 def summary_fields(summary: dict[str, Any], tx_bytes: list[int]) -> dict[str, Any]:
     """The record fields taken from rank 0's summary and the interface counters."""
     steps = summary["steps"]
@@ -261,6 +298,8 @@ def summary_fields(summary: dict[str, Any], tx_bytes: list[int]) -> dict[str, An
         "dense_bytes_per_step": summary["dense_bytes_per_step"],
         "wire_bytes_per_step": sum(tx_bytes) / len(tx_bytes) / steps,
         "replicas_identical": summary["replicas_identical"],
+        "held_bytes": summary.get("held_bytes", {}),
+        "peak_rss_bytes": summary.get("peak_rss_bytes"),
     }
 
 

@@ -30,14 +30,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from disttrain.methods import DEFAULT_METHOD, get_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings also when run via `disttrain bench`
 import common  # noqa: E402
-from cluster import LIMIT, Run, Settings, execute, interpolate_crossing  # noqa: E402
+from cluster import LIMIT, Run, Runner, Settings, interpolate_crossing  # noqa: E402
 from netlab import ready_for  # noqa: E402
 
 log = logging.getLogger("benchmarks.linkbound")
@@ -70,29 +69,6 @@ def base_settings(args: argparse.Namespace, workers: int = 4, small: bool = Fals
         workers=workers, steps=args.steps, eval_every=args.eval_every, target_step=args.steps // 2 // args.eval_every * args.eval_every,
         headline_mbit=0.0, calibration_steps=PROBE_STEPS, max_run_s=0.0, small=small,
     )
-
-
-class Runner:
-    """Executes runs in the lab, one at a time, keeping every record and a progress bar."""
-
-    def __init__(self, logs_dir: Path, timeout_s: float, total: int):
-        self.logs_dir, self.timeout_s = logs_dir, timeout_s
-        self.bar = tqdm(total=total, desc="runs", unit="run")
-        self.records: list[dict[str, Any]] = []
-
-    def __call__(self, run: Run, settings: Settings, **labels: Any) -> dict[str, Any]:
-        rate = "uncapped" if run.rate_mbit is None else f"{run.rate_mbit:.3g} Mbit/s"
-        self.bar.set_postfix_str(f"{run.method} x{settings.workers} @ {rate}")
-        logs_dir = self.logs_dir / f"{'small-' if settings.small else ''}x{settings.workers}"
-        logs_dir.mkdir(parents=True, exist_ok=True)
-        record = {**execute(run, settings, logs_dir, self.timeout_s), "workers": settings.workers, "small": settings.small, **labels}
-        if "history" not in record:
-            raise RuntimeError(f"{run.method} at {rate} failed: {record.get('error')}")
-        log.info("%s x%d @ %s: val loss %.4f after %d steps, %.3f s/step", run.method, settings.workers, rate,
-                 record["final_val_loss"], record["steps_run"], record["step_s"])
-        self.records.append(record)
-        self.bar.update()
-        return record
 
 
 def nominal_rate(uncapped: dict[str, Any]) -> float:

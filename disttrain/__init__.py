@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
+from disttrain.comm.layout import shard_within_node  # noqa: E402
 from disttrain.methods import DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD  # noqa: E402
 from disttrain.session import Session, StepReport, wrap  # noqa: E402
 
-__all__ = ["DEFAULT_METHOD", "DEFAULT_PER_STEP_METHOD", "Session", "StepReport", "wrap"]
+__all__ = ["DEFAULT_METHOD", "DEFAULT_PER_STEP_METHOD", "Session", "StepReport", "shard_within_node", "wrap"]

@@ -23,6 +23,8 @@ from disttrain.launcher import worker
 from disttrain.launcher.local import free_port, launch_local
 from disttrain.logs import set_tag, setup_logging
 from disttrain.methods import DEFAULT_METHOD
+from disttrain.comm.layout import NODE_MODES
+from disttrain.train.config import TrainConfig
 from disttrain.train.flags import OneLineParser, canonical_flags
 
 log = logging.getLogger("disttrain")
@@ -107,22 +109,34 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     """Under torchrun: be one worker. Else check everything, then start ``--nproc`` local workers."""
-    worker_argv = _without_nproc(argv)
+    worker_argv = _without_launch_flags(argv)
     if "RANK" in os.environ:
         return worker.main(worker_argv)
-    worker.check_worker_args(args)
-    return launch_local(args.nproc, worker_argv, elastic=bool(args.coordinator))
+    config = worker.check_worker_args(args)
+    check_local_nodes(config, args.nproc, args.nproc_per_node)
+    return launch_local(args.nproc, worker_argv, elastic=bool(args.coordinator), per_node=args.nproc_per_node)
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
-    """The ``train`` flags a worker takes: all but ``--nproc N``."""
+def check_local_nodes(config: TrainConfig, nproc: int, per_node: int) -> None:
+    """The local processes must make whole nodes, and --inner ddp or fsdp needs nodes of several."""
+    if nproc % per_node:
+        raise UsageError(f"--nproc {nproc} is not a whole number of nodes of --nproc-per-node {per_node}")
+    if config.inner in NODE_MODES and per_node < 2:
+        raise UsageError(f"--inner {config.inner} makes a node of several processes one worker: add --nproc-per-node G (G > 1)")
+
+
+LAUNCH_FLAGS = ("--nproc", "--nproc-per-node")  # what `disttrain train` takes for itself, not its workers
+
+
+def _without_launch_flags(argv: list[str]) -> list[str]:
+    """The ``train`` flags a worker takes: all but ``--nproc N`` and ``--nproc-per-node G``."""
     kept, skip = [], False
     for token in argv:
         if skip:
             skip = False
-        elif token == "--nproc":
+        elif token in LAUNCH_FLAGS:
             skip = True
-        elif not token.startswith("--nproc="):
+        elif not token.startswith(tuple(f"{flag}=" for flag in LAUNCH_FLAGS)):
             kept.append(token)
     return kept
 
@@ -163,7 +177,11 @@ def _add_train(commands) -> None:
         usage="%(prog)s [--nproc N] [--config FILE] [--FLAG VALUE ...]  (every flag below)",
     )
     train.add_argument(
-        "--nproc", type=_positive(int), default=1, metavar="N", help="local workers to start when not under torchrun (default: 1)"
+        "--nproc", type=_positive(int), default=1, metavar="N", help="local processes to start when not under torchrun (default: 1)"
+    )
+    train.add_argument(
+        "--nproc-per-node", type=_positive(int), default=1, metavar="G",
+        help="local processes per emulated node, as torchrun's --nproc-per-node (default: 1, every process its own site)",
     )
     worker.add_worker_arguments(train)
 

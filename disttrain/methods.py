@@ -33,11 +33,14 @@ class EngineTraits:
     federated: bool = False  # trains without a per-step gradient exchange, as --mode federated needs
     closes_early: bool = False  # a round may close at a quorum or a deadline, without its stragglers
     overlaps: bool = False  # a round's exchange runs behind the next round's local steps (sequenced by the Session)
+    nodes: bool = False  # a node of several processes can be one worker (inner "ddp": torch DDP inside it)
 
 
 ENGINES: dict[Engine, EngineTraits] = {
     "disttrain": EngineTraits(compresses=True, elastic=True, user_optimizer=True),
-    "local_steps": EngineTraits(compresses=True, rounds=True, elastic=True, user_optimizer=True, federated=True, closes_early=True),
+    "local_steps": EngineTraits(
+        compresses=True, rounds=True, elastic=True, user_optimizer=True, federated=True, closes_early=True, nodes=True
+    ),
     "overlapped_rounds": EngineTraits(compresses=True, rounds=True, user_optimizer=True, overlaps=True),
     "zeroth_order": EngineTraits(federated=True),
     "ddp": EngineTraits(user_optimizer=True, torch_ddp=True),

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.allreduce import DEFAULT_BUCKET_CAP_BYTES
+from disttrain.comm.layout import INNER_MODES, NODE_MODES, Inner, Layout, layout_for, tensors_bytes
 from disttrain.comm.waiting import wait_work
 from disttrain.compress.factory import CompressionSpec
 from disttrain.exchange import Exchange, ExchangeOptions, build_exchange
@@ -54,7 +55,7 @@ from disttrain.federated.zeroth_order import ZOConfig
 from disttrain.methods import DEFAULT_METHOD, PROJECTED_OPTIMIZERS, Method, get_method
 from disttrain.optim.projected_adamw import ProjectedAdamW
 from disttrain.train import checkpoint
-from disttrain.train.replica import check_replicas, parameter_digest, tensors_digest
+from disttrain.train.replica import check_replicas, tensors_digest
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,13 @@ class Session:
     ``coordinator_key`` or $DISTTRAIN_COORDINATOR_KEY when it runs with ``--curve-keys``),
     and membership changes at round starts (every ``sync_every`` steps for per-step methods) and
     after failures, inside step(). ``membership`` takes one you built instead (the CLI's workers do).
+
+    ``inner`` says who a worker is: ``"flat"``, every process; ``"ddp"``, a node of torchrun's
+    LOCAL_WORLD_SIZE processes, which average every inner step by torch DDP (forward through
+    ``session.module``) while each exchanges its share of the parameters with the other nodes
+    (docs/nodes.md); ``"fsdp"``, the same with FSDP2 inside the node (shard the model with
+    ``disttrain.shard_within_node`` before building the optimizer); ``"auto"``, ddp when the job
+    spans several nodes of several processes each.
     """
 
     def __init__(
@@ -172,29 +180,36 @@ class Session:
         coordinator_key: str | None = None,
         membership: Membership | None = None,
         resume_from: str | Path | None = None,
+        inner: Inner = "auto",
         **compression: Any,
     ):
         self.method = resolve_method(method, local_steps, compression)
         _check_optimizer(model, optimizer, self.method)
+        if inner not in INNER_MODES:
+            raise ValueError(f"inner must be one of {', '.join(INNER_MODES)}, got {inner!r}")
         if check_every < 0:
             raise ValueError(f"check_every must be >= 0 steps (0: never), got {check_every}")
         if not 0 < round_quorum <= 1:
             raise ValueError(f"round_quorum is a share of the workers in (0, 1], got {round_quorum}")
-        self.fingerprint = model_fingerprint(model, dataclasses.asdict(self.method), seed)
+        job_fingerprint = model_fingerprint(model, dataclasses.asdict(self.method), seed)  # what an elastic job's members share
         self.members: Membership = membership or membership_for(
-            group, coordinator, job, secret_file, self.fingerprint, coordinator_key
+            group, coordinator, job, secret_file, job_fingerprint, coordinator_key
         )
         if self.members.elastic:
             self.method.require_elastic()
+            if inner in NODE_MODES:
+                raise ValueError(f"inner {inner!r} (a node as one worker) keeps its nodes fixed: under a coordinator use inner 'flat'")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.group = group
         self.check_every = check_every
         self.on_step = on_step
-        self.members.join(model)
+        self.layout: Layout = layout_for("flat" if self.members.elastic else inner, group)
+        self.members.join(self.layout.replica_tensors(model) + list(model.buffers()), self.layout.replica_group)
+        self.fingerprint = model_fingerprint(model, {**dataclasses.asdict(self.method), **self.layout.fingerprint_fields()}, seed)
         options = ExchangeOptions(
             seed=seed, group=group, link_mbit=link_mbit, bucket_cap_bytes=bucket_cap_bytes, overlap=overlap,
             elastic=self.members.elastic, total_steps=total_steps, round_quorum=round_quorum,
-            round_deadline_s=round_deadline_s, zeroth_order=zeroth_order or ZOConfig(),
+            round_deadline_s=round_deadline_s, zeroth_order=zeroth_order or ZOConfig(), layout=self.layout,
         )
         self.exchange: Exchange = build_exchange(model, optimizer, self.method, options)
         self.steps = 0  # steps done; a joiner starts at the donor's (loop with `while session.steps < total`)
@@ -210,8 +225,9 @@ class Session:
         self.members.agree(self)
         self.members.settle(self)  # what every member does between steps; a joiner starts here
         log.info(
-            "session: method %s, %d parameters exchanged, dense fp32 would send %d bytes per step",
+            "session: method %s, %d parameters exchanged, dense fp32 would send %d bytes per step; %s",
             self.method.name, sum(p.numel() for p in model.parameters() if p.requires_grad), self.dense_bytes_per_step,
+            self.layout.describe(),
         )
 
     # --- the loop ---------------------------------------------------------------------
@@ -321,7 +337,8 @@ class Session:
         """The run so far in one dict: steps, bytes (payload and wire), compression, replica checks."""
         return {
             "steps": self.steps,
-            "workers": dist.get_world_size(self.group),
+            "workers": self.layout.workers,
+            "processes_per_worker": self.layout.processes_per_worker,
             "method": self.method.name,
             "bytes_per_step": round(self.bytes_per_step, 1),
             "wire_bytes_per_step": round(self.wire_bytes_per_step, 1),
@@ -332,6 +349,15 @@ class Session:
             "parameter_digest": self.parameters_digest()[:16],
         }
 
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this process holds between steps (under FSDP2, of its shards), where replicas agree:
+        the parameters, the optimizer's state, the exchange's (round start, outer momentum, votes, residuals)."""
+        return {
+            "parameters": tensors_bytes(self.model.parameters()),
+            "optimizer": tensors_bytes(self.optimizer.state.values()),
+            "exchange": tensors_bytes([self.exchange.state_dict()]),
+        }
+
     # --- replicas ---------------------------------------------------------------------
     def check_if_due(self) -> None:
         """The replica check that fell due (every ``check_every`` steps), once the replicas agree."""
@@ -340,18 +366,18 @@ class Session:
             self._check_due = False
 
     def parameters_digest(self) -> str:
-        """SHA-256 (hex) of this replica's parameters, bit for bit."""
-        return parameter_digest(self.model).hex()
+        """SHA-256 (hex) of this replica's parameters (under FSDP2: of this process's shards), bit for bit."""
+        return tensors_digest(self.layout.replica_tensors(self.model)).hex()
 
     def check_replicas(self) -> bool:
         """Collective, where replicas agree (``in_sync``): True when every rank holds bit-identical
         parameters; otherwise logs the differing ranks and copies rank 0's weights to all."""
         if not self.in_sync:
             raise RuntimeError("replicas agree only at round ends: check them when session.in_sync (or after finish())")
-        identical = check_replicas(self.model, self.exchange.shared_optimizer, self.group, self.steps)
-        if not identical:
-            self.exchange.adopt_repaired_weights()
-        elif self.members.elastic:
+        identical = check_replicas(
+            self.model, self.layout.replica_group, self.steps, self.exchange.take_rank0_replica, self.layout.replica_tensors(self.model)
+        )
+        if identical and self.members.elastic:
             log.info("replicas identical at step %d (digest %s)", self.steps, self.parameters_digest()[:16])
         self.replicas_identical &= identical
         return identical

@@ -31,13 +31,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker_env(rank: int, world_size: int, port: int, threads: int = 1) -> dict[str, str]:
+def worker_env(rank: int, world_size: int, port: int, threads: int = 1, per_node: int = 1) -> dict[str, str]:
+    """torchrun's variables for local process ``rank``. With ``per_node`` > 1 the processes form
+    emulated nodes of that many, numbered node by node; otherwise they are one machine's processes."""
+    local_size = per_node if per_node > 1 else world_size
     env = dict(os.environ)
     env.update(
         RANK=str(rank),
-        LOCAL_RANK=str(rank),
+        LOCAL_RANK=str(rank % local_size),
         WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(local_size),
+        GROUP_RANK=str(rank // local_size),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         OMP_NUM_THREADS=str(threads),
@@ -114,8 +118,10 @@ class OutputRelay:
             self._bar.close()
 
 
-def launch_local(nproc: int, worker_args: list[str], timeout_s: float | None = None, elastic: bool = False) -> int:
-    """Run ``python -m disttrain.launcher worker_args`` as ``nproc`` processes.
+def launch_local(
+    nproc: int, worker_args: list[str], timeout_s: float | None = None, elastic: bool = False, per_node: int = 1
+) -> int:
+    """Run ``python -m disttrain.launcher worker_args`` as ``nproc`` processes (in nodes of ``per_node``).
 
     Static (torchrun-style) workers stand or fall together: the first failure stops the others and
     its exit code is returned. Elastic workers (under a coordinator) may be lost on the way: the
@@ -128,7 +134,7 @@ def launch_local(nproc: int, worker_args: list[str], timeout_s: float | None = N
     relay = OutputRelay()
     procs = []
     for rank in range(nproc):
-        env = {**worker_env(rank, nproc, port), PROGRESS_ENV: "lines"}
+        env = {**worker_env(rank, nproc, port, per_node=per_node), PROGRESS_ENV: "lines"}
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         relay.follow(proc.stdout, sys.stdout)
         relay.follow(proc.stderr, sys.stderr)

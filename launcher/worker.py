@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.device import resolve_device
+from disttrain.comm.layout import NODE_MODES
 from disttrain.comm.process_group import close_process_group
 from disttrain.elastic.agent import CoordinatorUnreachable, GenerationTimeout, JobFinished, WorkerRefused
 from disttrain.elastic.curve import coordinator_public_key
@@ -83,6 +84,8 @@ def check_worker_args(args: argparse.Namespace) -> TrainConfig:
     config = config_from_args(args)
     if args.coordinator:
         get_method(config.method_name).require_elastic()
+        if config.inner in NODE_MODES:
+            raise ValueError(f"--inner {config.inner} keeps its nodes fixed, and --coordinator changes membership: use --inner flat there")
     return config
 
 

@@ -16,8 +16,10 @@ import torch.multiprocessing as mp
 from disttrain.launcher.local import free_port
 
 
-def _entry(fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple) -> None:
+def _entry(fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple, per_node: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    # torchrun's view of nodes: ranks numbered node by node
+    os.environ.update(LOCAL_RANK=str(rank % per_node), LOCAL_WORLD_SIZE=str(per_node), GROUP_RANK=str(rank // per_node))
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
@@ -33,18 +35,24 @@ def _entry(fn: Callable, rank: int, world_size: int, port: int, results: Any, ar
 
 
 def run_workers(
-    fn: Callable, world_size: int, *args: Any, timeout_s: float = 180, vanishing_ranks: tuple[int, ...] = ()
+    fn: Callable,
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 180,
+    vanishing_ranks: tuple[int, ...] = (),
+    per_node: int = 1,
 ) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` processes; returns results by rank.
 
     ``fn`` must be a module-level function. Any worker's exception fails the call with its
     traceback. Ranks in ``vanishing_ranks`` are expected to exit without a result (None).
+    ``per_node`` processes share a node, as torchrun's --nproc-per-node sets them up.
     """
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
     procs = [
-        context.Process(target=_entry, args=(fn, rank, world_size, port, results, args))
+        context.Process(target=_entry, args=(fn, rank, world_size, port, results, args, per_node))
         for rank in range(world_size)
     ]
     for proc in procs:

@@ -61,6 +61,19 @@ def test_torchrun_starts_workers_with_the_launcher_module():
     assert last_json_line(result.stdout)["workers"] == 2
 
 
+@pytest.mark.parametrize("inner", ["auto", "fsdp"])
+def test_train_runs_emulated_nodes_of_several_processes_as_one_worker_each(inner):
+    result = run(
+        "disttrain", "train", "--nproc", "4", "--nproc-per-node", "2", "--inner", inner, "--steps", "5", "--eval-every", "5",
+        *TINY_FLAGS,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = last_json_line(result.stdout)
+    assert (summary["workers"], summary["processes_per_worker"]) == (2, 2)
+    assert summary["replicas_identical"] is True
+    assert "2 nodes x 2 processes" in result.stderr
+
+
 def test_config_file_sets_fields_and_flags_override_it(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('steps = 50\nmethod = "seeded-int8-reconstruct"\n[model]\nn_layer = 1\n')
@@ -98,6 +111,15 @@ BAD_INPUTS = {
     "malformed address": (["train", "--coordinator", "localhost:29400"], "use tcp://HOST:PORT"),
     "missing corpus": (["train", "--data.corpus", "/no/such/corpus.txt"], "corpus '/no/such/corpus.txt' not found"),
     "missing config file": (["train", "--config", "/no/such/run.toml"], "config file '/no/such/run.toml' not found"),
+    "nodes of one process": (["train", "--nproc", "2", "--inner", "ddp"], "add --nproc-per-node G (G > 1)"),
+    "no whole nodes": (["train", "--nproc", "3", "--nproc-per-node", "2"], "--nproc 3 is not a whole number of nodes"),
+    "nodes with a per-step method": (
+        ["train", "--nproc", "4", "--nproc-per-node", "2", "--inner", "ddp", "--method", "power-int4-r16"],
+        "pick a diloco-* or fedavg-* method without overlap, or --inner flat",
+    ),
+    "nodes under a coordinator": (
+        ["train", "--inner", "ddp", "--coordinator", "tcp://127.0.0.1:29400"], "use --inner flat there",
+    ),
 }
 
 

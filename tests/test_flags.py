@@ -54,8 +54,8 @@ def test_the_underscore_spelling_is_an_alias_of_the_dashed_flag():
     assert dashed == underscored and dashed.eval_every == 7 and dashed.model.n_layer == 2
 
 
-def test_disttrain_train_takes_the_workers_flags_and_nproc():
-    assert set(options(train_parser())) == set(options(worker.build_parser())) | {"--nproc"}
+def test_disttrain_train_takes_the_workers_flags_and_its_launch_flags():
+    assert set(options(train_parser())) == set(options(worker.build_parser())) | set(cli.LAUNCH_FLAGS)
 
 
 def test_flags_are_grouped_by_concern():

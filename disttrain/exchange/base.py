@@ -11,8 +11,10 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.allreduce import DEFAULT_BUCKET_CAP_BYTES
+from disttrain.comm.layout import FlatLayout, Layout
 from disttrain.comm.link import LinkEmulator
 from disttrain.federated.zeroth_order import ZOConfig
+from disttrain.train.replica import broadcast_from_rank0
 
 Closure = Callable[[], torch.Tensor]  # a forward pass that returns the loss
 
@@ -31,6 +33,7 @@ class ExchangeOptions:
     round_quorum: float = 1.0  # a round closes once this share of the workers finished it
     round_deadline_s: float | None = None  # ... or this long after the first finished
     zeroth_order: ZOConfig = field(default_factory=ZOConfig)
+    layout: Layout = field(default_factory=FlatLayout)  # who a worker is: a process, or a node of several
 
     def link(self) -> LinkEmulator | None:
         return LinkEmulator(self.link_mbit) if self.link_mbit else None
@@ -60,12 +63,9 @@ class Exchange(Protocol):
     def membership_may_change(self, steps: int, sync_every: int) -> bool:
         """Whether elastic members may switch generations before step ``steps`` (replicas agree there)."""
 
-    @property
-    def shared_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer whose state every replica holds alike (what a replica repair copies from rank 0)."""
-
-    def adopt_repaired_weights(self) -> None:
-        """After a repair copied rank 0's weights into the model: make the exchange's own copies agree."""
+    def take_rank0_replica(self) -> None:
+        """Collective, after a replica check found replicas that differ: every rank takes rank 0's
+        weights and the optimizer state every replica holds alike."""
 
     def finish(self) -> bool:
         """Exchange what is pending, so that replicas agree; True when it exchanged."""
@@ -91,6 +91,7 @@ class EveryStepAgrees:
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    group: dist.ProcessGroup | None
     in_sync = True
 
     def local_work_counts(self, step: int) -> bool:
@@ -102,12 +103,8 @@ class EveryStepAgrees:
     def finish(self) -> bool:
         return False  # every step already ended in agreement
 
-    @property
-    def shared_optimizer(self) -> torch.optim.Optimizer:
-        return self.optimizer  # it applies the same averaged update on every replica
-
-    def adopt_repaired_weights(self) -> None:
-        pass  # the model's weights are the only copy
+    def take_rank0_replica(self) -> None:
+        broadcast_from_rank0(self.model, self.optimizer, self.group)  # the same averaged update ran on every replica
 
     def replica_parameters(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]

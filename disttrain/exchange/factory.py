@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from disttrain.exchange.base import Exchange, ExchangeOptions
+from disttrain.comm.layout import NodeLayout
 from disttrain.exchange.local_rounds import LocalRoundsExchange
+from disttrain.exchange.node_rounds import node_rounds
 from disttrain.exchange.overlapped_rounds import OverlappedRoundsExchange
 from disttrain.exchange.per_step import PerStepExchange
 from disttrain.exchange.torch_ddp import TorchDDPExchange
@@ -15,6 +17,13 @@ from disttrain.methods import Method
 
 def build_exchange(model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions) -> Exchange:
     """The exchange of ``method`` for ``model`` trained by ``optimizer``."""
+    if isinstance(options.layout, NodeLayout):
+        if not method.traits.nodes:
+            raise ValueError(
+                f"method {method.name!r} cannot make a node of several processes one worker (inner 'ddp' or 'fsdp'); local-step "
+                "methods without overlap can (e.g. diloco-sparse-k4-h5), or use inner 'flat'"
+            )
+        return node_rounds(model, optimizer, method, options, options.layout)
     if method.engine == "disttrain":
         return PerStepExchange(model, optimizer, method, options)
     if method.engine == "local_steps":

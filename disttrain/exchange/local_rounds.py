@@ -27,6 +27,7 @@ from disttrain.methods import Method
 from disttrain.optim.local_subspace import LocalSubspace
 from disttrain.optim.projected_adamw import ProjectedAdamW
 from disttrain.train.outer import OuterStep
+from disttrain.train.replica import broadcast_from_rank0
 from disttrain.train.rounds import RoundClosing
 
 log = logging.getLogger(__name__)
@@ -39,15 +40,23 @@ class LocalRoundsExchange:
     needs_closure = False
 
     def __init__(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions, overlap: bool = False
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        method: Method,
+        options: ExchangeOptions,
+        overlap: bool = False,
+        exchanged: list[torch.nn.Parameter] | None = None,
     ):
-        self.module = model
+        """``exchanged``: the parameters this worker's exchange carries (default: every trainable one)."""
+        self.model = self.module = model
         self.optimizer = optimizer
         self.local_steps = method.local_steps
         self.total_steps = options.total_steps
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        if exchanged is None:
+            exchanged = [p for p in model.parameters() if p.requires_grad]
         self.outer = OuterStep(
-            trainable, method, options.seed, peak_lr_of(optimizer), options.group, options.link(), options.elastic, overlap
+            exchanged, method, options.seed, peak_lr_of(optimizer), options.group, options.link(), options.elastic, overlap
         )
         self.reducer = self.outer.reducer
         self.subspace: LocalSubspace | None = None
@@ -122,11 +131,9 @@ class LocalRoundsExchange:
     def membership_may_change(self, steps: int, sync_every: int) -> bool:
         return self.in_sync  # at round starts, where every member holds the global weights
 
-    @property
-    def shared_optimizer(self) -> torch.optim.Optimizer:
-        return self.outer.outer  # the outer SGD; the inner optimizer's state is this worker's own
-
-    def adopt_repaired_weights(self) -> None:
+    def take_rank0_replica(self) -> None:
+        # The outer SGD's state is shared; the inner optimizer's is this worker's own.
+        broadcast_from_rank0(self.model, self.outer.outer, self.reducer.group)
         self.outer.adopt_current_weights()
 
     def replica_parameters(self) -> list[torch.Tensor]:

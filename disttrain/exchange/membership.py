@@ -64,8 +64,9 @@ T = TypeVar("T")
 class Membership(Protocol):
     elastic: bool
 
-    def join(self, model: torch.nn.Module) -> None:
-        """Take part in a process group (before the exchange is built on it)."""
+    def join(self, start: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+        """Take part in a process group (before the exchange is built on it); ``start`` (the model's
+        parameters and buffers, or what this process holds of them) begins as rank 0's of ``group``."""
 
     def agree(self, replica: Replica) -> None:
         """Bring every member to the same state (after the exchange is built)."""
@@ -103,10 +104,10 @@ class FixedGroup:
     def __init__(self, group: dist.ProcessGroup | None):
         self.group = group
 
-    def join(self, model: torch.nn.Module) -> None:
+    def join(self, start: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
         """Every rank starts from rank 0's parameters and buffers (sent only where they differ)."""
         _require_process_group()
-        start_from_rank0(model, group=self.group)
+        start_from_rank0(start, group)
 
     def agree(self, replica: Replica) -> None:
         pass  # join() copied rank 0's weights already
@@ -153,8 +154,8 @@ class ElasticGroup:
     def agent(self) -> Agent:
         return self.membership.agent
 
-    def join(self, model: torch.nn.Module) -> None:
-        """Ask the coordinator for a place and wait until a generation holds this worker."""
+    def join(self, start: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+        """Ask the coordinator for a place and wait until a generation holds this worker (a donor's state follows)."""
         log.info("asking the coordinator at %s to join job %r", self.agent.address, self.agent.job)
         self.agent.start()
         try:

@@ -29,6 +29,7 @@ class PerStepExchange(EveryStepAgrees):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions):
         self.model = self.module = model
         self.optimizer = optimizer
+        self.group = options.group
         self.reducer = CompressedAllReduce(
             model.parameters(), method.compression, options.seed, options.group, options.bucket_cap_bytes,
             overlap=options.overlap, link=options.link(), fixed_membership=not options.elastic,

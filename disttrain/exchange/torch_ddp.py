@@ -49,6 +49,7 @@ class TorchDDPExchange(EveryStepAgrees):
             raise RuntimeError(f"method {method.name!r} needs an initialised process group (torch DDP)")
         self.model = model
         self.optimizer = optimizer
+        self.group = options.group
         self.dense_bytes_per_step = sum(p.numel() * 4 for p in model.parameters())
         # One bucket: several powerSGD buckets in flight can issue collectives in different
         # orders on different ranks over a slow link (see docs/design.md).

@@ -29,6 +29,7 @@ class ZerothOrderExchange(EveryStepAgrees):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions):
         self.model = self.module = model
         self.optimizer = optimizer
+        self.group = options.group
         self.method_name = method.name
         self.zo = options.zeroth_order
         self.peak_lr = peak_lr_of(optimizer)

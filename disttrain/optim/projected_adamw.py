@@ -19,6 +19,7 @@ from typing import Iterable, Literal, Protocol, get_args
 
 import torch
 
+from disttrain.comm.layout import tensors_bytes
 from disttrain.compress.base import Compressor
 
 RefreshMoments = Literal["keep", "reproject", "reset"]
@@ -31,13 +32,8 @@ class CoefficientSource(Protocol):
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in an optimizer's per-parameter state tensors."""
-    return sum(
-        value.numel() * value.element_size()
-        for state in optimizer.state.values()
-        for value in state.values()
-        if torch.is_tensor(value)
-    )
+    """Bytes this process holds in an optimizer's per-parameter state tensors (its shards, under FSDP2)."""
+    return tensors_bytes(value for state in optimizer.state.values() for value in state.values())
 
 
 class ProjectedAdamW(torch.optim.Optimizer):

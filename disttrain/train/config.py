@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 
 from disttrain.comm.allreduce import check_rank_fits
+from disttrain.comm.layout import NODE_MODES, Inner
 from disttrain.data.corpus import DataConfig
 from disttrain.federated.config import FederatedConfig
 from disttrain.federated.zeroth_order import ZOConfig
@@ -74,6 +75,11 @@ class TrainConfig:
     checkpoint_every: int = option(0, "steps between checkpoints (0: none)", RUN)
     link_mbit: float | None = option(None, "emulate a slow uplink of this many Mbit/s by pacing every collective", METHOD)
     overlap: bool = option(True, "launch each bucket's collective during backward", METHOD)
+    inner: Inner = option(
+        "auto", "who a worker is: flat (every process), ddp (a node of several processes: torch DDP inside, the exchange "
+        "between nodes), fsdp (the same with FSDP2 inside: each process holds a shard of the model), auto (ddp when the "
+        "job spans several nodes of several processes each)", METHOD,
+    )
     device: Device = option("auto", "auto: this process's GPU if torch sees one, else the CPU", RUN)
     precision: Precision = option("fp32", "bf16: forward and backward under autocast; weights, bytes and optimizer stay fp32", RUN)
     model: GPTConfig = section(GPTConfig, "model: the small GPT of --mode lm")
@@ -105,6 +111,13 @@ class TrainConfig:
                 f"federated mode trains in rounds, and {self.method_name!r} exchanges gradients every step: "
                 f"pick a fedavg-*, diloco-* or zo-* method, or drop --method for {DEFAULT_FEDERATED_METHOD!r}"
             )
+        if self.inner in NODE_MODES and not method.traits.nodes:
+            raise ValueError(
+                f"--inner {self.inner} makes a node of several processes one worker of local-step rounds, and {self.method_name!r} "
+                "cannot run that way: pick a diloco-* or fedavg-* method without overlap, or --inner flat"
+            )
+        if self.inner in NODE_MODES and (self.round_quorum < 1 or self.round_deadline_s is not None):
+            raise ValueError("round-quorum and round-deadline-s need every process to be a worker: drop them or use --inner flat")
         if (self.round_quorum < 1 or self.round_deadline_s is not None) and not method.traits.closes_early:
             raise ValueError(
                 f"round-quorum and round-deadline-s close local-step rounds early, and {self.method_name!r} has no rounds "

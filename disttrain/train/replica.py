@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -46,10 +46,15 @@ def broadcast_from_rank0(
     group: dist.ProcessGroup | None = None,
 ) -> None:
     """Overwrite parameters (and optimizer state) on every worker with rank 0's."""
-    _broadcast_rank0s([p.data for p in module.parameters()] + _state_tensors(optimizer), group)
+    broadcast_tensors_from_rank0([p.data for p in module.parameters()] + _state_tensors(optimizer), group)
 
 
-def _broadcast_rank0s(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+def broadcast_optimizer_from_rank0(optimizer: torch.optim.Optimizer, group: dist.ProcessGroup | None = None) -> None:
+    """Overwrite the optimizer's state on every worker of ``group`` with its rank 0's."""
+    broadcast_tensors_from_rank0(_state_tensors(optimizer), group)
+
+
+def broadcast_tensors_from_rank0(tensors: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
     """Collective: every rank's ``tensors`` become rank 0's, one broadcast each."""
     src = 0 if group is None else dist.get_global_rank(group, 0)
     with torch.no_grad():
@@ -68,26 +73,29 @@ def ranks_differing_from_rank0(digest: bytes, group: dist.ProcessGroup | None = 
     return [r for r in range(world) if not torch.equal(digests[r], digests[0])]
 
 
-def start_from_rank0(module: torch.nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Collective: every rank ends with rank 0's parameters and buffers. They are compared by digest
-    first and sent only if some rank's differ: on a slow link the whole model is worth not sending."""
-    tensors = [p.data for p in module.parameters()] + list(module.buffers())
+def start_from_rank0(tensors: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
+    """Collective: every rank ends with rank 0's ``tensors`` (a model's parameters and buffers). They are
+    compared by digest first and sent only if some rank's differ: on a slow link a model is worth not sending."""
+    tensors = [t.detach() for t in tensors]
     differing = ranks_differing_from_rank0(tensors_digest(tensors), group)
     if not differing:
         log.info("every rank starts from the same parameters and buffers: nothing to broadcast")
         return
     log.info("ranks %s start from other parameters than rank 0: broadcasting rank 0's", differing)
-    _broadcast_rank0s(tensors, group)
+    broadcast_tensors_from_rank0(tensors, group)
 
 
 def check_replicas(
     module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
     group: dist.ProcessGroup | None = None,
     step: int | None = None,
+    repair: Callable[[], None] | None = None,
+    tensors: list[torch.Tensor] | None = None,
 ) -> bool:
-    """True when every worker holds bit-identical parameters; otherwise log and repair."""
-    diverged = ranks_differing_from_rank0(parameter_digest(module), group)
+    """True when every worker holds bit-identical parameters (or ``tensors``: what each replica holds
+    of them); otherwise log and ``repair()`` (by default: every rank takes rank 0's parameters)."""
+    mine = parameter_digest(module) if tensors is None else tensors_digest(tensors)
+    diverged = ranks_differing_from_rank0(mine, group)
     if not diverged:
         return True
     log.error(
@@ -95,5 +103,5 @@ def check_replicas(
         step,
         diverged,
     )
-    broadcast_from_rank0(module, optimizer, group)
+    (repair or (lambda: broadcast_from_rank0(module, None, group)))()
     return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.device import collective_device, resolve_device
+from disttrain.comm.layout import shard_within_node
 from disttrain.comm.waiting import wait_work
 from disttrain.exchange.membership import FixedGroup, Membership
 from disttrain.progress import progress_for
@@ -20,7 +22,6 @@ from disttrain.session import CheckpointMismatch, Session
 from disttrain.train.config import TrainConfig
 from disttrain.train.forward import forward_loss, forward_outputs
 from disttrain.train.optimizer import build_optimizer
-from disttrain.train.replica import parameter_digest
 from disttrain.train.task import Batch, batch_to, build_task
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class EvalPoint:
 
 @dataclass
 class RunSummary:
-    workers: int
+    workers: int  # members of the compressed exchange: processes, or nodes of several (--inner ddp)
     steps: int
     method: str
     val_loss: float
@@ -53,6 +54,9 @@ class RunSummary:
     replicas_identical: bool
     wire_bytes_per_step: float = 0.0  # what those collectives moved per worker (all_gather: W-1 payloads received)
     parameter_digest: str = ""
+    processes_per_worker: int = 1
+    held_bytes: dict[str, int] = field(default_factory=dict)  # what this process holds (Session.held_bytes), when in sync
+    peak_rss_bytes: int = 0  # this process's peak resident memory
     history: list[EvalPoint] = field(default_factory=list)
 
     def headline(self) -> dict[str, Any]:
@@ -168,6 +172,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.task = build_task(config)
         self.model = self.task.model.to(self.device)
+        if config.inner == "fsdp":
+            shard_within_node(self.model)  # before the optimizer, which must hold the shards
         members = membership or FixedGroup(group)
         if not members.elastic:
             check_same_config(config, group)  # under a coordinator, the job's fingerprint holds the config
@@ -178,7 +184,7 @@ class Trainer:
                 self.model, optimizer, self.method, seed=config.seed, group=group, total_steps=config.steps,
                 link_mbit=config.link_mbit, check_every=config.digest_every, overlap=config.overlap,
                 round_quorum=config.round_quorum, round_deadline_s=config.round_deadline_s,
-                zeroth_order=config.zeroth_order, membership=members, resume_from=config.checkpoint_dir,
+                zeroth_order=config.zeroth_order, membership=members, resume_from=config.checkpoint_dir, inner=config.inner,
             )
         except CheckpointMismatch:
             raise config_check.mismatch() from None
@@ -210,8 +216,12 @@ class Trainer:
         self.model.eval()
         batches = self.task.val_batches()
         totals = torch.zeros(4, dtype=torch.float64, device=collective_device(self.group))
-        for index in range(self.rank, len(batches), self.world_size):
-            logits, labels, loss = forward_outputs(self.model, self._on_device(batches[index]), self.config.precision)
+        # In lockstep every process runs as many forward passes as the busiest (the extras are not counted).
+        end = -(-len(batches) // self.world_size) * self.world_size if self.session.layout.lockstep_forward else len(batches)
+        for index in range(self.rank, end, self.world_size):
+            logits, labels, loss = forward_outputs(self.model, self._on_device(batches[index % len(batches)]), self.config.precision)
+            if index >= len(batches):
+                continue
             correct = (logits.argmax(dim=-1) == labels).sum().item()
             totals += torch.tensor([loss.item(), 1.0, correct, labels.numel()], dtype=torch.float64, device=totals.device)
         wait_work(dist.all_reduce(totals, group=self.group, async_op=True))
@@ -270,7 +280,8 @@ class Trainer:
             session.finish()
         val_loss, accuracy = final if final is not None else (math.nan, math.nan)
         return RunSummary(
-            workers=self.world_size,
+            workers=session.layout.workers,
+            processes_per_worker=session.layout.processes_per_worker,
             steps=self.step,
             method=self.method.name,
             val_loss=val_loss,
@@ -281,6 +292,8 @@ class Trainer:
             wall_s=time.monotonic() - started,
             replicas_identical=session.replicas_identical,
             wire_bytes_per_step=session.wire_bytes_per_step,
-            parameter_digest=parameter_digest(self.model).hex()[:16],
+            parameter_digest=session.parameters_digest()[:16],
+            held_bytes=session.held_bytes() if session.in_sync else {},
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             history=history,
         )
