@@ -56,7 +56,8 @@ class Case:
         return f"{self.method}, {self.layout}, inner {self.inner}"
 
 
-CASES = (Case("2x2", "ddp"), Case("2x2", "fsdp"), Case("2x2", "flat"), Case("4x1", "flat"), Case("2x2", "flat", LIMIT))
+# torch DDP over every process is the baseline; --inner does not apply to it (auto is flat there).
+CASES = (Case("2x2", "ddp"), Case("2x2", "fsdp"), Case("2x2", "flat"), Case("4x1", "flat"), Case("2x2", "auto", LIMIT))
 FLAT_REFERENCE = Case("2x2", "flat")  # every process a worker, on the same nodes
 
 
@@ -128,7 +129,7 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         extrapolated = time is None and record["method"] == LIMIT and record["stop_at"] is not None
         if extrapolated:
             time = limit_steps * record["step_s"]
-        base = uncapped.get(record["case"])
+        base = limits[record["layout"]] if record["method"] == LIMIT else uncapped[record["case"]]
         rows.append({
             "case": record["case"], "method": record["method"], "layout": record["layout"], "inner": record["inner"],
             "rate_mbit": record["rate_mbit"], "node_tx_bytes_per_step": record["wire_bytes_per_step"],
@@ -136,8 +137,9 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
             "time_to_target_s": time, "extrapolated": extrapolated,
             "x_limit": None if time is None else time / limit_times[record["layout"]],
             "final_val_loss": None if extrapolated else record["final_val_loss"], "step_s": record["step_s"],
-            "comm_share": None if base is None else max(0.0, 1 - base["step_s"] / record["step_s"]),
-            "held_bytes": sum(record["held_bytes"].values()) if record.get("held_bytes") else None,
+            "comm_share": max(0.0, 1 - base["step_s"] / record["step_s"]),
+            "model_state_bytes": _held(record, "parameters", "optimizer"),
+            "exchange_state_bytes": _held(record, "exchange"),
             "peak_rss_bytes": record.get("peak_rss_bytes"),
         })
     for row in rows:
@@ -147,6 +149,12 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def _held(record: dict[str, Any], *kinds: str) -> int | None:
+    """Bytes of ``kinds`` that rank 0 held at the end of the run (none for a run stopped mid-round)."""
+    held = record.get("held_bytes") or {}
+    return sum(held.get(kind, 0) for kind in kinds) if held else None
+
+
 def _number(value: float | None, fmt: str, missing: str = "—") -> str:
     return missing if value is None else format(value, fmt)
 
@@ -154,16 +162,16 @@ def _number(value: float | None, fmt: str, missing: str = "—") -> str:
 def render_table(results: dict[str, Any], out: Path) -> str:
     headers = ["link", "method", "layout", "inner", "slow-link bytes/step per node (tx_bytes)", "vs flat 2x2",
                "time to target (s)", "x the limit", f"val loss @ {results['settings']['steps']}", "s/step", "comm % of step",
-               "held per process", "peak RSS per process"]
+               "parameters + optimizer per process", "exchange state per process", "peak RSS per process"]
     rows = []
     for row in sorted(results["rows"], key=lambda r: (-r["rate_mbit"], r["method"] == LIMIT, r["layout"], r["inner"])):
         time = _number(row["time_to_target_s"], ".0f", "not reached") + ("*" if row["extrapolated"] else "")
         rows.append([
-            f"{row['rate_mbit']:g} Mbit/s", row["method"], row["layout"], row["inner"],
+            f"{row['rate_mbit']:g} Mbit/s", row["method"], row["layout"], "—" if row["method"] == LIMIT else row["inner"],
             common.human_bytes(row["node_tx_bytes_per_step"]), f"{row['bytes_vs_flat']:.2f}x", time,
             _number(row["x_limit"], ".2f"), _number(row["final_val_loss"], ".3f"), f"{row['step_s']:.2f}",
-            _number(None if row["comm_share"] is None else 100 * row["comm_share"], ".0f"),
-            common.human_bytes(row["held_bytes"]), common.human_bytes(row["peak_rss_bytes"]),
+            f"{100 * row['comm_share']:.0f}", common.human_bytes(row["model_state_bytes"]),
+            common.human_bytes(row["exchange_state_bytes"]), common.human_bytes(row["peak_rss_bytes"]),
         ])
     limits = results["limit_time_to_target_s"]
     return (
@@ -173,9 +181,9 @@ def render_table(results: dict[str, Any], out: Path) -> str:
         f"Target: val loss {results['target_val_loss']:.4f}, uncapped DDP's at step {results['settings']['target_step']}; the limit is "
         f"uncapped DDP's time to it in the same layout ({', '.join(f'{k}: {v:.0f} s' for k, v in limits.items())}). "
         "inner ddp: a node is one worker (DDP inside, each local rank exchanging its share between nodes); flat: every process "
-        "a worker; fsdp: a node is one worker with FSDP2 inside. Held per process: parameters, optimizer state and exchange "
-        "state (round start, outer momentum, vote momentum, residuals) that rank 0 keeps between rounds, its shards under "
-        "FSDP2; peak RSS: rank 0's whole process. Comm % = 1 - the run's uncapped step time / its capped one. \\* DDP stopped once its step time was measured: "
+        "a worker; fsdp: a node is one worker with FSDP2 inside. Per process: the parameters and optimizer state, and the "
+        "exchange's state (round start, outer momentum, vote momentum, residuals), that rank 0 holds between rounds (its "
+        "shards under FSDP2); peak RSS: rank 0's whole process. Comm % = 1 - the run's uncapped step time / its capped one. \\* DDP stopped once its step time was measured: "
         f"its uncapped steps to target x its capped step time. Measured on {common.machine_line(results['machine'])}. "
         f"{common.generated_by(results['command'], out)}"
     )

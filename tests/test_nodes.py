@@ -174,6 +174,17 @@ def test_what_a_node_layout_cannot_run_is_refused_with_the_fix(per_node, options
     assert all(message in error for error in run_workers(refused, 2, options, per_node=per_node))
 
 
+def per_step_auto(rank: int, world: int) -> dict:
+    model = GPT(TINY_MODEL)
+    session = disttrain.Session(model, torch.optim.AdamW(model.parameters()), "power-int4-r16")
+    return session.summary()
+
+
+def test_auto_keeps_every_process_a_worker_for_a_method_that_cannot_make_nodes_workers():
+    summary = run_workers(per_step_auto, 4, per_node=2)[0]
+    assert (summary["workers"], summary["processes_per_worker"]) == (4, 1)
+
+
 def test_one_machine_of_several_processes_stays_a_worker_per_process():
     results = run_workers(node_run, 2, "auto", per_node=2)
     assert results[0]["summary"]["workers"] == 2 and results[0]["summary"]["processes_per_worker"] == 1

@@ -64,7 +64,7 @@ def test_time_to_target_is_against_the_limit_of_the_same_layout_and_comm_share_a
 
 
 def test_a_stopped_ddp_run_is_extrapolated_from_the_limits_steps_to_target():
-    ddp = row(nodes.derive(results()), nodes.Case("2x2", "flat", cluster.LIMIT), 20.0)
+    ddp = row(nodes.derive(results()), nodes.Case("2x2", "auto", cluster.LIMIT), 20.0)
     assert ddp["extrapolated"] and ddp["time_to_target_s"] == pytest.approx(60 * 5.0)
     assert ddp["final_val_loss"] is None
 

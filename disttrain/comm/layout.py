@@ -249,7 +249,8 @@ def layout_for(inner: Inner, group: dist.ProcessGroup | None = None) -> Layout:
     """The layout of ``inner`` for this process, from torchrun's variables (LOCAL_WORLD_SIZE, GROUP_RANK).
 
     ``auto`` makes a node the worker (with DDP inside) when the job has several nodes of several
-    processes each; on one machine every process stays a worker (sites emulated on one host).
+    processes each; on one machine every process stays a worker (sites emulated on one host). The
+    Session asks for ``flat`` instead where a node cannot be a worker (elastic jobs, per-step methods).
     """
     if inner == "flat" or (inner == "auto" and not (dist.is_initialized() and group is None and spans_nodes())):
         return FlatLayout(group)
