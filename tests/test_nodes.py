@@ -134,6 +134,30 @@ def test_fsdp_and_ddp_inside_a_node_train_alike_and_send_the_same_bytes(nodes, s
     assert sharded[0]["summary"]["bytes_per_step"] == pytest.approx(nodes[0]["summary"]["bytes_per_step"], rel=0.05)
 
 
+def one_worker_of_a_node_or_of_its_whole_batch(rank: int, world: int) -> float:
+    """A node of 2 processes, each on half of a batch, or 1 process on the whole batch: the loss after 10 steps."""
+    nodes = 2
+    model, session = gpt_session("ddp" if world > nodes else "flat")
+    corpus = ByteCorpus(TINY_DATA, 0)
+    for step in range(STEPS):
+        halves = [corpus.train_batch(step, 2 * node + half, 2 * nodes) for node in range(nodes) for half in range(2)]
+        mine = [halves[rank]] if world > nodes else halves[2 * rank: 2 * rank + 2]
+        x, y = (torch.cat([batch[i] for batch in mine]) for i in range(2))
+        _, loss = session.module(x, y)
+        session.backward(loss)
+        session.step()
+        session.zero_grad()
+    session.finish()
+    with torch.no_grad():
+        return model(*corpus.train_batch(STEPS, 0, 1))[1].item()
+
+
+def test_a_node_of_two_processes_trains_as_one_worker_with_both_their_batches():
+    as_nodes = run_workers(one_worker_of_a_node_or_of_its_whole_batch, 4, per_node=2)
+    as_workers = run_workers(one_worker_of_a_node_or_of_its_whole_batch, 2)
+    assert as_nodes[0] == pytest.approx(as_workers[0], rel=1e-3)
+
+
 def checkpointed(rank: int, world: int, directory: str, inner: str) -> tuple[str, str]:
     """Train 5 steps and save; a fresh session resumed from it trains 5 more: digests of both ways."""
     model, session = gpt_session(inner)
