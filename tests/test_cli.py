@@ -61,7 +61,7 @@ def test_torchrun_starts_workers_with_the_launcher_module():
     assert last_json_line(result.stdout)["workers"] == 2
 
 
-@pytest.mark.parametrize("inner", ["auto", "fsdp"])
+@pytest.mark.parametrize("inner", [pytest.param("auto", marks=pytest.mark.slow), "fsdp"])
 def test_train_runs_emulated_nodes_of_several_processes_as_one_worker_each(inner):
     result = run(
         "disttrain", "train", "--nproc", "4", "--nproc-per-node", "2", "--inner", inner, "--steps", "5", "--eval-every", "5",

@@ -35,7 +35,7 @@ def vote_means(rank: int, world: int, reduction: str, keep: int) -> tuple[list[t
     return [p.grad.clone() for p in params], everyone, reducer.wire_bytes_last_step
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_owners_keeping_every_position_give_exactly_the_all_gather_mean(world):
     gathered = run_workers(vote_means, world, "all_gather", 8)
     owned = run_workers(vote_means, world, "owners", 256)
@@ -102,6 +102,7 @@ def test_every_worker_applies_the_same_owner_reduced_votes():
             assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_wire_bytes_per_worker_stay_below_one_vote_and_one_kept_payload_however_many_workers():
     """All_gather's bytes grow with W - 1; the owners' stay below one payload of votes (5 bytes a chunk at
     4 votes) plus one of kept pairs (6 bytes a chunk at 4 kept), give or take the chunks that pad the ranges."""
