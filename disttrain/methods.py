@@ -14,7 +14,7 @@ from disttrain.compress.factory import CompressionSpec
 from disttrain.optim.projected_adamw import RefreshMoments
 
 Engine = Literal["disttrain", "local_steps", "overlapped_rounds", "zeroth_order", "ddp", "ddp_powersgd", "ddp_hook"]
-OptimizerKind = Literal["adamw", "projected_adamw", "orthogonal", "sgd"]
+OptimizerKind = Literal["adamw", "lean_adamw", "projected_adamw", "orthogonal", "sgd"]
 Role = Literal["baseline", "study"]
 PROJECTED_OPTIMIZERS = ("projected_adamw", "orthogonal")  # they read the averaged coefficients themselves
 REFRESHED_BASES = ("svd", "seeded", "sparse_rows")  # bases redrawn or recomputed every refresh_every steps
@@ -59,7 +59,8 @@ class Method:
     pseudo-gradient and an outer SGD step (``outer_lr``; Nesterov with ``outer_momentum`` > 0):
     FedAvg is outer_lr 1 without momentum. "overlapped_rounds" runs the same rounds with each exchange
     behind the next round's local steps (the outer step one round late, replicas agreeing every ``drain_every`` rounds). "zeroth_order" sends one byte per step (shared-seed SPSA).
-    optimizer "adamw" reconstructs the averaged gradient for torch AdamW; "projected_adamw"
+    optimizer "adamw" reconstructs the averaged gradient for torch AdamW ("lean_adamw": the same update
+    from a bf16 first moment and a factored second moment, ``optim/lean_adamw.py``); "projected_adamw"
     keeps Adam moments in the projected space (GaLore); "orthogonal" moves projected weights by
     the orthogonalised reconstruction F U V^T (Muon / Dion style); "sgd" applies the average as it is
     (for payloads that already are update directions, e.g. sparse momentum votes).
@@ -240,6 +241,12 @@ for _votes, _rounds in ((4, 5), (4, 10), (8, 10)):
         f"DiLoCo: {_rounds} local AdamW steps, the pseudo-gradient sent as sparse momentum votes ({_votes} per 256), {_SPARSE_OUTER}",
         replace(_VOTES, per_chunk=_votes), local_steps=_rounds, **_SPARSE_ROUNDS,
     ))
+register(Method(
+    "diloco-sparse-k4-h5-lean",
+    "diloco-sparse-k4-h5 in AdamW's memory: inner Adam with a bf16 first moment and a factored second moment "
+    "(Adafactor), the vote momentum in bf16",
+    replace(_VOTES, per_chunk=4, momentum_dtype="bf16"), "lean_adamw", local_steps=5, **_SPARSE_ROUNDS,
+))
 _OWNERS = "votes summed by chunk owners (all_to_all), which keep the {} strongest per 256 and all_gather them"
 for _keep, _note in ((16, "the default's result up to 4 workers"), (8, "half the kept bytes")):
     register(Method(

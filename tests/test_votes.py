@@ -9,8 +9,8 @@ from disttrain.compress.sparse_momentum import SparseMomentum
 
 SHAPE = torch.Size((20, 30))
 VOTE_COMPRESSORS = {
-    "sparse_momentum": lambda: SparseMomentum(SHAPE, 3, 0.9),
-    "sign_votes": lambda: SignVotes(SHAPE, 3, 0.9, 0.99, seed=4, param_id=2),
+    "sparse_momentum": lambda dtype=torch.float32: SparseMomentum(SHAPE, 3, 0.9, dtype),
+    "sign_votes": lambda dtype=torch.float32: SignVotes(SHAPE, 3, 0.9, 0.99, seed=4, param_id=2, momentum_dtype=dtype),
 }
 
 
@@ -31,6 +31,27 @@ def test_rollback_keeps_the_committed_momentum_and_state_round_trips(make):
         compressor.begin_step(1)
     assert torch.equal(restored.encode(grad), source.encode(grad))
     assert source.shared_state_dict() == {}  # the momentum is this worker's own
+
+
+@pytest.mark.parametrize("make", VOTE_COMPRESSORS.values(), ids=VOTE_COMPRESSORS.keys())
+def test_a_bf16_momentum_is_the_fp32_one_rounded_and_round_trips_as_bf16(make):
+    full, half = make(), make(torch.bfloat16)
+    grad = torch.randn(SHAPE)
+    for compressor in (full, half):
+        compressor.begin_step(0)
+    assert torch.equal(half.encode(grad), full.encode(grad))  # the first votes see only the gradient
+    full.commit()
+    half.commit()
+    assert half.momentum.dtype == torch.bfloat16
+    assert torch.equal(half.momentum, full.momentum.to(torch.bfloat16))
+    restored = make(torch.bfloat16)
+    restored.load_state_dict(half.state_dict())
+    assert restored.momentum.dtype == torch.bfloat16 and torch.equal(restored.momentum, half.momentum)
+
+
+def test_an_unknown_momentum_dtype_is_refused():
+    with pytest.raises(ValueError, match="unknown momentum_dtype 'fp16'"):
+        CompressionSpec(basis="sparse_momentum", error_feedback=False, momentum_dtype="fp16").validate()
 
 
 @pytest.mark.parametrize("basis", ["sparse_momentum", "sign_votes"])

@@ -28,6 +28,7 @@ VoteReduction = Literal["all_gather", "owners"]
 VOTE_REDUCTIONS = get_args(VoteReduction)
 PayloadKind = Literal["fp32", "bf16", "int8", "int4", "int2", "int1"]
 _WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MomentumDtype = Literal["fp32", "bf16"]
 QUANTIZED_BITS = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}  # per-row scaled codes; int1 is a scaled sign
 
 
@@ -52,6 +53,7 @@ class CompressionSpec:
     explore: int = 0  # power: of the rank's directions, this many are fresh seeded random ones each step
     vote_reduction: VoteReduction = "all_gather"  # sparse_momentum: every payload to everyone, or summed by chunk owners
     owner_keep: int = 8  # vote_reduction "owners": vote positions per chunk of 256 an owner keeps and sends on
+    momentum_dtype: MomentumDtype = "fp32"  # sparse_momentum, sign_votes: how the kept momentum is stored
 
     def validate(self) -> None:
         if self.basis not in BASIS_KINDS:
@@ -70,6 +72,8 @@ class CompressionSpec:
             )
         if not 1 <= self.owner_keep <= 256:
             raise ValueError(f"owner_keep must be in [1, 256] (positions kept per chunk of 256), got {self.owner_keep}")
+        if self.momentum_dtype not in get_args(MomentumDtype):
+            raise ValueError(f"unknown momentum_dtype {self.momentum_dtype!r}; use 'fp32' or 'bf16'")
         if self.payload not in _WIRE_DTYPES and self.payload not in QUANTIZED_BITS:
             known = ", ".join(repr(kind) for kind in (*_WIRE_DTYPES, *QUANTIZED_BITS))
             raise ValueError(f"unknown payload {self.payload!r}; use one of {known}")
@@ -107,9 +111,9 @@ def build_compressor(spec: CompressionSpec, shape: torch.Size, param_id: int, se
     """The compressor for parameter number ``param_id`` (its index in the model's parameters)."""
     shape = torch.Size(shape)
     if spec.basis == "sparse_momentum":
-        return SparseMomentum(shape, spec.per_chunk, spec.momentum_decay)
+        return SparseMomentum(shape, spec.per_chunk, spec.momentum_decay, _WIRE_DTYPES[spec.momentum_dtype])
     if spec.basis == "sign_votes":
-        return SignVotes(shape, spec.vote_every, *spec.lion_betas, seed, param_id)
+        return SignVotes(shape, spec.vote_every, *spec.lion_betas, seed, param_id, _WIRE_DTYPES[spec.momentum_dtype])
     wire_dtype = _WIRE_DTYPES.get(spec.payload, torch.float32)  # quantised payloads wrap fp32 coefficients
     compressor: Compressor
     if spec.compresses(shape) and spec.basis == "power":

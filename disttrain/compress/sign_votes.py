@@ -22,12 +22,15 @@ from disttrain.kernels.seeded import StreamKey, mix32
 class SignVotes(VoteCompressor):
     """Sign of the local Lion interpolation at a seeded, rotating 1-in-``every`` share of coordinates."""
 
-    def __init__(self, shape: torch.Size, every: int, beta1: float, beta2: float, seed: int, param_id: int):
+    def __init__(
+        self, shape: torch.Size, every: int, beta1: float, beta2: float, seed: int, param_id: int,
+        momentum_dtype: torch.dtype = torch.float32,
+    ):
         if every < 1:
             raise ValueError(f"every must be >= 1 (one coordinate in `every` is voted per step), got {every}")
         if not (0.0 <= beta1 <= 1.0 and 0.0 <= beta2 <= 1.0):
             raise ValueError(f"Lion betas must lie in [0, 1], got beta1={beta1}, beta2={beta2}")
-        super().__init__(shape)
+        super().__init__(shape, momentum_dtype)
         self.numel = self.shape.numel()
         self.every = min(every, self.numel)
         self.beta1, self.beta2 = beta1, beta2
@@ -53,7 +56,7 @@ class SignVotes(VoteCompressor):
     def encode(self, grad: torch.Tensor) -> torch.Tensor:
         check_gradient(grad, self.shape)
         grad = grad.detach().float().reshape(-1)
-        momentum = torch.zeros_like(grad) if self.momentum is None else self.momentum
+        momentum = self.momentum_or_zeros(grad)
         positions = self._positions(grad.device)
         blend = self.beta1 * momentum[positions] + (1 - self.beta1) * grad[positions]
         # An exact zero (no gradient yet) votes + and - on alternate coordinates, not + everywhere.

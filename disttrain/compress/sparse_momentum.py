@@ -23,12 +23,12 @@ CHUNK = 256  # positions within a chunk fit one byte
 class SparseMomentum(VoteCompressor):
     """Top-``per_chunk`` entries of the local momentum per chunk, sent as (position, sign) votes."""
 
-    def __init__(self, shape: torch.Size, per_chunk: int, decay: float):
+    def __init__(self, shape: torch.Size, per_chunk: int, decay: float, momentum_dtype: torch.dtype = torch.float32):
         if per_chunk < 1:
             raise ValueError(f"per_chunk must be >= 1, got {per_chunk}")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"momentum decay must be in [0, 1], got {decay}")
-        super().__init__(shape)
+        super().__init__(shape, momentum_dtype)
         numel = self.shape.numel()
         self.chunk = min(CHUNK, numel)
         self.chunks = -(-numel // self.chunk)
@@ -49,9 +49,8 @@ class SparseMomentum(VoteCompressor):
 
     def encode(self, grad: torch.Tensor) -> torch.Tensor:
         check_gradient(grad, self.shape)
-        momentum = grad.detach().float().reshape(-1)
-        if self.momentum is not None:
-            momentum = momentum + self.decay * self.momentum
+        grad = grad.detach().float().reshape(-1)
+        momentum = grad + self.decay * self.momentum_or_zeros(grad)
         chunks = self._chunked(momentum)
         positions = chunks.abs().topk(self.per_chunk, dim=1).indices
         signs = (chunks.gather(1, positions).sign() + 1).to(torch.uint8)  # 0: -, 1: zero, 2: +

@@ -13,16 +13,22 @@ class VoteCompressor(Compressor):
     """A payload of votes (bytes) on the update direction, computed from this worker's own momentum.
 
     Subclasses encode and decode; ``encode`` leaves the new momentum (flat, fp32) in ``_pending``,
-    which lands on commit(). Votes are the update itself, so reconstruction is the identity. The
-    momentum is not shared state: a joiner starts its own from zero.
+    which lands on commit(), kept in ``momentum_dtype`` (bf16 halves it). Votes are the update
+    itself, so reconstruction is the identity. The momentum is not shared state: a joiner starts
+    its own from zero.
     """
 
     summable = False
 
-    def __init__(self, shape: torch.Size):
+    def __init__(self, shape: torch.Size, momentum_dtype: torch.dtype = torch.float32):
         self.shape = torch.Size(shape)
+        self.momentum_dtype = momentum_dtype
         self.momentum: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
+
+    def momentum_or_zeros(self, like: torch.Tensor) -> torch.Tensor:
+        """The kept momentum in fp32 (flat), zeros before the first commit."""
+        return torch.zeros_like(like) if self.momentum is None else self.momentum.float()
 
     @property
     def coeff_shape(self) -> tuple[int, ...]:
@@ -37,7 +43,7 @@ class VoteCompressor(Compressor):
 
     def commit(self) -> None:
         if self._pending is not None:
-            self.momentum, self._pending = self._pending, None
+            self.momentum, self._pending = self._pending.to(self.momentum_dtype), None
 
     def rollback(self) -> None:
         self._pending = None
@@ -51,5 +57,5 @@ class VoteCompressor(Compressor):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         momentum = state.get("momentum")
-        self.momentum = None if momentum is None else momentum.float().reshape(-1).clone()
+        self.momentum = None if momentum is None else momentum.to(self.momentum_dtype).reshape(-1).clone()
         self._pending = None
