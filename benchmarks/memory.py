@@ -1,9 +1,12 @@
-"""Memory benchmark: optimizer-state bytes of each disttrain method against torch AdamW.
+"""Memory benchmark: the state each method keeps between steps, against torch AdamW and galore-torch.
 
-Each row builds the default small GPT, runs one real optimizer step in a 1-process Gloo group
-(wired as training wires it), then counts the tensors the optimizer and the gradient exchange
-keep between steps: Adam moments (full size for AdamW, r x n for ProjectedAdamW), SVD bases
-(P, m x r per matrix; seeded bases store nothing) and error-feedback residuals (full size).
+Each row runs in a fresh process: it builds the default small GPT, trains it for two rounds (two
+steps for a per-step method) in a one-process Gloo group, wired as `disttrain train` wires it, and
+counts the tensors kept between steps: the optimizer's (Adam moments, in the subspace for
+ProjectedAdamW and GaLore, bf16 and factored for LeanAdamW), the exchange's (bases, error-feedback
+residuals, vote momentum) and the rounds' (the round's starting weights, a second copy under
+overlap, the outer optimizer's momentum). The process's peak RSS is recorded too: what the counted
+tensors leave out (weights, gradients, activations, transient buffers, torch itself) is in it.
 
     python benchmarks/memory.py
     python benchmarks/memory.py --render-only   # the table in docs/benchmarks.md from the existing JSON
@@ -12,24 +15,30 @@ keep between steps: Adam moments (full size for AdamW, r x n for ProjectedAdamW)
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import logging
+import multiprocessing
+import resource
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from disttrain.comm.allreduce import CompressedAllReduce
+from disttrain.comm.layout import tensors_bytes
+from disttrain.compress import CompressionSpec
 from disttrain.data.corpus import ByteCorpus
+from disttrain.exchange.local_rounds import LocalRoundsExchange
 from disttrain.launcher.local import free_port
-from disttrain.methods import METHODS
+from disttrain.method_listing import RECOMMENDED
+from disttrain.methods import METHODS, get_method
 from disttrain.models.gpt import GPT
 from disttrain.optim import optimizer_state_bytes
-from disttrain.train.config import TrainConfig
 from disttrain.session import Session
+from disttrain.train.config import TrainConfig
 from disttrain.train.forward import forward_loss
 from disttrain.train.optimizer import build_optimizer
 
@@ -39,6 +48,14 @@ import common  # noqa: E402
 log = logging.getLogger("benchmarks.memory")
 
 MARKER = "memory-table"
+LEAN_METHOD = "diloco-sparse-k4-h5-lean"
+STUDY_METHODS = (
+    "diloco-sparse-k4-h5-overlap", "diloco-owners-k4-keep16-h5", "dense", "svd-projected", "svd-reconstruct",
+    "svd-int8-reconstruct", "seeded-projected", "seeded-reconstruct", "seeded-int8-projected", "seeded-int8-reconstruct",
+)
+GALORE = "galore-torch GaLoreAdamW"
+GALORE_INSTALL = 'pip install "galore-torch==1.0" bitsandbytes'
+ROUNDS = 2  # rounds (steps, for a per-step method) trained before counting
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -48,6 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--doc", type=Path, default=common.DOC, help="the document the table goes into, between its markers")
     parser.add_argument("--render-only", action="store_true", help="only rewrite the table from --out")
     return parser.parse_args(argv)
+
+
+def measured_methods() -> list[str]:
+    """The recommended methods first, the lean one, then the study's others."""
+    return list(dict.fromkeys([*RECOMMENDED, LEAN_METHOD, *STUDY_METHODS]))
 
 
 @contextlib.contextmanager
@@ -66,92 +88,152 @@ def fresh_model(config: TrainConfig) -> GPT:
     return GPT(config.model)
 
 
-def tensor_bytes(tensors: Any) -> int:
-    """Bytes of the tensors among ``tensors``."""
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+def batches(config: TrainConfig, steps: int) -> Iterator[Batch]:
+    corpus = ByteCorpus(config.data, config.seed)
+    return (corpus.train_batch(step, 0, 1) for step in range(steps))
 
 
-def residual_bytes(reducer: CompressedAllReduce) -> int:
-    """Bytes of the error-feedback residuals the exchange keeps."""
-    return sum(
-        tensor_bytes(value for key, value in compressor.state_dict().items() if key.rsplit(".", 1)[-1] == "residual")
-        for compressor in reducer.compressors
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def row(method: str, summary: str, optimizer: str, **parts: int) -> dict[str, Any]:
+    """One result row: the counted parts, their total and the process's peak RSS; ``vs_adamw`` comes later."""
+    counted = {f"{name}_bytes": value for name, value in parts.items()}
+    total = sum(parts.values())
+    return {"method": method, "summary": summary, "optimizer": optimizer, **counted, "total_bytes": total, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def train_plainly(config: TrainConfig, optimizer_for: Callable[[GPT], torch.optim.Optimizer]) -> torch.optim.Optimizer:
+    """ROUNDS steps of an uncompressed model under ``optimizer_for(model)``; the optimizer."""
+    model = fresh_model(config)
+    optimizer = optimizer_for(model)
+    for batch in batches(config, ROUNDS):
+        _, loss = model(*batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def adamw_row(config: TrainConfig) -> dict[str, Any]:
+    """torch AdamW on the uncompressed model (the reference)."""
+    betas = (config.optim.beta1, config.optim.beta2)
+    optimizer = train_plainly(config, lambda model: torch.optim.AdamW(model.parameters(), lr=config.peak_lr, betas=betas))
+    return row("torch AdamW", "torch.optim.AdamW, no exchange (reference)", "torch AdamW", optimizer_state=optimizer_state_bytes(optimizer))
+
+
+def galore_row(config: TrainConfig) -> dict[str, Any]:
+    """PyPI galore-torch's GaLoreAdamW at svd-projected's rank and refresh, on the matrices svd-projected projects."""
+    from galore_torch import GaLoreAdamW
+
+    spec: CompressionSpec = get_method("svd-projected").compression
+
+    def galore(model: GPT) -> torch.optim.Optimizer:
+        projected = [p for p in model.parameters() if spec.compresses(p.shape)]
+        chosen = {id(p) for p in projected}
+        groups = [
+            {"params": [p for p in model.parameters() if id(p) not in chosen]},
+            {"params": projected, "rank": spec.rank, "update_proj_gap": spec.refresh_every, "scale": 0.25, "proj_type": "std"},
+        ]
+        return GaLoreAdamW(groups, lr=config.peak_lr, betas=(config.optim.beta1, config.optim.beta2))
+
+    optimizer = train_plainly(config, galore)
+    states = list(optimizer.state.values())
+    bases = tensors_bytes([state["projector"].ortho_matrix for state in states if "projector" in state])
+    moments = tensors_bytes([{k: v for k, v in state.items() if k != "projector"} for state in states])
+    summary = f"GaLore as published (PyPI galore-torch 1.0): SVD basis r={spec.rank} every {spec.refresh_every} steps, no exchange"
+    return row(GALORE, summary, "GaLoreAdamW", optimizer_state=moments, bases=bases)
+
+
+def round_state_bytes(session: Session) -> int:
+    """The rounds' own state: the round's start (and this worker's own start under overlap) and the outer momentum."""
+    exchange = session.exchange
+    if not isinstance(exchange, LocalRoundsExchange):
+        return 0
+    outer = exchange.outer
+    own_start = outer.round_start if outer.round_start is not outer.global_params else []
+    return tensors_bytes([outer.global_params, own_start, list(outer.outer.state.values())])
+
+
+def method_row(name: str, config: TrainConfig) -> dict[str, Any]:
+    """A registry method trained for ROUNDS rounds through the Session, as `disttrain train` runs it."""
+    method = METHODS[name]
+    config = TrainConfig(method=name, model=config.model, data=config.data)
+    model = fresh_model(config)
+    session = Session(model, build_optimizer(model.parameters(), method, config), method, seed=config.seed)
+    for batch in batches(config, ROUNDS * method.local_steps):
+        session.step(lambda batch=batch: forward_loss(model, batch, config.precision))
+    reducer = session.exchange.reducer
+    kept = [(key.rsplit(".", 1)[-1], value) for compressor in reducer.compressors for key, value in compressor.state_dict().items()]
+    residuals = tensors_bytes([value for key, value in kept if key == "residual"])
+    votes = tensors_bytes([value for key, value in kept if key == "momentum"])
+    return row(
+        name, method.summary, type(session.optimizer).__name__, optimizer_state=optimizer_state_bytes(session.optimizer),
+        bases=reducer.state_bytes() - residuals - votes, residuals=residuals, vote_momentum=votes,
+        round_state=round_state_bytes(session),
     )
 
 
-def row(method: str, summary: str, optimizer: str, optimizer_bytes: int, basis: int, residual: int) -> dict[str, Any]:
-    """One result row; ``vs_adamw`` is filled in once the AdamW row is known."""
-    return {
-        "method": method,
-        "summary": summary,
-        "optimizer": optimizer,
-        "optimizer_state_bytes": optimizer_bytes,
-        "basis_bytes": basis,
-        "residual_bytes": residual,
-        "total_bytes": optimizer_bytes + basis + residual,
-    }
+def measure_in_this_process(name: str) -> dict[str, Any]:
+    """One row, measured in the calling process (a fresh one: its peak RSS is the row's)."""
+    config = TrainConfig()
+    with single_process_group():
+        if name == "torch AdamW":
+            return adamw_row(config)
+        if name == GALORE:
+            return galore_row(config)
+        return method_row(name, config)
 
 
-def adamw_row(config: TrainConfig, batch: Batch) -> dict[str, Any]:
-    """torch AdamW on the uncompressed model after one step."""
-    model = fresh_model(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.peak_lr, betas=(config.optim.beta1, config.optim.beta2))
-    _, loss = model(*batch)
-    loss.backward()
-    optimizer.step()
-    return row("torch AdamW", "torch.optim.AdamW, no exchange (reference)", "torch AdamW", optimizer_state_bytes(optimizer), 0, 0)
-
-
-def method_row(name: str, batch: Batch) -> dict[str, Any]:
-    """A registry method after one step through the Session, as `disttrain train` runs it."""
-    config = TrainConfig(method=name)
-    method = METHODS[name]
-    model = fresh_model(config)
-    session = Session(model, build_optimizer(model.parameters(), method, config), method, seed=config.seed)
-    session.step(lambda: forward_loss(model, batch, config.precision))
-    reducer = session.exchange.reducer
-    exchange = reducer.state_bytes()
-    residual = residual_bytes(reducer)
-    optimizer = "ProjectedAdamW" if method.optimizer == "projected_adamw" else "torch AdamW"
-    return row(name, method.summary, optimizer, optimizer_state_bytes(session.optimizer), exchange - residual, residual)
+def measure_in_fresh_process(name: str) -> dict[str, Any]:
+    """One row in a process of its own, so that no row's peak RSS includes another's."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(measure_in_this_process, name).result()
 
 
 def measure() -> tuple[list[dict[str, Any]], int]:
     """All rows (AdamW first) and the model's parameter count."""
-    config = TrainConfig()
-    batch = ByteCorpus(config.data, config.seed).train_batch(0, 0, 1)
-    names = [name for name, method in METHODS.items() if method.engine == "disttrain"]
-    with single_process_group():
-        rows = [adamw_row(config, batch)] + [method_row(name, batch) for name in names]
-    baseline = rows[0]["total_bytes"]
+    rows = [measure_in_fresh_process(name) for name in ["torch AdamW", GALORE, *measured_methods()]]
+    baseline = rows[0]
     for entry in rows:
-        entry["vs_adamw"] = entry["total_bytes"] / baseline
-        log.info("%s: %s", entry["method"], common.human_bytes(entry["total_bytes"]))
-    return rows, sum(p.numel() for p in fresh_model(config).parameters())
+        for counted in ("total_bytes", "peak_rss_bytes"):
+            entry[counted.replace("bytes", "vs_adamw")] = entry[counted] / baseline[counted]
+        entry["peak_rss_over_adamw_bytes"] = entry["peak_rss_bytes"] - baseline["peak_rss_bytes"]
+        log.info("%s: %s counted, peak RSS %s", entry["method"], common.human_bytes(entry["total_bytes"]), common.human_bytes(entry["peak_rss_bytes"]))
+    return rows, sum(p.numel() for p in fresh_model(TrainConfig()).parameters())
 
 
 def method_note(parameters: int) -> str:
     """What is counted, in one sentence."""
     return (
         f"default GPTConfig ({parameters / 1e6:.2f} M parameters, {common.human_bytes(4 * parameters)} of fp32 weights), "
-        "one real optimizer step in a single process; counted: tensors in optimizer.state (Adam moments and step "
-        "counters) plus the exchange's persistent state (SVD bases P, error-feedback residuals); not counted: "
-        "weights, gradients, transient buffers"
+        f"{ROUNDS} rounds (per-step methods: {ROUNDS} steps) in a single process, each row in a fresh one; counted: tensors in "
+        "optimizer.state (Adam moments and step counters; GaLore's and ProjectedAdamW's in the subspace, LeanAdamW's bf16 and "
+        "factored), the exchange's persistent state (bases, error-feedback residuals, vote momentum) and the rounds' state "
+        "(round start, the worker's own start under overlap, outer momentum); not counted: weights, gradients, transient "
+        "buffers (peak RSS holds them, and torch itself)"
     )
 
 
 def render_table(results: dict[str, Any], results_file: Path = common.RESULTS_DIR / "memory.json") -> str:
     """The table, with a line saying what is counted and one saying how it was made."""
-    headers = ["method", "optimizer", "optimizer state", "bases", "EF residuals", "total", "vs AdamW"]
+    headers = [
+        "method", "optimizer", "optimizer state", "bases", "EF residuals", "vote momentum", "round state",
+        "total", "vs AdamW", "peak RSS", "peak RSS - AdamW's",
+    ]
+    parts = ("optimizer_state_bytes", "bases_bytes", "residuals_bytes", "vote_momentum_bytes", "round_state_bytes")
     rows = [
         [
             entry["method"],
             entry["optimizer"],
-            common.human_bytes(entry["optimizer_state_bytes"]),
-            common.human_bytes(entry["basis_bytes"]),
-            common.human_bytes(entry["residual_bytes"]),
+            *(common.human_bytes(entry.get(part, 0)) for part in parts),
             common.human_bytes(entry["total_bytes"]),
-            f"{entry['vs_adamw']:.2f}x",
+            f"{entry['total_vs_adamw']:.2f}x",
+            common.human_bytes(entry["peak_rss_bytes"]),
+            common.human_bytes(entry["peak_rss_over_adamw_bytes"]),
         ]
         for entry in results["rows"]
     ]
@@ -174,9 +256,21 @@ def run_all() -> dict[str, Any]:
     }
 
 
+def galore_missing() -> bool:
+    """Whether galore-torch cannot be imported (said once, with the install line)."""
+    try:
+        import galore_torch  # noqa: F401
+    except ImportError as error:
+        log.error("the GaLore row needs PyPI galore-torch (%s): %s", error, GALORE_INSTALL)
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     args = parse_args(argv)
+    if not args.render_only and galore_missing():
+        return 2
     results = common.run_or_reread(args.render_only, args.out, run_all)
     if results is None:
         return 2

@@ -29,11 +29,17 @@ def cpu_vendor() -> str:
         return platform.machine()
 
 
-@pytest.mark.parametrize("method", RECORDED)
-def test_two_workers_end_with_the_recorded_parameter_digest(method):
+def recorded_digest(method: str) -> str:
+    """The digest recorded for ``method`` on this machine's kind of CPU; skips the test where there is none."""
     recorded = RECORDED[method].get(cpu_vendor())
     if recorded is None:
-        pytest.skip(f"no {method} digest recorded for a {cpu_vendor()} CPU: run this test's command and record it")
+        pytest.skip(f"no {method} digest recorded for a {cpu_vendor()} CPU: run test_digest_regression's command and record it")
+    return recorded
+
+
+@pytest.mark.parametrize("method", RECORDED)
+def test_two_workers_end_with_the_recorded_parameter_digest(method):
+    recorded = recorded_digest(method)
     result = subprocess.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
