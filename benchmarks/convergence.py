@@ -10,6 +10,8 @@ machine) and keeps the rest.
     python benchmarks/convergence.py --small           # 300 steps, its own results file and table
     python benchmarks/convergence.py --methods dense,diloco-int1-h40 --lrs 1e-3,2e-3
     python benchmarks/convergence.py --methods diloco-sparse-k4-h5 --steps-factor 1.25   # its own row
+    python benchmarks/convergence.py --small --methods dense,diloco-sparse-k4-h5 --sharding contiguous   # non-IID rows
+    python benchmarks/convergence.py --small --methods dense,diloco-sparse-k4-h5 --seed 1                # another seed
     python benchmarks/convergence.py --render-only     # plots + table from the existing JSON
     python benchmarks/convergence.py --small --render-only
 """
@@ -26,7 +28,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, get_args
 
 import matplotlib
 
@@ -38,6 +40,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 from disttrain import method_listing  # noqa: E402
 from disttrain.launcher.elastic_job import ElasticJob, WorkersStillRunning  # noqa: E402
 from disttrain.launcher.local import launch_local  # noqa: E402
+from disttrain.data.corpus import Sharding  # noqa: E402
 from disttrain.methods import get_method  # noqa: E402
 from disttrain.train.config import TrainConfig  # noqa: E402
 
@@ -82,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run the selected methods under a local coordinator that also refreshes their data-dependent bases "
         "whenever rank 0's captured energy |P^T G|^2/|G|^2 drops below ENERGY; such runs get their own rows",
     )
+    parser.add_argument(
+        "--sharding", choices=get_args(Sharding), default="iid",
+        help="how the workers' data are split: contiguous gives each its own slice of the text (non-IID); such runs get their own rows",
+    )
+    parser.add_argument("--seed", type=int, default=TrainConfig().seed, help="the runs' seed; runs at another seed than the default get their own rows")
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="give up on one method's run after this long")
     parser.add_argument("--out", type=Path, help="results file (default: results/convergence.json, convergence-small.json with --small)")
     parser.add_argument("--doc", type=Path, default=common.DOC, help="the document the table goes into, between its markers")
@@ -138,13 +146,30 @@ def method_note(settings: dict[str, Any]) -> str:
     )
 
 
-def worker_flags(method: str, lr: float, steps: int, settings: dict[str, Any], summary_file: Path) -> list[str]:
+def run_data(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The runs' data split and seed where they are not the headline's (IID at the settings' seed), else None."""
+    if (args.sharding, args.seed) == ("iid", settings["seed"]):
+        return None
+    return {"sharding": args.sharding, "seed": args.seed}
+
+
+def data_label(data: dict[str, Any] | None) -> str | None:
+    """How a run's data differ from the headline's, in words."""
+    if data is None:
+        return None
+    words = ["contiguous shards" if data["sharding"] == "contiguous" else "IID"]
+    return ", ".join(words + [f"seed {data['seed']}"])
+
+
+def worker_flags(method: str, lr: float, steps: int, settings: dict[str, Any], summary_file: Path, data: dict[str, Any] | None) -> list[str]:
     """Flags for ``python -m disttrain.launcher``."""
+    data = data or {"sharding": "iid", "seed": settings["seed"]}
     return [
         "--method", method,
         "--steps", str(steps),
         "--eval_every", str(settings["eval_every"]),
-        "--seed", str(settings["seed"]),
+        "--seed", str(data["seed"]),
+        "--data.sharding", data["sharding"],
         "--optim.lr", repr(lr),
         "--summary-file", str(summary_file),
     ]
@@ -189,19 +214,22 @@ def refresh_label(energy: float | None) -> str | None:
 
 
 def run_method(
-    name: str, lr: float, steps: int, settings: dict[str, Any], timeout_s: float, adaptive_energy: float | None = None
+    name: str, lr: float, steps: int, settings: dict[str, Any], timeout_s: float, adaptive_energy: float | None = None,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train with one method at one peak lr for ``steps`` steps; its record, with an ``error`` field if the run failed."""
     refresh = refresh_label(adaptive_energy)
     stem = f"{name}-{steps}steps-lr{lr:g}" + ("" if adaptive_energy is None else f"-adaptive{adaptive_energy:g}")
+    stem += "" if data is None else f"-{data['sharding']}-seed{data['seed']}"
     summary_file, log_file = LOGS_DIR / f"{stem}.summary.json", LOGS_DIR / f"{stem}.log"
     summary_file.unlink(missing_ok=True)
     record: dict[str, Any] = {
         "method": name, "lr": lr, "steps": steps, "summary": get_method(name).summary,
         "log": str(log_file.relative_to(common.REPO_ROOT)),
         **({"refresh": refresh} if refresh else {}),
+        **({"data": data} if data else {}),
     }
-    flags = worker_flags(name, lr, steps, settings, summary_file)
+    flags = worker_flags(name, lr, steps, settings, summary_file, data)
     try:
         if adaptive_energy is None:
             with output_to(log_file):
@@ -295,12 +323,12 @@ def earlier_records(path: Path, settings: dict[str, Any], machine: dict[str, Any
     return earlier["methods"]
 
 
-def variant(record: dict[str, Any]) -> tuple[str, int, str | None]:
-    """What a table row stands for: a method run for a number of steps, its bases refreshed its way."""
-    return record["method"], record["steps"], record.get("refresh")
+def variant(record: dict[str, Any]) -> tuple[str, int, str | None, str | None]:
+    """What a table row stands for: a method run for a number of steps, its bases refreshed its way, on its data."""
+    return record["method"], record["steps"], record.get("refresh"), data_label(record.get("data"))
 
 
-def run_key(record: dict[str, Any]) -> tuple[str, int, str | None, float]:
+def run_key(record: dict[str, Any]) -> tuple[str, int, str | None, str | None, float]:
     return *variant(record), record["lr"]
 
 
@@ -314,7 +342,7 @@ def merge_records(earlier: list[dict[str, Any]], fresh: list[dict[str, Any]]) ->
 def best_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each variant's run at its best peak lr: the lowest final val loss among the runs that
     finished without error (any run if none did), in the records' order."""
-    best: dict[tuple[str, int, str | None], dict[str, Any]] = {}
+    best: dict[tuple[str, int, str | None, str | None], dict[str, Any]] = {}
     for record in records:
         current = best.get(variant(record))
         if current is None or sort_key(record) < sort_key(current):
@@ -326,12 +354,18 @@ def sort_key(record: dict[str, Any]) -> tuple[bool, float]:
     return "error" in record or "final_val_loss" not in record, record.get("final_val_loss", math.inf)
 
 
-def target_loss(best: list[dict[str, Any]], steps: int) -> tuple[float | None, str]:
-    """Within 2% of dense's final val loss at its best lr and a note saying so, or None and why not."""
-    dense = next((r for r in best if r["method"] == "dense" and r["steps"] == steps and "final_val_loss" in r), None)
-    if dense is None:
+def dense_final(best: list[dict[str, Any]], steps: int, data: str | None = None) -> float | None:
+    """Dense's final val loss at its best lr, on the data labelled ``data`` (None: the headline's)."""
+    dense = next((r for r in best if variant(r) == ("dense", steps, None, data) and "final_val_loss" in r), None)
+    return None if dense is None else dense["final_val_loss"]
+
+
+def target_loss(best: list[dict[str, Any]], steps: int, data: str | None = None) -> tuple[float | None, str]:
+    """Within 2% of dense's final val loss (on the same data) and a note saying so, or None and why not."""
+    final = dense_final(best, steps, data)
+    if final is None:
         return None, "no dense run with these settings, in this selection or in the earlier results file: no target"
-    return dense["final_val_loss"] * TARGET_SLACK, f"within {TARGET_SLACK - 1:.0%} of dense's final val loss {dense['final_val_loss']:.4f}"
+    return final * TARGET_SLACK, f"within {TARGET_SLACK - 1:.0%} of dense's final val loss {final:.4f}"
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -341,11 +375,13 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     LOGS_DIR.mkdir(parents=True, exist_ok=True)
     runs = [(name, lr) for name in selected_methods(args.methods) for lr in args.lrs or [get_method(name).lr]]
     steps = round(args.steps * args.steps_factor)
+    data = run_data(args, settings)
     fresh = []
     with logging_redirect_tqdm():
         for name, lr in (bar := tqdm(runs, desc="runs", unit="run")):
             bar.set_postfix_str(f"{name} lr {lr:g}")
-            fresh.append({**run_method(name, lr, steps, settings, args.timeout_s, args.adaptive_refresh), "command": command})
+            record = run_method(name, lr, steps, settings, args.timeout_s, args.adaptive_refresh, data)
+            fresh.append({**record, "command": command})
             log.info("%s at lr %g: %s", name, lr, outcome(fresh[-1]))
     return derive({
         "machine": machine,
@@ -357,15 +393,20 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def derive(results: dict[str, Any]) -> dict[str, Any]:
-    """The target, and every record's fields measured against it and against the baseline."""
+    """The targets (one per data split and seed), and every record's fields measured against its
+    data's target and baseline and against dense on the same data."""
     steps = results["settings"]["steps"]
     for record in results["methods"]:
         record.setdefault("steps", steps)  # as in earlier_records
     best = best_runs(results["methods"])
-    target, target_note = target_loss(best, steps)
-    baseline = next((r for r in best if variant(r) == (BASELINE, steps, None) and r.get("history")), None)
     for record in results["methods"]:
-        add_derived_fields(record, target, baseline)
+        data = data_label(record.get("data"))
+        baseline = next((r for r in best if variant(r) == (BASELINE, steps, None, data) and r.get("history")), None)
+        add_derived_fields(record, target_loss(best, steps, data)[0], baseline)
+        final = dense_final(best, steps, data)
+        if final is not None and "final_val_loss" in record:
+            record["gap_to_dense"] = record["final_val_loss"] / final - 1
+    target, target_note = target_loss(best, steps)
     return {**results, "target_val_loss": target, "target_note": target_note}
 
 
@@ -428,6 +469,7 @@ def label(record: dict[str, Any], results: dict[str, Any]) -> str:
     when it is not the method's own."""
     notes = [f"{record['steps']} steps"] if record["steps"] != results["settings"]["steps"] else []
     notes += [f"refresh {record['refresh']}"] if record.get("refresh") else []
+    notes += [data_label(record["data"])] if record.get("data") else []
     return f"{record['method']} ({', '.join(notes)})" if notes else record["method"]
 
 
@@ -441,7 +483,7 @@ def table_row(record: dict[str, Any], results: dict[str, Any]) -> list[str]:
     """One variant's row of the table (its best run), with its whole lr sweep."""
     records = results["methods"]
     if "final_val_loss" not in record:
-        return [f"{label(record, results)} (failed)"] + ["—"] * 8 + [sweep_text(record, records)]
+        return [f"{label(record, results)} (failed)"] + ["—"] * 9 + [sweep_text(record, records)]
     steps = record["steps_to_target"]
     name = f"{label(record, results)} (error)" if "error" in record else label(record, results)
     below = record.get(f"below_{BASELINE}_at_equal_bytes")
@@ -451,6 +493,7 @@ def table_row(record: dict[str, Any], results: dict[str, Any]) -> list[str]:
         common.human_bytes(record.get("wire_bytes_per_step")),  # absent from runs before it was recorded
         f"{record['compression_ratio']:.1f}x",
         f"{record['final_val_loss']:.4f}",
+        "—" if record.get("gap_to_dense") is None else f"{record['gap_to_dense']:+.1%}",
         "not reached" if steps is None else str(steps),
         common.human_bytes(record["bytes_to_target"]),
         "—" if below is None else ("yes" if below else "no"),
@@ -478,7 +521,7 @@ def default_results_file(settings: dict[str, Any]) -> Path:
 def render_table(results: dict[str, Any], results_file: Path | None = None) -> str:
     """The table, with a line saying how it was measured and one saying how it was made."""
     headers = [
-        "method", "bytes/step", "wire/step", "x fewer bytes than dense", "final val loss", "steps to target",
+        "method", "bytes/step", "wire/step", "x fewer bytes than dense", "final val loss", "vs dense", "steps to target",
         "bytes to target", f"below {BASELINE} at equal bytes", "wall s", "lr sweep (peak lr: final val loss)",
     ]
     records = results["methods"]
@@ -490,7 +533,8 @@ def render_table(results: dict[str, Any], results_file: Path | None = None) -> s
     return (
         f"{table}\n\n"
         f"Measured on {common.machine_line(results['machine'])}: {results['method_note']}. "
-        f"Each row is the method at its best peak lr. Steps/bytes to target are the first eval at or below the {target_text}. "
+        f"Each row is the method at its best peak lr. Steps/bytes to target are the first eval at or below the {target_text}; "
+        "rows on other data (contiguous shards, another seed) are measured against dense on the same data, and so is 'vs dense'. "
         f"{generated}"
     )
 

@@ -32,7 +32,7 @@ def best_runs(results: dict[str, Any]) -> dict[str, Run]:
     steps = results["settings"]["steps"]
     best: dict[str, Run] = {}
     for record in results["methods"]:
-        as_registered = record.get("steps", steps) == steps and "refresh" not in record
+        as_registered = record.get("steps", steps) == steps and "refresh" not in record and "data" not in record
         if not as_registered or "error" in record or "final_val_loss" not in record:
             continue
         current = best.get(record["method"])

@@ -48,6 +48,26 @@ def test_the_target_is_two_percent_above_dense_at_its_best_lr():
     assert results["target_val_loss"] == pytest.approx(1.9 * 1.02)
 
 
+def test_a_run_on_contiguous_shards_is_a_row_of_its_own_measured_against_dense_on_the_same_data():
+    contiguous = {"sharding": "contiguous", "seed": 0}
+    records = [run("dense", 1e-3, 2.0), run("x", 1e-3, 2.1),
+               {**run("dense", 1e-3, 2.5), "data": contiguous}, {**run("x", 1e-3, 2.55), "data": contiguous}]
+    results = convergence.derive({"settings": {"steps": 100}, "methods": records})
+    assert len(convergence.best_runs(results["methods"])) == 4
+    assert results["target_val_loss"] == pytest.approx(2.0 * 1.02)  # the headline's target stays IID dense's
+    assert records[1]["gap_to_dense"] == pytest.approx(0.05)
+    assert records[3]["gap_to_dense"] == pytest.approx(0.02)
+    assert records[3]["steps_to_target"] == 100  # 2.55 <= 2.5 * 1.02: reached on its own data's target
+    assert convergence.label(records[3], results) == "x (contiguous shards, seed 0)"
+
+
+def test_runs_at_the_headline_data_keep_no_data_field_and_others_are_flagged():
+    settings = {"seed": 0}
+    assert convergence.run_data(convergence.parse_args([]), settings) is None
+    assert convergence.run_data(convergence.parse_args(["--seed", "1"]), settings) == {"sharding": "iid", "seed": 1}
+    assert convergence.run_data(convergence.parse_args(["--sharding", "contiguous"]), settings) == {"sharding": "contiguous", "seed": 0}
+
+
 def curve(*points):
     return [{"step": i, "val_loss": loss, "total_bytes": b} for i, (b, loss) in enumerate(points)]
 
