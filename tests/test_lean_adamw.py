@@ -4,10 +4,8 @@ import copy
 
 import pytest
 import torch
-from distributed import run_workers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_training import train_and_digest
 
 from disttrain.optim import LeanAdamW, optimizer_state_bytes
 
@@ -114,11 +112,3 @@ def test_bad_hyperparameters_are_refused(bad):
     with pytest.raises(ValueError):
         LeanAdamW([torch.nn.Parameter(torch.zeros(2))], **bad)
 
-
-def test_the_lean_round_method_trains_workers_to_identical_replicas_with_a_falling_loss():
-    overrides = {"method": "diloco-sparse-k4-h5-lean", "steps": 20, "eval_every": 5, "digest_every": 5}
-    results = run_workers(train_and_digest, 2, overrides)
-    assert len({r["digest"] for r in results}) == 1
-    summary = results[0]["summary"]
-    assert summary.replicas_identical
-    assert summary.history[-1].val_loss < summary.history[0].val_loss - 0.2

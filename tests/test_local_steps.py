@@ -54,7 +54,9 @@ def test_evaluation_waits_for_the_round_end():
     assert [point.step for point in summary.history] == [4, 8]
 
 
-@pytest.mark.parametrize("method", ["diloco-int8-h30", "diloco-sparse-k4-h5", "fedavg-subspace-int8-h10"])
+@pytest.mark.parametrize(
+    "method", ["diloco-int8-h30", "diloco-sparse-k4-h5", "diloco-sparse-k4-h5-lean-bf16-start", "fedavg-subspace-int8-h10"]
+)
 def test_a_resumed_local_step_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, method):
     # stopped mid-round after step 5; the last round end, and checkpoint, was step 4
     rounds_of_two = {"method": method, "local_steps": 2}

@@ -12,6 +12,11 @@ With ``overlap`` the exchange runs on a thread while the worker's next round com
 later complete()). The pseudo-gradient is then taken from where this worker's own round started
 (``round_start``), and complete() moves the worker's weights by as much as the global ones moved,
 so that the local progress made meanwhile is kept and sent with the next exchange.
+
+A method with ``round_start="bf16"`` keeps the round's start of every matrix in bf16, half the
+memory: the outer step is taken in fp32 and rounded stochastically with a key every replica
+shares (``stochastic_rounding.py``), and the model starts each round at exactly that start, so the
+pseudo-gradient stays exact.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from disttrain.comm.background import InBackground
 from disttrain.comm.device import collective_device
 from disttrain.comm.link import LinkEmulator
 from disttrain.comm.waiting import wait_work
+from disttrain.kernels.seeded import StreamKey
 from disttrain.methods import Method
+from disttrain.train.stochastic_rounding import stochastic_round_to_bf16
 
 
 class OuterStep:
@@ -47,7 +54,20 @@ class OuterStep:
             params, method.compression, seed, group, overlap=False, link=link, fixed_membership=not elastic
         )
         self.params = self.reducer.params
-        self.global_params = [p.detach().clone() for p in self.params]  # the current weights start round 0
+        self.seed = seed
+        if method.round_start == "bf16" and (method.outer_momentum > 0 or overlap):
+            raise ValueError(
+                f"method {method.name!r} keeps its round start in bf16, which takes a plain outer SGD step "
+                "(outer_momentum 0) without overlap"
+            )
+        halved = method.round_start == "bf16"
+        # The current weights start round 0 (a matrix's rounded to bf16, in the model too, where the start is kept so).
+        self.global_params = [
+            p.detach().to(torch.bfloat16 if halved and p.dim() >= 2 else p.dtype, copy=True) for p in self.params
+        ]
+        with torch.no_grad():
+            for p, start in zip(self.params, self.global_params):
+                p.copy_(start)
         self.outer_lr, self.peak_lr, self.lr_scheduled = method.outer_lr, peak_lr, method.outer_lr_scheduled
         self.outer = torch.optim.SGD(
             self.global_params, lr=method.outer_lr, momentum=method.outer_momentum, nesterov=method.outer_momentum > 0
@@ -98,11 +118,15 @@ class OuterStep:
             self.reducer.finish(self._contributors)
         self.pending = False
         self.reducer.write_gradients()
-        for p, start in zip(self.params, self.global_params):
-            start.grad, p.grad = p.grad, None
         if self.lr_scheduled:
             self.outer.param_groups[0]["lr"] = self.outer_lr * inner_lr / self.peak_lr
-        self.outer.step()
+        for index, (p, start) in enumerate(zip(self.params, self.global_params)):
+            if start.dtype == torch.bfloat16 and p.dtype != torch.bfloat16:
+                self._step_halved(index, start, p.grad)
+                p.grad = None
+            else:
+                start.grad, p.grad = p.grad, None
+        self.outer.step()  # the starts kept at full precision
         with torch.no_grad():
             for p, start, current in zip(self.params, self.global_params, self.round_start):
                 if keep_progress:
@@ -114,6 +138,11 @@ class OuterStep:
                 start.grad = None
         self.reducer.commit()
         self.rounds += 1
+
+    def _step_halved(self, index: int, start: torch.Tensor, update: torch.Tensor) -> None:
+        """The outer SGD step of a start kept in bf16: taken in fp32, rounded stochastically with a shared key."""
+        moved = start.float().sub_(update.float(), alpha=self.outer.param_groups[0]["lr"])
+        start.copy_(stochastic_round_to_bf16(moved, StreamKey.derive(self.seed, self.rounds, index)))
 
     def count_contributors(self, did_round: bool) -> int:
         """Collective: how many members did this round's local steps (a worker admitted since its start did not)."""
