@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from disttrain.models.gpt import GPTConfig
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DOC = REPO_ROOT / "docs" / "benchmarks.md"  # where every generated table goes (--doc)
@@ -21,6 +23,20 @@ DOC = REPO_ROOT / "docs" / "benchmarks.md"  # where every generated table goes (
 
 class MarkersMissing(RuntimeError):
     """A document lacks the start/end markers a generated table goes between."""
+
+
+# The bundled GPT and the scale study's (6 layers x 512, as the study's issue proposed): same corpus and tokenizer.
+MODEL_SIZES = {"gpt-3m": GPTConfig(), "gpt-19m": GPTConfig(n_layer=6, n_head=8, n_embd=512)}
+DEFAULT_MODEL = "gpt-3m"
+
+
+def model_flags(name: str) -> list[str]:
+    """Worker flags that build the model ``name`` of MODEL_SIZES (none for the default)."""
+    if name == DEFAULT_MODEL:
+        return []
+    config, default = MODEL_SIZES[name], GPTConfig()
+    changed = [field for field in ("n_layer", "n_head", "n_embd") if getattr(config, field) != getattr(default, field)]
+    return [word for field in changed for word in (f"--model.{field.replace('_', '-')}", str(getattr(config, field)))]
 
 
 def setup_logging() -> None:

@@ -12,6 +12,7 @@ machine) and keeps the rest.
     python benchmarks/convergence.py --methods diloco-sparse-k4-h5 --steps-factor 1.25   # its own row
     python benchmarks/convergence.py --small --methods dense,diloco-sparse-k4-h5 --sharding contiguous   # non-IID rows
     python benchmarks/convergence.py --small --methods dense,diloco-sparse-k4-h5 --seed 1                # another seed
+    python benchmarks/convergence.py --small --model gpt-19m --methods dense,diloco-sparse-k4-h5   # the second scale
     python benchmarks/convergence.py --render-only     # plots + table from the existing JSON
     python benchmarks/convergence.py --small --render-only
 """
@@ -42,6 +43,7 @@ from disttrain.launcher.elastic_job import ElasticJob, WorkersStillRunning  # no
 from disttrain.launcher.local import launch_local  # noqa: E402
 from disttrain.data.corpus import Sharding  # noqa: E402
 from disttrain.methods import get_method  # noqa: E402
+from disttrain.models.gpt import GPT  # noqa: E402
 from disttrain.train.config import TrainConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
@@ -90,6 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="how the workers' data are split: contiguous gives each its own slice of the text (non-IID); such runs get their own rows",
     )
     parser.add_argument("--seed", type=int, default=TrainConfig().seed, help="the runs' seed; runs at another seed than the default get their own rows")
+    parser.add_argument(
+        "--model", choices=common.MODEL_SIZES, default=common.DEFAULT_MODEL,
+        help="the GPT to train (gpt-19m: the scale study's 6 x 512); another model's results go to convergence-<model>.json",
+    )
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="give up on one method's run after this long")
     parser.add_argument("--out", type=Path, help="results file (default: results/convergence.json, convergence-small.json with --small)")
     parser.add_argument("--doc", type=Path, default=common.DOC, help="the document the table goes into, between its markers")
@@ -101,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.steps = args.steps or (SMALL_STEPS if args.small else FULL_STEPS)
     args.eval_every = args.eval_every or (SMALL_EVAL_EVERY if args.small else FULL_EVAL_EVERY)
-    args.out = args.out or common.RESULTS_DIR / ("convergence-small.json" if args.small else "convergence.json")
+    args.out = args.out or default_results_file({"steps": args.steps, "eval_every": args.eval_every, "model": args.model})
     args.lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else None
     if args.lrs and any(lr <= 0 for lr in args.lrs):
         parser.error(f"--lrs must be positive learning rates, got {args.lrs}")
@@ -121,7 +127,9 @@ def selected_methods(spec: str) -> list[str]:
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every run shares, from the flags and TrainConfig's defaults (the peak lr is per run)."""
     defaults = TrainConfig()
+    model = {} if args.model == common.DEFAULT_MODEL else {"model": args.model}  # earlier results files name none
     return {
+        **model,
         "workers": WORKERS,
         "backend": "gloo",
         "steps": args.steps,
@@ -136,8 +144,11 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def method_note(settings: dict[str, Any]) -> str:
     """How the numbers were measured, in one sentence."""
+    model = settings.get("model", common.DEFAULT_MODEL)
+    parameters = GPT(common.MODEL_SIZES[model]).num_parameters() if "model" in settings else None
     return (
-        f"{settings['workers']} local worker processes ({settings['backend']}), {settings['steps']} steps, "
+        ("" if parameters is None else f"the {model} GPT ({parameters / 1e6:.1f} M parameters), ")
+        + f"{settings['workers']} local worker processes ({settings['backend']}), {settings['steps']} steps, "
         f"batch {settings['batch_size_per_worker']} x {settings['block_size']} tokens per worker, seed {settings['seed']}, "
         f"{settings['warmup_steps']} warm-up steps then cosine decay to {settings['min_lr_ratio']:g} x the peak lr "
         f"(each method at its best swept peak lr); val loss every {settings['eval_every']} steps; "
@@ -172,6 +183,7 @@ def worker_flags(method: str, lr: float, steps: int, settings: dict[str, Any], s
         "--data.sharding", data["sharding"],
         "--optim.lr", repr(lr),
         "--summary-file", str(summary_file),
+        *common.model_flags(settings.get("model", common.DEFAULT_MODEL)),
     ]
 
 
@@ -447,7 +459,7 @@ def plot(results: dict[str, Any], x_key: str, x_name: str, path: Path, log_x: bo
         ax.set_xscale("log")
     ax.set_xlabel(f"{x_name} (log scale)" if log_x else x_name)
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title(f"Small GPT: validation loss vs {x_name}")
+    ax.set_title(f"{results['settings'].get('model', common.DEFAULT_MODEL)} GPT: validation loss vs {x_name}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, title="dashed: quantised payload", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.text(0.5, 0.01, caption(results), ha="center", fontsize=7, wrap=True)
@@ -505,6 +517,8 @@ def table_row(record: dict[str, Any], results: dict[str, Any]) -> list[str]:
 def base_command(settings: dict[str, Any]) -> str:
     """The invocation that measures with ``settings`` (sweeps and extra rows add their own flags)."""
     words = ["python", "benchmarks/convergence.py"]
+    if "model" in settings:
+        words += ["--model", settings["model"]]
     if (settings["steps"], settings["eval_every"]) == (SMALL_STEPS, SMALL_EVAL_EVERY):
         words.append("--small")
     elif (settings["steps"], settings["eval_every"]) != (FULL_STEPS, FULL_EVAL_EVERY):
@@ -514,6 +528,8 @@ def base_command(settings: dict[str, Any]) -> str:
 
 def default_results_file(settings: dict[str, Any]) -> Path:
     """Where the results measured with ``settings`` are kept unless --out said otherwise."""
+    if settings.get("model", common.DEFAULT_MODEL) != common.DEFAULT_MODEL:
+        return common.RESULTS_DIR / f"convergence-{settings['model']}.json"
     small = (settings["steps"], settings["eval_every"]) == (SMALL_STEPS, SMALL_EVAL_EVERY)
     return common.RESULTS_DIR / ("convergence-small.json" if small else "convergence.json")
 

@@ -1,10 +1,10 @@
 """Memory benchmark: the state each method keeps between steps, against torch AdamW and galore-torch.
 
-Each row runs in a fresh process: it builds the default small GPT, trains it for two rounds (two
+Each row runs in a fresh process: it builds the scale study's 19 M-parameter GPT (``--model``), trains it for two rounds (two
 steps for a per-step method) in a one-process Gloo group, wired as `disttrain train` wires it, and
 counts the tensors kept between steps: the optimizer's (Adam moments, in the subspace for
 ProjectedAdamW and GaLore, bf16 and factored for LeanAdamW), the exchange's (bases, error-feedback
-residuals, vote momentum) and the rounds' (the round's starting weights, a second copy under
+residuals, vote momentum and the votes a chunk owner keeps) and the rounds' (the round's starting weights, a second copy under
 overlap, the outer optimizer's momentum). The process's peak RSS is recorded too: what the counted
 tensors leave out (weights, gradients, activations, transient buffers, torch itself) is in it.
 
@@ -48,7 +48,7 @@ import common  # noqa: E402
 log = logging.getLogger("benchmarks.memory")
 
 MARKER = "memory-table"
-LEAN_METHOD = "diloco-sparse-k4-h5-lean"
+LEAN_METHODS = ("diloco-sparse-k4-h5-lean", "diloco-sparse-k4-h5-lean-bf16-start")
 STUDY_METHODS = (
     "diloco-sparse-k4-h5-overlap", "diloco-owners-k4-keep16-h5", "dense", "svd-projected", "svd-reconstruct",
     "svd-int8-reconstruct", "seeded-projected", "seeded-reconstruct", "seeded-int8-projected", "seeded-int8-reconstruct",
@@ -64,12 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR / "memory.json")
     parser.add_argument("--doc", type=Path, default=common.DOC, help="the document the table goes into, between its markers")
     parser.add_argument("--render-only", action="store_true", help="only rewrite the table from --out")
+    parser.add_argument("--model", choices=common.MODEL_SIZES, default="gpt-19m", help="the GPT every row trains")
     return parser.parse_args(argv)
 
 
 def measured_methods() -> list[str]:
-    """The recommended methods first, the lean one, then the study's others."""
-    return list(dict.fromkeys([*RECOMMENDED, LEAN_METHOD, *STUDY_METHODS]))
+    """The recommended methods first, the lean ones, then the study's others."""
+    return list(dict.fromkeys([*RECOMMENDED, *LEAN_METHODS, *STUDY_METHODS]))
 
 
 @contextlib.contextmanager
@@ -168,17 +169,17 @@ def method_row(name: str, config: TrainConfig) -> dict[str, Any]:
     reducer = session.exchange.reducer
     kept = [(key.rsplit(".", 1)[-1], value) for compressor in reducer.compressors for key, value in compressor.state_dict().items()]
     residuals = tensors_bytes([value for key, value in kept if key == "residual"])
-    votes = tensors_bytes([value for key, value in kept if key == "momentum"])
+    bases = tensors_bytes([value for key, value in kept if key not in ("residual", "momentum")])
     return row(
         name, method.summary, type(session.optimizer).__name__, optimizer_state=optimizer_state_bytes(session.optimizer),
-        bases=reducer.state_bytes() - residuals - votes, residuals=residuals, vote_momentum=votes,
+        bases=bases, residuals=residuals, vote_state=reducer.state_bytes() - bases - residuals,
         round_state=round_state_bytes(session),
     )
 
 
-def measure_in_this_process(name: str) -> dict[str, Any]:
+def measure_in_this_process(name: str, model: str) -> dict[str, Any]:
     """One row, measured in the calling process (a fresh one: its peak RSS is the row's)."""
-    config = TrainConfig()
+    config = TrainConfig(model=common.MODEL_SIZES[model])
     with single_process_group():
         if name == "torch AdamW":
             return adamw_row(config)
@@ -187,32 +188,33 @@ def measure_in_this_process(name: str) -> dict[str, Any]:
         return method_row(name, config)
 
 
-def measure_in_fresh_process(name: str) -> dict[str, Any]:
+def measure_in_fresh_process(name: str, model: str) -> dict[str, Any]:
     """One row in a process of its own, so that no row's peak RSS includes another's."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(measure_in_this_process, name).result()
+        return pool.submit(measure_in_this_process, name, model).result()
 
 
-def measure() -> tuple[list[dict[str, Any]], int]:
+def measure(model: str) -> tuple[list[dict[str, Any]], int]:
     """All rows (AdamW first) and the model's parameter count."""
-    rows = [measure_in_fresh_process(name) for name in ["torch AdamW", GALORE, *measured_methods()]]
+    rows = [measure_in_fresh_process(name, model) for name in ["torch AdamW", GALORE, *measured_methods()]]
     baseline = rows[0]
     for entry in rows:
         for counted in ("total_bytes", "peak_rss_bytes"):
             entry[counted.replace("bytes", "vs_adamw")] = entry[counted] / baseline[counted]
         entry["peak_rss_over_adamw_bytes"] = entry["peak_rss_bytes"] - baseline["peak_rss_bytes"]
         log.info("%s: %s counted, peak RSS %s", entry["method"], common.human_bytes(entry["total_bytes"]), common.human_bytes(entry["peak_rss_bytes"]))
-    return rows, sum(p.numel() for p in fresh_model(TrainConfig()).parameters())
+    return rows, GPT(common.MODEL_SIZES[model]).num_parameters()
 
 
-def method_note(parameters: int) -> str:
+def method_note(model: str, parameters: int) -> str:
     """What is counted, in one sentence."""
     return (
-        f"default GPTConfig ({parameters / 1e6:.2f} M parameters, {common.human_bytes(4 * parameters)} of fp32 weights), "
+        f"the {model} GPT ({parameters / 1e6:.2f} M parameters, {common.human_bytes(4 * parameters)} of fp32 weights), "
         f"{ROUNDS} rounds (per-step methods: {ROUNDS} steps) in a single process, each row in a fresh one; counted: tensors in "
         "optimizer.state (Adam moments and step counters; GaLore's and ProjectedAdamW's in the subspace, LeanAdamW's bf16 and "
-        "factored), the exchange's persistent state (bases, error-feedback residuals, vote momentum) and the rounds' state "
+        "factored), the exchange's persistent state (bases, error-feedback residuals, vote state: a worker's vote momentum "
+        "and the votes a chunk owner keeps) and the rounds' state "
         "(round start, the worker's own start under overlap, outer momentum); not counted: weights, gradients, transient "
         "buffers (peak RSS holds them, and torch itself)"
     )
@@ -221,10 +223,10 @@ def method_note(parameters: int) -> str:
 def render_table(results: dict[str, Any], results_file: Path = common.RESULTS_DIR / "memory.json") -> str:
     """The table, with a line saying what is counted and one saying how it was made."""
     headers = [
-        "method", "optimizer", "optimizer state", "bases", "EF residuals", "vote momentum", "round state",
+        "method", "optimizer", "optimizer state", "bases", "EF residuals", "vote state", "round state",
         "total", "vs AdamW", "peak RSS", "peak RSS - AdamW's",
     ]
-    parts = ("optimizer_state_bytes", "bases_bytes", "residuals_bytes", "vote_momentum_bytes", "round_state_bytes")
+    parts = ("optimizer_state_bytes", "bases_bytes", "residuals_bytes", "vote_state_bytes", "round_state_bytes")
     rows = [
         [
             entry["method"],
@@ -244,12 +246,13 @@ def render_table(results: dict[str, Any], results_file: Path = common.RESULTS_DI
     )
 
 
-def run_all() -> dict[str, Any]:
+def run_all(model: str) -> dict[str, Any]:
     """Measure every row; the results document."""
-    rows, parameters = measure()
+    rows, parameters = measure(model)
     return {
         "machine": common.machine_description(),
-        "method_note": method_note(parameters),
+        "model": model,
+        "method_note": method_note(model, parameters),
         "parameters": parameters,
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "rows": rows,
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.render_only and galore_missing():
         return 2
-    results = common.run_or_reread(args.render_only, args.out, run_all)
+    results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args.model))
     if results is None:
         return 2
     return 0 if common.publish_table(render_table(results, args.out), MARKER, args.doc, args.out.parent) else 1

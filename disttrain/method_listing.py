@@ -12,14 +12,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from disttrain.methods import DEFAULT_FEDERATED_METHOD, DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD, METHODS
+from disttrain.methods import DEFAULT_FEDERATED_METHOD, DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD, MEMORY_LEAN_METHOD, METHODS
 
 MEASURED_FILE = Path(__file__).with_name("data") / "measured.json"
-STUDIES = ("convergence.json", "convergence-small.json")  # the 1000-step study first: its figures win
+STUDIES = ("convergence.json", "convergence-lean.json", "convergence-small.json")  # the 1000-step studies first: their figures win
 RECOMMENDED = {
     DEFAULT_METHOD: "default of `disttrain train`, the demo, `disttrain.Session` and the Hugging Face Trainer",
     DEFAULT_PER_STEP_METHOD: "the best that exchanges every step: `Session(model, optimizer, \"power-int4-r16\")`",
     DEFAULT_FEDERATED_METHOD: "default of `disttrain train --mode federated`",
+    MEMORY_LEAN_METHOD: "the memory-constrained choice: the default's bytes and loss in 0.75x AdamW's state",
 }
 SHORT_LIST = 5  # other methods shown without --all: the measured ones with the lowest loss
 HEADER = ["method", "peak lr", "bytes/step vs dense", "convergence study"]

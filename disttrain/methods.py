@@ -282,3 +282,5 @@ DEFAULT_METHOD = "diloco-sparse-k4-h5"  # the convergence study's winner (docs/c
 # reconstructed gradient (for jobs that cannot take local steps).
 DEFAULT_PER_STEP_METHOD = "power-int4-r16"
 DEFAULT_FEDERATED_METHOD = "fedavg-subspace-int8-h10"
+# The default's rounds, votes and bytes in three quarters of AdamW's memory (docs/convergence.md#memory).
+MEMORY_LEAN_METHOD = "diloco-sparse-k4-h5-lean-bf16-start"

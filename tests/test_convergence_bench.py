@@ -137,3 +137,17 @@ def test_docs_benchmarks_md_holds_every_generated_table_and_the_readme_none():
         start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
         assert doc.count(start) == doc.count(end) == 1 and doc.index(start) < doc.index(end), marker
         assert start not in readme and end not in readme, marker
+
+
+def test_the_second_scale_runs_a_19m_parameter_gpt_and_keeps_its_own_results_file():
+    from disttrain.launcher.worker import build_parser, check_worker_args
+    from disttrain.models.gpt import GPT
+
+    args = convergence.parse_args(["--model", "gpt-19m", "--small"])
+    assert args.out.name == "convergence-gpt-19m.json"
+    settings = convergence.run_settings(args)
+    flags = convergence.worker_flags("dense", 1e-3, 10, settings, Path("/tmp/s.json"), None)
+    config = check_worker_args(build_parser().parse_args(flags))
+    assert 18e6 < GPT(config.model).num_parameters() < 20e6
+    assert convergence.base_command(settings) == "python benchmarks/convergence.py --model gpt-19m --small"
+    assert "model" not in convergence.run_settings(convergence.parse_args([]))  # earlier results files still merge

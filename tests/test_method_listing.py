@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 
 from disttrain.method_listing import MEASURED_FILE, derive_measured, load_measured, render
-from disttrain.methods import DEFAULT_FEDERATED_METHOD, DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD, METHODS
+from disttrain.methods import DEFAULT_FEDERATED_METHOD, DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD, MEMORY_LEAN_METHOD, METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -31,10 +31,11 @@ def test_sections_are_recommended_then_baselines_then_the_other_methods():
     assert list(sections(render())) == ["Recommended", "Baselines", "Other methods of the convergence study"]
 
 
-def test_the_three_defaults_are_recommended_with_their_roles():
+def test_the_three_defaults_and_the_memory_lean_choice_are_recommended_with_their_roles():
     recommended = sections(render())["Recommended"]
-    assert names(recommended) == [DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD, DEFAULT_FEDERATED_METHOD]
-    for row, role in zip(recommended, ("`disttrain.Session` and the Hugging Face Trainer", "exchanges every step", "--mode federated")):
+    assert names(recommended) == [DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD, DEFAULT_FEDERATED_METHOD, MEMORY_LEAN_METHOD]
+    roles = ("`disttrain.Session` and the Hugging Face Trainer", "exchanges every step", "--mode federated", "memory-constrained")
+    for row, role in zip(recommended, roles):
         assert role in row
 
 
