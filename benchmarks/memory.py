@@ -54,7 +54,7 @@ STUDY_METHODS = (
     "svd-int8-reconstruct", "seeded-projected", "seeded-reconstruct", "seeded-int8-projected", "seeded-int8-reconstruct",
 )
 GALORE = "galore-torch GaLoreAdamW"
-GALORE_INSTALL = 'pip install "galore-torch==1.0" bitsandbytes'
+GALORE_INSTALL = 'pip install -e ".[bench]" (or pip install galore-torch)'
 ROUNDS = 2  # rounds (steps, for a per-step method) trained before counting
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -1,7 +1,7 @@
 """disttrain's single-worker `svd-projected` against the real GaLore optimizer, PyPI galore-torch 1.0.
 
-Optional: skipped unless galore-torch is installed (`pip install galore-torch`; it is not in the
-[test] extra). Both optimizers train copies of one small MLP on the same gradients, with the same
+galore-torch comes with the [bench] extra, so the test install has it; elsewhere the test is
+skipped unless it is installed. Both optimizers train copies of one small MLP on the same gradients, with the same
 rank, refresh interval, learning rate, betas, eps, weight decay and update scale, through several
 basis refreshes. The one difference between them is the sign of the singular vectors: disttrain
 flips each one so that its largest-magnitude entry is positive (`canonical_signs`), and
