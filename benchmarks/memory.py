@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from disttrain.comm.layout import tensors_bytes
 from disttrain.compress import CompressionSpec
@@ -197,7 +199,9 @@ def measure_in_fresh_process(name: str, model: str) -> dict[str, Any]:
 
 def measure(model: str) -> tuple[list[dict[str, Any]], int]:
     """All rows (AdamW first) and the model's parameter count."""
-    rows = [measure_in_fresh_process(name, model) for name in ["torch AdamW", GALORE, *measured_methods()]]
+    names = ["torch AdamW", GALORE, *measured_methods()]
+    with logging_redirect_tqdm():
+        rows = [measure_in_fresh_process(name, model) for name in tqdm(names, desc="rows", unit="row")]
     baseline = rows[0]
     for entry in rows:
         for counted in ("total_bytes", "peak_rss_bytes"):
