@@ -91,7 +91,7 @@ def test_weight_decay_is_decoupled_from_the_gradient():
     assert torch.equal(lean.detach(), before * (1 - LR * 0.5))
 
 
-def test_a_reloaded_state_takes_the_same_next_step():
+def test_a_reloaded_state_keeps_its_bf16_first_moment_and_takes_the_same_steps():
     _, _, lean, optimizer = both_optimizers((12, 5))
     generator = torch.Generator().manual_seed(3)
     for _ in range(3):
@@ -100,10 +100,12 @@ def test_a_reloaded_state_takes_the_same_next_step():
     copy_param = torch.nn.Parameter(lean.detach().clone())
     reloaded = LeanAdamW([copy_param], lr=LR, betas=BETAS, eps=EPS)
     reloaded.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    grad = torch.randn(12, 5, generator=generator)
-    lean.grad, copy_param.grad = grad.clone(), grad.clone()
-    optimizer.step()
-    reloaded.step()
+    assert reloaded.state[copy_param]["exp_avg"].dtype == torch.bfloat16
+    for _ in range(3):
+        grad = torch.randn(12, 5, generator=generator)
+        lean.grad, copy_param.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        reloaded.step()
     assert torch.equal(lean.detach(), copy_param.detach())
 
 
