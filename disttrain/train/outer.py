@@ -55,19 +55,20 @@ class OuterStep:
         )
         self.params = self.reducer.params
         self.seed = seed
-        if method.round_start == "bf16" and (method.outer_momentum > 0 or overlap):
+        halved = method.round_start == "bf16"
+        if halved and (method.outer_momentum > 0 or overlap):
             raise ValueError(
                 f"method {method.name!r} keeps its round start in bf16, which takes a plain outer SGD step "
                 "(outer_momentum 0) without overlap"
             )
-        halved = method.round_start == "bf16"
         # The current weights start round 0 (a matrix's rounded to bf16, in the model too, where the start is kept so).
         self.global_params = [
             p.detach().to(torch.bfloat16 if halved and p.dim() >= 2 else p.dtype, copy=True) for p in self.params
         ]
-        with torch.no_grad():
-            for p, start in zip(self.params, self.global_params):
-                p.copy_(start)
+        if halved:
+            with torch.no_grad():
+                for p, start in zip(self.params, self.global_params):
+                    p.copy_(start)
         self.outer_lr, self.peak_lr, self.lr_scheduled = method.outer_lr, peak_lr, method.outer_lr_scheduled
         self.outer = torch.optim.SGD(
             self.global_params, lr=method.outer_lr, momentum=method.outer_momentum, nesterov=method.outer_momentum > 0
