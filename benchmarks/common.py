@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ def model_flags(name: str) -> list[str]:
     if name == DEFAULT_MODEL:
         return []
     config, default = MODEL_SIZES[name], GPTConfig()
-    changed = [field for field in ("n_layer", "n_head", "n_embd") if getattr(config, field) != getattr(default, field)]
+    changed = [field.name for field in dataclasses.fields(GPTConfig) if getattr(config, field.name) != getattr(default, field.name)]
     return [word for field in changed for word in (f"--model.{field.replace('_', '-')}", str(getattr(config, field)))]
 
 
