@@ -121,6 +121,7 @@ def test_without_curve_the_same_observer_reads_the_job_and_the_worker_id(job):
     assert JOB.encode() in tap.seen and member.worker_id.encode() in tap.seen
 
 
+@pytest.mark.slow
 def test_a_worker_without_the_coordinators_public_key_gets_no_answer_and_is_told_why(job, tmp_path):
     serve(job, str(tmp_path / "keys"))
     members = [agent(job, job.port, key, connect_timeout_s=2.0) for key in (None, coordinator_keys(tmp_path / "other")[0])]
@@ -134,6 +135,7 @@ def test_a_worker_without_the_coordinators_public_key_gets_no_answer_and_is_told
     assert job.coordinator.poll() is None
 
 
+@pytest.mark.slow
 def test_doctor_shakes_hands_through_curve_with_the_key_and_says_what_to_do_without(job, tmp_path):
     keys = tmp_path / "keys"
     serve(job, str(keys))

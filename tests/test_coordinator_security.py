@@ -21,6 +21,13 @@ SECRET = b"0123456789abcdef0123456789abcdef"
 JOB = "security"
 
 
+def dealer(bind: str) -> zmq.Socket:
+    peer = zmq.Context.instance().socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(bind)
+    return peer
+
+
 @pytest.fixture
 def served():
     """A coordinator serving on 127.0.0.1 in this process: (its config, a function sending one frame)."""
@@ -28,9 +35,7 @@ def served():
     stop = threading.Event()
     thread = threading.Thread(target=Coordinator(config, SECRET).serve, args=(stop,), daemon=True)
     thread.start()
-    peer = zmq.Context.instance().socket(zmq.DEALER)
-    peer.setsockopt(zmq.LINGER, 0)
-    peer.connect(config.bind)
+    peer = dealer(config.bind)
 
     def send(frame: bytes, wait_s: float = 1.0) -> bytes | None:
         peer.send(frame)
@@ -91,36 +96,36 @@ def serve_in_thread(config: CoordinatorConfig) -> tuple[Coordinator, threading.E
     return coord, stop, thread
 
 
+def ask(peer: zmq.Socket, frame: bytes) -> Message:
+    peer.send(frame)
+    assert peer.poll(5000)
+    return protocol.decode(peer.recv(), SECRET, JOB)
+
+
 def test_frames_captured_before_a_restart_count_for_nothing_with_the_new_coordinator():
     config = CoordinatorConfig(bind=f"tcp://127.0.0.1:{free_port()}", job=JOB, store_port=free_port(), heartbeat_timeout_s=30.0)
     first, stop, thread = serve_in_thread(config)
-    peer = zmq.Context.instance().socket(zmq.DEALER)
-    peer.setsockopt(zmq.LINGER, 0)
-    peer.connect(config.bind)
+    peer = dealer(config.bind)
     worker = "a1b2" + "0" * 28
-
-    def ask(frame: bytes) -> Message:
-        peer.send(frame)
-        assert peer.poll(5000)
-        return protocol.decode(peer.recv(), SECRET, JOB)
-
-    view = ask(protocol.encode(join(), SECRET))
+    view = ask(peer, protocol.encode(join(), SECRET))
     assert view.type == "view" and view.incarnation == first.incarnation
     captured = [
         protocol.encode(Message(kind, JOB, worker, view.gen, body, incarnation=first.incarnation), SECRET)
         for kind, body in [("heartbeat", {"step": 7}), ("heartbeat", {"step": 8}), ("failed", {"step": 8})]
     ]
     for frame in captured:
-        ask(frame)
+        ask(peer, frame)
+    peer.close(0)
     stop.set()
     thread.join(timeout=5)
     second, stop, thread = serve_in_thread(config)  # the restart, on the same ports
+    replayer = dealer(config.bind)  # a fresh connection: a frame sent while the old one reconnects may be dropped
     try:
-        answers = [ask(frame) for frame in captured]
+        answers = [ask(replayer, frame) for frame in captured]
         assert [a.type for a in answers] == ["restarted"] * 3
         assert second.incarnation != first.incarnation and all(a.incarnation == second.incarnation for a in answers)
         assert worker not in second.members and not second.broken and second.gen == 0
     finally:
-        peer.close(0)
+        replayer.close(0)
         stop.set()
         thread.join(timeout=5)

@@ -212,6 +212,7 @@ def test_adaptive_refresh_renews_svd_bases_on_every_worker_at_the_same_step(tmp_
         job.close()
 
 
+@pytest.mark.slow
 def test_local_step_rounds_survive_a_kill_and_admit_a_joiner_at_a_round_start(tmp_path):
     job = ElasticJob(tmp_path, [*TINY_FLAGS, "--method", "diloco-int8-h30", "--local_steps", "4"], steps=160)
     try:

@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import memory  # noqa: E402
@@ -10,6 +12,7 @@ import memory  # noqa: E402
 from disttrain.methods import MEMORY_LEAN_METHOD  # noqa: E402
 
 
+@pytest.mark.slow
 def test_the_memory_lean_choice_keeps_three_quarters_of_adamws_state_and_the_default_twice_it():
     adamw, default, lean = (
         memory.measure_in_fresh_process(name, "gpt-3m") for name in ("torch AdamW", "diloco-sparse-k4-h5", MEMORY_LEAN_METHOD)

@@ -171,7 +171,7 @@ def checkpointed(rank: int, world: int, directory: str, inner: str) -> tuple[str
     return session.parameters_digest(), resumed.parameters_digest()
 
 
-@pytest.mark.parametrize("inner", ["ddp", "fsdp"])
+@pytest.mark.parametrize("inner", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_a_node_run_resumes_bit_for_bit_from_its_checkpoint(tmp_path, inner):
     results = run_workers(checkpointed, 4, str(tmp_path), inner, per_node=2)
     assert all(straight == resumed for straight, resumed in results)

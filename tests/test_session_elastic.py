@@ -91,6 +91,7 @@ def test_user_loops_survive_a_kill_9_and_admit_a_joiner_with_identical_parameter
     assert coordinator.count("left (run finished)") == 3
 
 
+@pytest.mark.slow
 def test_a_user_loop_joining_a_finished_job_is_told_so(tmp_path):
     job = ElasticJob(tmp_path, [])
     loops = UserLoops(job, link_mbit=100.0)
