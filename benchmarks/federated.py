@@ -27,6 +27,7 @@ from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from disttrain.launcher.local import launch_local  # noqa: E402
+from disttrain.methods import get_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
 import common  # noqa: E402
@@ -46,20 +47,36 @@ BASELINE = "dense"
 
 @dataclass(frozen=True)
 class Run:
-    """One training run: a method and the flags that differ from the shared ones."""
+    """One training run: a method, the flags that differ from the shared ones, and its split."""
 
     label: str
     method: str
     lr: float
     flags: tuple[str, ...] = field(default_factory=tuple)
+    clients: int = CLIENTS
+    alpha: float = ALPHA
+
+    @property
+    def local_steps(self) -> int:
+        """The round length H: the --local_steps flag, or the method's own."""
+        flags = list(self.flags)
+        return int(flags[flags.index("--local_steps") + 1]) if "--local_steps" in flags else get_method(self.method).local_steps
 
 
+LORA8 = ("--lora.rank", "8")
+VOTES_OUTER = "3e-3"  # the vote's outer lr: a voted coordinate moves by this much at the schedule's peak
 RUNS = (
     Run(BASELINE, "fedavg-h10", 3e-4),
     Run("seeded-r4-h10", "fedavg-seeded-int8-h10", 3e-4),
     Run("subspace-r4-h10", "fedavg-subspace-int8-h10", 3e-4),
     Run("subspace-r4-h20", "fedavg-subspace-int8-h10", 3e-4, ("--local_steps", "20")),
     Run("zeroth-order", "zo-1byte", 3e-4, ("--zeroth_order.lr", "2e-3", "--zeroth_order.eps", "1e-3")),
+    Run("lora-r4", "fedavg-h10", 1e-3, ("--lora.rank", "4")),
+    Run("lora-r8", "fedavg-h10", 1e-3, LORA8),
+    Run("lora-r8-int8", "fedavg-int8-h10", 1e-3, LORA8),
+    Run("votes-k4-h10", "diloco-sparse-k4-h10", 3e-4, ("--outer_lr", VOTES_OUTER)),
+    Run("votes-k4-h10-outer1e-2", "diloco-sparse-k4-h10", 3e-4, ("--outer_lr", "1e-2")),
+    Run("votes-lora-r8-k4-h10", "diloco-sparse-k4-h10", 1e-3, (*LORA8, "--outer_lr", VOTES_OUTER)),
 )
 
 
@@ -90,8 +107,8 @@ def worker_flags(run: Run, steps: int, summary_file: Path) -> list[str]:
         "--optim.lr", str(run.lr),
         "--steps", str(steps),
         "--eval_every", str(EVAL_EVERY),
-        "--federated.clients", str(CLIENTS),
-        "--federated.alpha", str(ALPHA),
+        "--federated.clients", str(run.clients),
+        "--federated.alpha", str(run.alpha),
         "--federated.eval_samples", str(EVAL_SAMPLES),
         "--summary-file", str(summary_file),
         *run.flags,
@@ -105,7 +122,7 @@ def run_one(run: Run, steps: int, timeout_s: float) -> dict[str, Any]:
     record: dict[str, Any] = {**asdict(run), "log": str(log_file.relative_to(common.REPO_ROOT))}
     try:
         with output_to(log_file):
-            code = launch_local(CLIENTS, worker_flags(run, steps, summary_file), timeout_s=timeout_s)
+            code = launch_local(run.clients, worker_flags(run, steps, summary_file), timeout_s=timeout_s)
     except subprocess.TimeoutExpired:
         return {**record, "error": f"timed out after {timeout_s:.0f} s; see {log_file}"}
     if summary_file.is_file():
@@ -114,6 +131,7 @@ def run_one(run: Run, steps: int, timeout_s: float) -> dict[str, Any]:
             accuracy=summary["accuracy"],
             val_loss=summary["val_loss"],
             total_bytes=summary["total_bytes"],
+            bytes_per_round=summary["bytes_per_step"] * run.local_steps,
             history=summary["history"],
             wall_s=summary["wall_s"],
             replicas_identical=summary["replicas_identical"],
@@ -183,20 +201,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def table_row(record: dict[str, Any]) -> list[str]:
     if "accuracy" not in record:
-        return [f"{record['label']} (failed)", record["method"]] + ["—"] * 4
+        return [f"{record['label']} (failed)", record["method"]] + ["—"] * 6
     ratio = record.get("bytes_ratio")
     return [
         record["label"] + (" (error)" if "error" in record else ""),
         f"`{record['method']}` lr {record['lr']:g} {' '.join(record['flags'])}".strip(),
+        f"{record.get('clients', CLIENTS)}, {record.get('alpha', ALPHA):g}",
         f"{100 * record['accuracy']:.1f}%",
         common.human_bytes(record["total_bytes"]),
+        common.human_bytes(record["bytes_per_round"]) if "bytes_per_round" in record else "—",
         "—" if ratio is None else f"{ratio:,.0f}x",
         f"{record['wall_s']:.0f}",
     ]
 
 
 def render_table(results: dict[str, Any], results_file: Path = common.RESULTS_DIR / "federated.json") -> str:
-    headers = ["run", "method", "accuracy", "bytes sent per client", "x fewer than dense FedAvg", "wall s"]
+    headers = ["run", "method", "clients, alpha", "accuracy", "bytes sent per client", "per round", "x fewer than dense FedAvg", "wall s"]
     table = common.markdown_table(headers, [table_row(record) for record in results["runs"]])
     return f"{table}\n\n{caption(results)}. {common.generated_by(results['command'], results_file)}"
 

@@ -97,14 +97,14 @@ class Method:
 
     @property
     def overrides(self) -> frozenset[str]:
-        """The config overrides this method takes: rank, refresh_every, local_steps."""
+        """The config overrides this method takes: rank, refresh_every, local_steps, outer_lr."""
         spec, taken = self.compression, set()
         if self.compresses and spec.projects:
             taken.add("rank")
         if self.compresses and spec.basis in REFRESHED_BASES:
             taken.add("refresh_every")
         if self.traits.rounds:
-            taken.add("local_steps")
+            taken.update(("local_steps", "outer_lr"))
         return frozenset(taken)
 
     def require_elastic(self) -> None:
@@ -121,8 +121,8 @@ class Method:
         hint = f"{len(takers)} methods take it, e.g. {', '.join(takers[:3])} (see `disttrain methods`)"
         if override == "rank" and self.engine == "ddp_powersgd":
             return f"a PowerSGD baseline's rank is part of its name (powersgd-r1, -r4, -r8); {hint}"
-        if override == "local_steps":
-            return f"it exchanges every step; {hint}"
+        if override in ("local_steps", "outer_lr"):
+            return f"it exchanges every step and has no rounds; {hint}"
         if not self.compresses:
             return f"it runs {self.engine} and compresses nothing; {hint}"
         what = {"rank": "has no low-rank basis", "refresh_every": "has no basis to refresh"}[override]
@@ -273,6 +273,7 @@ register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8,
 
 _FEDAVG = dict(engine="local_steps", local_steps=10, outer_lr=1.0, outer_momentum=0.0)
 register(Method("fedavg-h10", "FedAvg: 10 local AdamW steps, the fp32 pseudo-gradients averaged and applied as they are", CompressionSpec(basis="dense"), **_FEDAVG))
+register(Method("fedavg-int8-h10", "FedAvg, the pseudo-gradient int8 (every tensor, per-row scales) with error feedback", replace(_PSEUDO_INT8, quantize_small=True), **_FEDAVG))
 register(Method("fedavg-seeded-int8-h10", "FedAvg, pseudo-gradient in a fresh seeded basis r=4 every round (0 basis bytes), everything int8, error feedback", replace(_SEEDED, rank=4, payload="int8", quantize_small=True), **_FEDAVG))
 register(Method("fedavg-subspace-int8-h10", "FedAvg, local steps inside a fresh seeded rank-4 subspace each round (frozen-A LoRA), coefficients int8 with error feedback", replace(_SEEDED, rank=4, payload="int8", quantize_small=True), "projected_adamw", galore_scale=128.0, **_FEDAVG))
 register(Method("zo-1byte", "shared-seed zeroth-order SPSA: two forward passes, no backward, one int8 byte per worker per step", engine="zeroth_order"))

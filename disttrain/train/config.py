@@ -16,8 +16,9 @@ from disttrain.comm.layout import NODE_MODES, Inner
 from disttrain.data.corpus import DataConfig
 from disttrain.federated.config import FederatedConfig
 from disttrain.federated.zeroth_order import ZOConfig
-from disttrain.methods import DEFAULT_FEDERATED_METHOD, DEFAULT_METHOD, Method, get_method, with_overrides
+from disttrain.methods import DEFAULT_FEDERATED_METHOD, DEFAULT_METHOD, PROJECTED_OPTIMIZERS, Method, get_method, with_overrides
 from disttrain.models.gpt import GPT, GPTConfig
+from disttrain.models.lora import LoraConfig
 from disttrain.options import option, section
 
 
@@ -64,6 +65,7 @@ class TrainConfig:
     rank: int | None = option(None, "rank of the method's low-rank basis (default: the method's own)", METHOD)
     refresh_every: int | None = option(None, "steps between basis refreshes of an SVD, seeded or sparse-rows basis", METHOD)
     local_steps: int | None = option(None, "round length H of a local-step method (diloco-*, fedavg-*)", METHOD)
+    outer_lr: float | None = option(None, "learning rate of a local-step method's outer step (default: the method's own)", METHOD)
     steps: int = option(300, "training steps (the learning-rate schedule spans them)", RUN)
     stop_at: int | None = option(None, "stop after this step; the schedule still spans --steps", RUN)
     round_quorum: float = option(1.0, "a local-step round closes once this share of the workers has finished it", ROUNDS)
@@ -87,6 +89,7 @@ class TrainConfig:
     optim: OptimConfig = section(OptimConfig, "optimizer and learning-rate schedule")
     federated: FederatedConfig = section(FederatedConfig, "federated: the classifier fine-tune of --mode federated")
     zeroth_order: ZOConfig = section(ZOConfig, "zeroth-order steps (method zo-1byte)")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapters: only they (and the head) are trained and exchanged")
 
     @property
     def method_name(self) -> str:
@@ -103,13 +106,18 @@ class TrainConfig:
     def validate(self) -> None:
         check_literals(self)
         method = get_method(self.method_name)
-        for name in ("rank", "refresh_every", "local_steps"):
+        for name in ("rank", "refresh_every", "local_steps", "outer_lr"):
             if getattr(self, name) is not None and name not in method.overrides:
                 raise ValueError(f"--{flag_name(name)} does not apply to {method.name!r}: {method.why_not(name)}")
         if self.mode == "federated" and not method.traits.federated:
             raise ValueError(
                 f"federated mode trains in rounds, and {self.method_name!r} exchanges gradients every step: "
                 f"pick a fedavg-*, diloco-* or zo-* method, or drop --method for {DEFAULT_FEDERATED_METHOD!r}"
+            )
+        if self.lora.rank and method.optimizer in PROJECTED_OPTIMIZERS:
+            raise ValueError(
+                f"--lora.rank trains low-rank adapters, and {self.method_name!r} projects its updates onto a low-rank basis "
+                "too: pick a method without a projected optimizer (e.g. fedavg-h10, diloco-sparse-k4-h10) or drop --lora.rank"
             )
         if self.inner in NODE_MODES and not method.traits.nodes:
             raise ValueError(
@@ -131,6 +139,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{flag_name(name)} must be >= 1, got {value}")
+        if self.outer_lr is not None and not self.outer_lr > 0:
+            raise ValueError(f"--outer-lr must be > 0, got {self.outer_lr}")
         if self.stop_at is not None and self.stop_at < 0:
             raise ValueError(f"--stop-at must be >= 0, got {self.stop_at}")
         if self.checkpoint_every < 0:
@@ -147,6 +157,7 @@ class TrainConfig:
         self.data.validate()
         self.optim.validate()
         self.federated.validate()
+        self.lora.validate()
         if self.task is not None:
             from disttrain.train.task import load_task_function  # task.py imports this module
 
@@ -155,9 +166,10 @@ class TrainConfig:
             check_rank_fits(self.resolved_method().compression, model_shapes(self.model))
 
     def resolved_method(self) -> Method:
-        """The method with this config's overrides (rank, refresh interval, round length) applied."""
+        """The method with this config's overrides (rank, refresh interval, round length, outer lr) applied."""
         method = with_overrides(get_method(self.method_name), rank=self.rank, refresh_every=self.refresh_every)
-        return method if self.local_steps is None else replace(method, local_steps=self.local_steps)
+        rounds = {name: value for name in ("local_steps", "outer_lr") if (value := getattr(self, name)) is not None}
+        return replace(method, **rounds) if rounds else method
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

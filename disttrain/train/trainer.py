@@ -171,6 +171,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.device = resolve_device(config.device)
         self.task = build_task(config)
+        config.lora.apply(self.task.model, config.seed)
         self.model = self.task.model.to(self.device)
         if config.inner == "fsdp":
             shard_within_node(self.model)  # before the optimizer, which must hold the shards
