@@ -117,6 +117,11 @@ BAD_INPUTS = {
         ["train", "--nproc", "4", "--nproc-per-node", "2", "--inner", "ddp", "--method", "power-int4-r16"],
         "pick a diloco-* or fedavg-* method without overlap, or --inner flat",
     ),
+    "LoRA on a projected method": (
+        ["train", "--mode", "federated", "--lora.rank", "8"], "pick a method without a projected optimizer",
+    ),
+    "LoRA head the GPT lacks": (["train", "--lora.rank", "4"], "lora.train-whole names modules the model does not have"),
+    "outer lr on a per-step method": (["train", "--method", "power-int4-r16", "--outer-lr", "0.1"], "has no rounds"),
     "nodes under a coordinator": (
         ["train", "--inner", "ddp", "--coordinator", "tcp://127.0.0.1:29400"], "use --inner flat there",
     ),

@@ -42,16 +42,7 @@ def add_lora(
     same seed draws the same adapters. Returns the names of the adapted layers."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    whole = [name for name, _ in model.named_modules() if any(name == w or name.endswith("." + w) for w in train_whole)]
-    missing = [w for w in train_whole if not any(name == w or name.endswith("." + w) for name in whole)]
-    if missing:
-        raise ValueError(f"lora.train-whole names modules the model does not have: {missing}; name a module of the model or ''")
-    targets = [
-        (name, module) for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not any(name == w or name.startswith(w + ".") for w in whole)
-    ]
-    if not targets:
-        raise ValueError("the model has no linear layer to put a LoRA adapter on (lora.rank needs nn.Linear layers)")
+    targets, whole = lora_targets(model, train_whole)
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for name, module in targets:
@@ -60,6 +51,25 @@ def add_lora(
     for name in whole:
         model.get_submodule(name).requires_grad_(True)
     return [name for name, _ in targets]
+
+
+def lora_targets(model: nn.Module, train_whole: tuple[str, ...]) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
+    """The linear layers that get an adapter and the full names of the modules trained whole; a clear
+    error where ``train_whole`` names a module the model does not have, or nothing is left to adapt."""
+    def named(name: str, short: str) -> bool:
+        return name == short or name.endswith("." + short)
+
+    whole = [name for name, _ in model.named_modules() if any(named(name, w) for w in train_whole)]
+    missing = [w for w in train_whole if not any(named(name, w) for name in whole)]
+    if missing:
+        raise ValueError(f"lora.train-whole names modules the model does not have: {missing}; name a module of the model or ''")
+    targets = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not any(name == w or name.startswith(w + ".") for w in whole)
+    ]
+    if not targets:
+        raise ValueError("the model has no linear layer to put a LoRA adapter on (lora.rank needs nn.Linear layers)")
+    return targets, whole
 
 
 @dataclass(frozen=True)
@@ -76,8 +86,17 @@ class LoraConfig:
         if not self.alpha > 0:
             raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
 
+    @property
+    def whole(self) -> tuple[str, ...]:
+        """The modules trained in full, as a tuple of names."""
+        return tuple(name.strip() for name in self.train_whole.split(",") if name.strip())
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse, before anything is spawned, adapters that ``model`` could not take."""
+        if self.rank:
+            lora_targets(model, self.whole)
+
     def apply(self, model: nn.Module, seed: int) -> None:
         """Put this config's adapters on ``model``; with rank 0, leave it as it is."""
         if self.rank:
-            whole = tuple(name.strip() for name in self.train_whole.split(",") if name.strip())
-            add_lora(model, self.rank, self.alpha, whole, seed)
+            add_lora(model, self.rank, self.alpha, self.whole, seed)

@@ -164,6 +164,8 @@ class TrainConfig:
             load_task_function(self.task)  # the model is built, and its rank checked, in the workers
         elif self.mode == "lm":
             check_rank_fits(self.resolved_method().compression, model_shapes(self.model))
+            with torch.device("meta"):
+                self.lora.check(GPT(self.model))
 
     def resolved_method(self) -> Method:
         """The method with this config's overrides (rank, refresh interval, round length, outer lr) applied."""
