@@ -97,12 +97,14 @@ class Method:
 
     @property
     def overrides(self) -> frozenset[str]:
-        """The config overrides this method takes: rank, refresh_every, local_steps, outer_lr."""
+        """The config overrides this method takes: rank, refresh_every, votes_per_chunk, local_steps, outer_lr."""
         spec, taken = self.compression, set()
         if self.compresses and spec.projects:
             taken.add("rank")
         if self.compresses and spec.basis in REFRESHED_BASES:
             taken.add("refresh_every")
+        if self.compresses and spec.basis == "sparse_momentum":
+            taken.add("votes_per_chunk")
         if self.traits.rounds:
             taken.update(("local_steps", "outer_lr"))
         return frozenset(taken)
@@ -125,7 +127,9 @@ class Method:
             return f"it exchanges every step and has no rounds; {hint}"
         if not self.compresses:
             return f"it runs {self.engine} and compresses nothing; {hint}"
-        what = {"rank": "has no low-rank basis", "refresh_every": "has no basis to refresh"}[override]
+        what = {
+            "rank": "has no low-rank basis", "refresh_every": "has no basis to refresh", "votes_per_chunk": "is not sparse votes",
+        }[override]
         return f"its {self.compression.basis} payload {what}; {hint}"
 
 

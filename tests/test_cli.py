@@ -121,6 +121,8 @@ BAD_INPUTS = {
         ["train", "--mode", "federated", "--lora.rank", "8"], "pick a method without a projected optimizer",
     ),
     "LoRA head the GPT lacks": (["train", "--lora.rank", "4"], "lora.train-whole names modules the model does not have"),
+    "votes per chunk on a projection": (["train", "--method", "power-int4-r16", "--votes-per-chunk", "8"], "is not sparse votes"),
+    "more votes than a chunk holds": (["train", "--votes-per-chunk", "300"], "must be <= 256"),
     "outer lr on a per-step method": (["train", "--method", "power-int4-r16", "--outer-lr", "0.1"], "has no rounds"),
     "nodes under a coordinator": (
         ["train", "--inner", "ddp", "--coordinator", "tcp://127.0.0.1:29400"], "use --inner flat there",

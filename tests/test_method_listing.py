@@ -7,6 +7,7 @@ from pathlib import Path
 
 from disttrain.method_listing import MEASURED_FILE, derive_measured, load_measured, render
 from disttrain.methods import DEFAULT_FEDERATED_METHOD, DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD, MEMORY_LEAN_METHOD, METHODS
+from disttrain.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -89,3 +90,8 @@ def test_the_measured_file_is_package_data():
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert MEASURED_FILE.parent == REPO / "disttrain" / "data"
     assert any(fnmatch.fnmatch(MEASURED_FILE.name, pattern) for pattern in package_data["disttrain.data"])
+
+
+def test_round_and_vote_overrides_reach_the_method_the_run_trains_with():
+    method = TrainConfig(method="diloco-sparse-k4-h10", votes_per_chunk=16, local_steps=20, outer_lr=0.01).resolved_method()
+    assert (method.compression.per_chunk, method.local_steps, method.outer_lr) == (16, 20, 0.01)

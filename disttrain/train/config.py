@@ -64,6 +64,7 @@ class TrainConfig:
     method: str | None = option(None, "how updates are exchanged; see `disttrain methods` (default: the mode's own)", METHOD)
     rank: int | None = option(None, "rank of the method's low-rank basis (default: the method's own)", METHOD)
     refresh_every: int | None = option(None, "steps between basis refreshes of an SVD, seeded or sparse-rows basis", METHOD)
+    votes_per_chunk: int | None = option(None, "entries of every 256 a sparse-vote method sends (default: the method's own)", METHOD)
     local_steps: int | None = option(None, "round length H of a local-step method (diloco-*, fedavg-*)", METHOD)
     outer_lr: float | None = option(None, "learning rate of a local-step method's outer step (default: the method's own)", METHOD)
     steps: int = option(300, "training steps (the learning-rate schedule spans them)", RUN)
@@ -106,7 +107,7 @@ class TrainConfig:
     def validate(self) -> None:
         check_literals(self)
         method = get_method(self.method_name)
-        for name in ("rank", "refresh_every", "local_steps", "outer_lr"):
+        for name in ("rank", "refresh_every", "votes_per_chunk", "local_steps", "outer_lr"):
             if getattr(self, name) is not None and name not in method.overrides:
                 raise ValueError(f"--{flag_name(name)} does not apply to {method.name!r}: {method.why_not(name)}")
         if self.mode == "federated" and not method.traits.federated:
@@ -135,10 +136,12 @@ class TrainConfig:
             raise ValueError(f"round-quorum is a share of the workers in (0, 1], got {self.round_quorum}")
         if self.round_deadline_s is not None and self.round_deadline_s <= 0:
             raise ValueError(f"round-deadline-s must be > 0 seconds (or unset), got {self.round_deadline_s}")
-        for name in ("rank", "refresh_every", "local_steps", "steps", "eval_every", "digest_every"):
+        for name in ("rank", "refresh_every", "votes_per_chunk", "local_steps", "steps", "eval_every", "digest_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{flag_name(name)} must be >= 1, got {value}")
+        if self.votes_per_chunk is not None and self.votes_per_chunk > 256:
+            raise ValueError(f"--votes-per-chunk counts entries of a chunk of 256 and must be <= 256, got {self.votes_per_chunk}")
         if self.outer_lr is not None and not self.outer_lr > 0:
             raise ValueError(f"--outer-lr must be > 0, got {self.outer_lr}")
         if self.stop_at is not None and self.stop_at < 0:
@@ -168,8 +171,10 @@ class TrainConfig:
                 self.lora.check(GPT(self.model))
 
     def resolved_method(self) -> Method:
-        """The method with this config's overrides (rank, refresh interval, round length, outer lr) applied."""
-        method = with_overrides(get_method(self.method_name), rank=self.rank, refresh_every=self.refresh_every)
+        """The method with this config's overrides (rank, refresh interval, votes per chunk, round length, outer lr) applied."""
+        method = with_overrides(
+            get_method(self.method_name), rank=self.rank, refresh_every=self.refresh_every, per_chunk=self.votes_per_chunk
+        )
         rounds = {name: value for name in ("local_steps", "outer_lr") if (value := getattr(self, name)) is not None}
         return replace(method, **rounds) if rounds else method
 
