@@ -280,6 +280,13 @@ register(Method("fedavg-h10", "FedAvg: 10 local AdamW steps, the fp32 pseudo-gra
 register(Method("fedavg-int8-h10", "FedAvg, the pseudo-gradient int8 (every tensor, per-row scales) with error feedback", replace(_PSEUDO_INT8, quantize_small=True), **_FEDAVG))
 register(Method("fedavg-seeded-int8-h10", "FedAvg, pseudo-gradient in a fresh seeded basis r=4 every round (0 basis bytes), everything int8, error feedback", replace(_SEEDED, rank=4, payload="int8", quantize_small=True), **_FEDAVG))
 register(Method("fedavg-subspace-int8-h10", "FedAvg, local steps inside a fresh seeded rank-4 subspace each round (frozen-A LoRA), coefficients int8 with error feedback", replace(_SEEDED, rank=4, payload="int8", quantize_small=True), "projected_adamw", galore_scale=128.0, **_FEDAVG))
+register(Method(
+    "fedavg-votes-k1-h13",
+    "federated fine-tuning rounds of 13 local AdamW steps, the pseudo-gradient sent as 1 sparse momentum vote per 256 "
+    "values (1.25 bytes), outer SGD lr 0.1 following the schedule: about 1000x fewer bytes than fedavg-h10",
+    replace(_VOTES, per_chunk=1), engine="local_steps", local_steps=13, lr=3e-4, outer_lr=0.1, outer_momentum=0.0,
+    outer_lr_scheduled=True,
+))
 register(Method("zo-1byte", "shared-seed zeroth-order SPSA: two forward passes, no backward, one int8 byte per worker per step", engine="zeroth_order"))
 
 DEFAULT_METHOD = "diloco-sparse-k4-h5"  # the convergence study's winner (docs/convergence.md)
