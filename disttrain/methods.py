@@ -293,6 +293,6 @@ DEFAULT_METHOD = "diloco-sparse-k4-h5"  # the convergence study's winner (docs/c
 # The best method of the study that exchanges every step and hands the user's own optimizer a
 # reconstructed gradient (for jobs that cannot take local steps).
 DEFAULT_PER_STEP_METHOD = "power-int4-r16"
-DEFAULT_FEDERATED_METHOD = "fedavg-subspace-int8-h10"
+DEFAULT_FEDERATED_METHOD = "fedavg-votes-k1-h13"  # the federated study's best at about 1000x (docs/federated.md)
 # The default's rounds, votes and bytes in three quarters of AdamW's memory (docs/convergence.md#memory).
 MEMORY_LEAN_METHOD = "diloco-sparse-k4-h5-lean-bf16-start"

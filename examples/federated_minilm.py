@@ -3,9 +3,10 @@
     torchrun --nproc-per-node 4 examples/federated_minilm.py
 
 Each process is a client holding its own label-skewed share of the labelled King James verses
-(Dirichlet alpha 0.5 over the 8 sections of the Bible). Every round, each client takes 10 local
-AdamW steps on the pretrained all-MiniLM-L6-v2 inside a fresh rank-4 subspace that every client
-draws from the shared seed, then the clients average their int8 round updates in one collective.
+(Dirichlet alpha 0.5 over the 8 sections of the Bible). Every round, each client takes 13 local
+AdamW steps on the pretrained all-MiniLM-L6-v2, then sends its round update as sparse momentum
+votes (the position and sign of 1 value in every 256, what it did not send kept for later), and
+every client applies the mean vote: about 1000x fewer bytes than dense FedAvg.
 Rank 0 logs each client's label mix, the held-out accuracy, and the bytes each client sent next to
 what dense FedAvg would have sent; the run fails if the clients' models differ at the end.
 """
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from disttrain.comm.process_group import close_process_group
 from disttrain.federated.config import FederatedConfig
+from disttrain.methods import DEFAULT_FEDERATED_METHOD
 from disttrain.train.config import OptimConfig, TrainConfig
 from disttrain.train.trainer import Trainer
 
@@ -31,7 +33,7 @@ log = logging.getLogger("federated_minilm")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="local steps per client, over all rounds")
-    parser.add_argument("--method", default="fedavg-subspace-int8-h10", help="a fedavg-*, diloco-* or zo-* method")
+    parser.add_argument("--method", default=DEFAULT_FEDERATED_METHOD, help="a fedavg-*, diloco-* or zo-* method")
     parser.add_argument("--local-steps", type=int, help="local steps per round (default: the method's; not for zo-*)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration: smaller is more skewed")

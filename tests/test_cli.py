@@ -118,7 +118,8 @@ BAD_INPUTS = {
         "pick a diloco-* or fedavg-* method without overlap, or --inner flat",
     ),
     "LoRA on a projected method": (
-        ["train", "--mode", "federated", "--lora.rank", "8"], "pick a method without a projected optimizer",
+        ["train", "--mode", "federated", "--method", "fedavg-subspace-int8-h10", "--lora.rank", "8"],
+        "pick a method without a projected optimizer",
     ),
     "LoRA head the GPT lacks": (["train", "--lora.rank", "4"], "lora.train-whole names modules the model does not have"),
     "votes per chunk on a projection": (["train", "--method", "power-int4-r16", "--votes-per-chunk", "8"], "is not sparse votes"),

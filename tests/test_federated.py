@@ -113,7 +113,7 @@ def test_federated_mode_refuses_a_per_step_method_and_names_the_fix():
 
 
 def test_federated_mode_defaults_to_a_round_method():
-    assert TrainConfig(mode="federated").method_name == "fedavg-subspace-int8-h10"
+    assert TrainConfig(mode="federated").method_name == "fedavg-votes-k1-h13"
 
 
 @pytest.mark.parametrize("bad", [{"round_quorum": 0.0}, {"round_quorum": 1.5}, {"round_deadline_s": -1.0}])
