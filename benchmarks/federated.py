@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shlex
 import subprocess
 import sys
@@ -43,6 +44,7 @@ EVAL_SAMPLES = 2440  # every held-out verse
 MARKER = "federated-table"
 LOGS_DIR = common.RESULTS_DIR / "logs"
 BASELINE = "dense"
+WHOLE_TABLE = "python benchmarks/federated.py"
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def run_one(run: Run, steps: int, timeout_s: float) -> dict[str, Any]:
             accuracy=summary["accuracy"],
             val_loss=summary["val_loss"],
             total_bytes=summary["total_bytes"],
-            bytes_per_round=summary["bytes_per_step"] * run.local_steps,
+            bytes_per_round=summary["total_bytes"] / math.ceil(steps / run.local_steps),  # the last round may be short
             history=summary["history"],
             wall_s=summary["wall_s"],
             replicas_identical=summary["replicas_identical"],
@@ -216,7 +218,8 @@ def caption(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(12, 6))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # one colour per run, up to 20
     for record in results["runs"]:
         if record.get("history"):
             points = [p for p in record["history"] if p["total_bytes"] > 0]
@@ -226,7 +229,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("Federated fine-tuning of MiniLM: accuracy vs bytes sent")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.text(0.5, 0.01, caption(results), ha="center", fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
@@ -253,8 +256,9 @@ def render_table(results: dict[str, Any], results_file: Path = common.RESULTS_DI
     headers = ["run", "method", "clients, alpha", "accuracy", "bytes sent per client", "per round", "x fewer than dense FedAvg", "wall s"]
     table = common.markdown_table(headers, [table_row(record) for record in results["runs"]])
     commands = {record.get("command", results["command"]) for record in results["runs"]}
-    runs = len(commands) if len(commands) > 1 else None
-    return f"{table}\n\n{caption(results)}. {common.generated_by(results['command'], results_file, runs)}"
+    if len(commands) > 1:  # merged from several runs: the command that makes every row
+        return f"{table}\n\n{caption(results)}. {common.generated_by(WHOLE_TABLE, results_file, len(commands))}"
+    return f"{table}\n\n{caption(results)}. {common.generated_by(results['command'], results_file)}"
 
 
 def main(argv: list[str] | None = None) -> int:
