@@ -54,7 +54,7 @@ from disttrain.elastic import protocol
 from disttrain.elastic.protocol import SECRET_ENV, Message
 from disttrain.launcher.elastic_job import ElasticJob, Placement
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import netlab  # noqa: E402
 

@@ -39,7 +39,7 @@ from disttrain.elastic.protocol import SECRET_ENV  # noqa: E402
 from disttrain.launcher.local import TIMED_OUT, wait_for_workers, worker_env  # noqa: E402
 from disttrain.methods import DEFAULT_METHOD, DEFAULT_PER_STEP_METHOD, get_method  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings also when run via `disttrain bench`
+sys.path.append(str(Path(__file__).resolve().parent))  # siblings also when run via `disttrain bench`
 import common  # noqa: E402
 from netlab import HOST_INTERFACE, HUB_ADDRESS, NetLab, ready_for  # noqa: E402
 

@@ -46,7 +46,7 @@ from disttrain.methods import get_method  # noqa: E402
 from disttrain.models.gpt import GPT  # noqa: E402
 from disttrain.train.config import TrainConfig  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
+sys.path.append(str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
 import common  # noqa: E402
 
 log = logging.getLogger("benchmarks.convergence")

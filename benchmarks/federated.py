@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 from disttrain.launcher.local import launch_local  # noqa: E402
 from disttrain.methods import get_method  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
+sys.path.append(str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
 import common  # noqa: E402
 from convergence import output_to  # noqa: E402
 

@@ -33,7 +33,7 @@ from disttrain.launcher.elastic_job import ElasticJob
 from disttrain.methods import DEFAULT_METHOD
 from disttrain.models.gpt import GPT, GPTConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from chaos import JOIN_REQUEST, log_stamp, first_steps_after, wait_until  # noqa: E402
 

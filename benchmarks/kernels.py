@@ -35,7 +35,7 @@ from disttrain import kernels
 from disttrain.kernels import seeded
 from disttrain.kernels.basis import SeededMatrix
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
+sys.path.append(str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
 import common  # noqa: E402
 
 log = logging.getLogger("benchmarks.kernels")

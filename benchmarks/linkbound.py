@@ -34,7 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from disttrain.methods import DEFAULT_METHOD, get_method  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings also when run via `disttrain bench`
+sys.path.append(str(Path(__file__).resolve().parent))  # siblings also when run via `disttrain bench`
 import common  # noqa: E402
 from cluster import LIMIT, Run, Runner, Settings, interpolate_crossing  # noqa: E402
 from netlab import ready_for  # noqa: E402

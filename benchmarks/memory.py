@@ -44,7 +44,7 @@ from disttrain.train.config import TrainConfig
 from disttrain.train.forward import forward_loss
 from disttrain.train.optimizer import build_optimizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
+sys.path.append(str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
 import common  # noqa: E402
 
 log = logging.getLogger("benchmarks.memory")

@@ -38,7 +38,7 @@ from disttrain.models.gpt import GPT
 from disttrain.train.config import TrainConfig
 from disttrain.train.trainer import learning_rate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
+sys.path.append(str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
 import common  # noqa: E402
 
 log = logging.getLogger("benchmarks.session")

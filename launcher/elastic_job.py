@@ -74,7 +74,7 @@ class ElasticJob:
         log = open(self.workdir / f"coordinator-{self._coordinators_started}.log", "wb")
         self.coordinator = subprocess.Popen(
             self.placement.coordinator_command([
-                sys.executable, "-m", "disttrain.cli", "coordinator", "--bind", self.address,
+                sys.executable, "-P", "-m", "disttrain.cli", "coordinator", "--bind", self.address,
                 "--store-port", str(self.store_port), "--start-workers", str(start_workers),
                 "--heartbeat-timeout-s", str(self.heartbeat_timeout_s), *(extra or []),
             ]),
@@ -88,7 +88,7 @@ class ElasticJob:
         slot = self._free_slot()
         proc = subprocess.Popen(
             self.placement.worker_command(slot, [
-                sys.executable, "-m", "disttrain.launcher", "--coordinator", self.address,
+                sys.executable, "-P", "-m", "disttrain.launcher", "--coordinator", self.address,
                 "--summary-file", str(self.workdir / "summary-{pid}.json"),
                 "--steps", str(self.steps), "--eval_every", "10", "--digest_every", "10",
                 "--link_mbit", str(self.link_mbit), "--timeout-s", "60", "--log-all-ranks", *self.worker_flags, *(extra or []),

@@ -130,7 +130,8 @@ def launch_local(
     if nproc < 1:
         raise ValueError(f"need at least one worker, got {nproc}")
     port = free_port()
-    command = [sys.executable, "-m", "disttrain.launcher", *worker_args]
+    # -P: the working directory stays off sys.path (a checkout's kernels/ would shadow the `kernels` transformers imports)
+    command = [sys.executable, "-P", "-m", "disttrain.launcher", *worker_args]
     relay = OutputRelay()
     procs = []
     for rank in range(nproc):

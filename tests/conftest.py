@@ -1,6 +1,11 @@
 import os
 import sys
+from pathlib import Path
 
+# The tests import the installed disttrain, never the checkout's root: its kernels/ (installed as
+# disttrain.kernels) would shadow the `kernels` package that transformers imports.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
 # Make tests/distributed.py importable from the spawned worker processes too.
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("OMP_NUM_THREADS", "1")

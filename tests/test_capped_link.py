@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS.parent / "benchmarks"))
+sys.path.append(str(TESTS.parent / "benchmarks"))
 
 from netlab import HOST_INTERFACE, NetLab, missing_requirements  # noqa: E402
 
