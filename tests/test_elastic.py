@@ -46,7 +46,9 @@ def test_a_worker_joining_mid_run_ends_with_identical_parameters(job):
     assert job.wait_for_exit([0, 1, 2, 3]) == [0, 0, 0, 0]
     summaries = job.assert_finished_identically([0, 1, 2, 3])
     assert summaries[0]["workers"] == 4
-    assert b"sent to ranks [3]" in job.log(0)
+    # The donor is whichever member the new generation ranks first; the joiner received its state.
+    assert any(b"sent to ranks" in job.log(index) for index in (0, 1, 2))
+    assert b"received from rank" in job.log(3)
 
 
 @pytest.mark.slow
