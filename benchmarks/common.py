@@ -136,6 +136,17 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
     logging.getLogger(__name__).info("results written to %s", path)
 
 
+def earlier_results(path: Path, settings: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any] | None:
+    """The results file at ``path`` if it was measured with ``settings`` on ``machine`` (to merge into), else None."""
+    if not path.is_file():
+        return None
+    earlier = json.loads(path.read_text())
+    if earlier.get("settings") != settings or earlier.get("machine") != machine:
+        logging.getLogger(__name__).info("%s was measured with other settings or on another machine: not merging it", path)
+        return None
+    return earlier
+
+
 def run_or_reread(render_only: bool, path: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
     """With ``render_only`` the results saved at ``path`` (None if there are none); otherwise
     ``run()``'s fresh results, saved there first."""

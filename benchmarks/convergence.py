@@ -324,11 +324,8 @@ def add_derived_fields(record: dict[str, Any], target: float | None, baseline: d
 
 def earlier_records(path: Path, settings: dict[str, Any], machine: dict[str, Any]) -> list[dict[str, Any]]:
     """Method records of the results file at ``path`` if it was measured the same way on this machine."""
-    if not path.is_file():
-        return []
-    earlier = json.loads(path.read_text())
-    if earlier.get("settings") != settings or earlier.get("machine") != machine:
-        log.info("%s was measured with other settings or on another machine: not merging it", path)
+    earlier = common.earlier_results(path, settings, machine)
+    if earlier is None:
         return []
     for record in earlier["methods"]:
         record.setdefault("steps", settings["steps"])  # runs from before per-run steps were recorded

@@ -168,13 +168,8 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
 
 def earlier_runs(path: Path, settings: dict[str, Any], machine: dict[str, Any]) -> list[dict[str, Any]]:
     """The run records of the results file at ``path`` if it was measured the same way on this machine."""
-    earlier = common.read_results(path) if path.is_file() else None
-    if earlier is None:
-        return []
-    if earlier.get("settings") != settings or earlier.get("machine") != machine:
-        log.info("%s was measured with other settings or on another machine: not merging it", path)
-        return []
-    return earlier["runs"]
+    earlier = common.earlier_results(path, settings, machine)
+    return [] if earlier is None else earlier["runs"]
 
 
 def merge_runs(earlier: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -10,13 +10,12 @@ import re
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from disttrain.elastic.protocol import SECRET_ENV
-from disttrain.launcher.local import free_port
+from disttrain.launcher.local import free_port, python_module
 
 STEP_LINE = re.compile(rb"step (\d+): val loss")
 
@@ -74,7 +73,7 @@ class ElasticJob:
         log = open(self.workdir / f"coordinator-{self._coordinators_started}.log", "wb")
         self.coordinator = subprocess.Popen(
             self.placement.coordinator_command([
-                sys.executable, "-P", "-m", "disttrain.cli", "coordinator", "--bind", self.address,
+                *python_module("disttrain.cli"), "coordinator", "--bind", self.address,
                 "--store-port", str(self.store_port), "--start-workers", str(start_workers),
                 "--heartbeat-timeout-s", str(self.heartbeat_timeout_s), *(extra or []),
             ]),
@@ -88,7 +87,7 @@ class ElasticJob:
         slot = self._free_slot()
         proc = subprocess.Popen(
             self.placement.worker_command(slot, [
-                sys.executable, "-P", "-m", "disttrain.launcher", "--coordinator", self.address,
+                *python_module("disttrain.launcher"), "--coordinator", self.address,
                 "--summary-file", str(self.workdir / "summary-{pid}.json"),
                 "--steps", str(self.steps), "--eval_every", "10", "--digest_every", "10",
                 "--link_mbit", str(self.link_mbit), "--timeout-s", "60", "--log-all-ranks", *self.worker_flags, *(extra or []),

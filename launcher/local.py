@@ -118,6 +118,12 @@ class OutputRelay:
             self._bar.close()
 
 
+def python_module(module: str, *args: str) -> list[str]:
+    """The command running ``python -m module args`` in this interpreter, the working directory kept off
+    sys.path (-P): a checkout's kernels/ would shadow the ``kernels`` package transformers imports."""
+    return [sys.executable, "-P", "-m", module, *args]
+
+
 def launch_local(
     nproc: int, worker_args: list[str], timeout_s: float | None = None, elastic: bool = False, per_node: int = 1
 ) -> int:
@@ -130,8 +136,7 @@ def launch_local(
     if nproc < 1:
         raise ValueError(f"need at least one worker, got {nproc}")
     port = free_port()
-    # -P: the working directory stays off sys.path (a checkout's kernels/ would shadow the `kernels` transformers imports)
-    command = [sys.executable, "-P", "-m", "disttrain.launcher", *worker_args]
+    command = python_module("disttrain.launcher", *worker_args)
     relay = OutputRelay()
     procs = []
     for rank in range(nproc):
