@@ -120,7 +120,8 @@ class OutputRelay:
 
 def python_module(module: str, *args: str) -> list[str]:
     """The command running ``python -m module args`` in this interpreter, the working directory kept off
-    sys.path (-P): a checkout's kernels/ would shadow the ``kernels`` package transformers imports."""
+    sys.path (-P): in a checkout's root, its disttrain/ (without the launcher and kernels sub-packages
+    that pyproject.toml maps in) would hide the installed disttrain."""
     return [sys.executable, "-P", "-m", module, *args]
 
 

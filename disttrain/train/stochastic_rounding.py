@@ -3,7 +3,7 @@
 A value between two neighbouring bf16 numbers becomes the upper one with the probability of its
 distance from the lower, so rounding adds noise but no bias: updates smaller than bf16's step
 still move a weight, on average by as much as they should. The random bits come from a
-counter-based hash of a key (``kernels/seeded.py``), so every replica that rounds the same
+counter-based hash of a key (``kernels/ops/seeded.py``), so every replica that rounds the same
 values with the same key gets the same bits, on CPU and GPU alike.
 """
 
