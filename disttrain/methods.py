@@ -83,12 +83,20 @@ class Method:
     outer_lr_scheduled: bool = False  # the outer lr follows the inner lr's warm-up and decay (for vote payloads)
     drain_every: int = 10  # overlapped rounds: every this many rounds the exchange is waited for and replicas agree
     round_start: RoundStart = "fp32"  # local-step rounds: "bf16" keeps each matrix's round start in half the memory
+    # Local-step rounds with "projected_adamw": the seeded subspace local steps stay in, where it is not the
+    # exchange's own basis (e.g. votes on a subspace round update).
+    local_subspace: CompressionSpec | None = None
     role: Role = "study"
 
     @property
     def traits(self) -> EngineTraits:
         """What this method's engine can do."""
         return ENGINES[self.engine]
+
+    @property
+    def round_subspace(self) -> CompressionSpec:
+        """The seeded basis that local steps in a subspace stay in: ``local_subspace``, else the exchange's own."""
+        return self.compression if self.local_subspace is None else self.local_subspace
 
     @property
     def compresses(self) -> bool:
@@ -280,6 +288,14 @@ register(Method("fedavg-h10", "FedAvg: 10 local AdamW steps, the fp32 pseudo-gra
 register(Method("fedavg-int8-h10", "FedAvg, the pseudo-gradient int8 (every tensor, per-row scales) with error feedback", replace(_PSEUDO_INT8, quantize_small=True), **_FEDAVG))
 register(Method("fedavg-seeded-int8-h10", "FedAvg, pseudo-gradient in a fresh seeded basis r=4 every round (0 basis bytes), everything int8, error feedback", replace(_SEEDED, rank=4, payload="int8", quantize_small=True), **_FEDAVG))
 register(Method("fedavg-subspace-int8-h10", "FedAvg, local steps inside a fresh seeded rank-4 subspace each round (frozen-A LoRA), coefficients int8 with error feedback", replace(_SEEDED, rank=4, payload="int8", quantize_small=True), "projected_adamw", galore_scale=128.0, **_FEDAVG))
+_SUBSPACE_ROUNDS = replace(_SEEDED, rank=4)
+register(Method(
+    "fedavg-subspace-votes-k1-h13",
+    "fedavg-votes-k1-h13 with its local steps inside a fresh seeded rank-4 subspace each round (Adam moments "
+    "r x n, as GaLore), the round update then voted",
+    replace(_VOTES, per_chunk=1), "projected_adamw", engine="local_steps", local_steps=13, lr=3e-4, outer_lr=0.1,
+    outer_momentum=0.0, outer_lr_scheduled=True, galore_scale=128.0, local_subspace=_SUBSPACE_ROUNDS,
+))
 register(Method(
     "fedavg-votes-k1-h13",
     "federated fine-tuning rounds of 13 local AdamW steps, the pseudo-gradient sent as 1 sparse momentum vote per 256 "

@@ -23,7 +23,10 @@ from disttrain.exchange.local_rounds import LocalRoundsExchange
 from disttrain.train.optimizer import build_optimizer
 from disttrain.train.replica import tensors_digest
 
-DILOCO_METHODS = ["diloco-h10", "diloco-int8-h30", "diloco-int1-h40", "diloco-sparse-k4-h5", "diloco-svd-int8-h10", "fedavg-subspace-int8-h10"]
+DILOCO_METHODS = [
+    "diloco-h10", "diloco-int8-h30", "diloco-int1-h40", "diloco-sparse-k4-h5", "diloco-svd-int8-h10", "fedavg-subspace-int8-h10",
+    "fedavg-subspace-votes-k1-h13",
+]
 
 
 @pytest.mark.parametrize("method", DILOCO_METHODS)

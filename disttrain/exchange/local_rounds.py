@@ -11,7 +11,8 @@ stragglers: a worker that had not finished its local steps by then drops them, s
 pseudo-gradient, and starts the next round from the new global weights with everyone else.
 
 With a ``disttrain.optim.ProjectedAdamW`` as the inner optimizer, local steps stay inside the
-round's seeded subspace (``optim/local_subspace.py``), so the exchange sends them almost exactly.
+round's seeded subspace (``optim/local_subspace.py``): the exchange's own, which then sends them
+almost exactly, or the method's ``local_subspace`` (whose round update the exchange votes on).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class LocalRoundsExchange:
         self.reducer = self.outer.reducer
         self.subspace: LocalSubspace | None = None
         if isinstance(optimizer, ProjectedAdamW):
-            self.subspace = LocalSubspace(self.reducer.params, self.reducer.spec, options.seed)
+            self.subspace = LocalSubspace(self.reducer.params, method.round_subspace, options.seed)
             optimizer.attach(self.subspace)
         self.closing = RoundClosing(options.round_quorum, options.round_deadline_s)
         self.dense_bytes_per_step = self.reducer.dense_bytes_per_step
