@@ -1,7 +1,9 @@
 """The ``disttrain`` command: demo, train, coordinator, methods, bench, doctor.
 
 Every flag is checked here, once, in the process the user started: a bad one is one line on
-stderr and exit status 2, before any coordinator or worker is started.
+stderr and exit status 2, before any coordinator or worker is started. Each command first checks
+its input and then returns what runs it: an error while running is a bug or a failure, and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 from disttrain import doctor, method_listing
 from disttrain.elastic.coordinator import Coordinator, CoordinatorConfig
@@ -37,6 +40,9 @@ BENCHMARKS = ("convergence", "memory", "chaos", "kernels", "cluster")
 
 class UsageError(ValueError):
     """A flag's value that argparse cannot judge alone."""
+
+
+Run = Callable[[], int]  # a checked command, ready to run: its exit status
 
 
 def _positive(kind: type):
@@ -62,30 +68,33 @@ def _demo_worker_flags(args: argparse.Namespace, coordinator: str) -> list[str]:
     ]
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace) -> Run:
     os.environ.setdefault(SECRET_ENV, secrets.token_hex(32))
     config = CoordinatorConfig(
         bind=f"tcp://127.0.0.1:{free_port()}", start_workers=args.workers, store_port=free_port()
     )
     flags = _demo_worker_flags(args, config.bind)
     worker.check_worker_args(worker.build_parser().parse_args(flags))
-    stop = threading.Event()
-    coordinator = threading.Thread(
-        target=Coordinator(config, load_secret()).serve, args=(stop,), name="coordinator", daemon=True
-    )
-    coordinator.start()
-    log.info(
-        "demo: coordinator on %s, %d workers on localhost, method %s, %d steps, uplink paced to %.0f Mbit/s",
-        config.bind, args.workers, args.method, args.steps, args.link_mbit,
-    )
-    try:
-        return launch_local(args.workers, flags, elastic=True)
-    finally:
-        stop.set()
-        coordinator.join(timeout=5)
+    coordinator_of_the_demo = Coordinator(config, load_secret())
+
+    def run() -> int:
+        stop = threading.Event()
+        coordinator = threading.Thread(target=coordinator_of_the_demo.serve, args=(stop,), name="coordinator", daemon=True)
+        coordinator.start()
+        log.info(
+            "demo: coordinator on %s, %d workers on localhost, method %s, %d steps, uplink paced to %.0f Mbit/s",
+            config.bind, args.workers, args.method, args.steps, args.link_mbit,
+        )
+        try:
+            return launch_local(args.workers, flags, elastic=True)
+        finally:
+            stop.set()
+            coordinator.join(timeout=5)
+
+    return run
 
 
-def _coordinator(args: argparse.Namespace) -> int:
+def _coordinator(args: argparse.Namespace) -> Run:
     config = CoordinatorConfig(
         bind=args.bind,
         job=args.job,
@@ -99,22 +108,27 @@ def _coordinator(args: argparse.Namespace) -> int:
         curve_keys=args.curve_keys or "",
     )
     coordinator = Coordinator(config, load_secret(args.secret_file))
-    set_tag("coordinator")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    coordinator.serve(stop)
-    return 0
+
+    def run() -> int:
+        set_tag("coordinator")
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        coordinator.serve(stop)
+        return 0
+
+    return run
 
 
-def _train(args: argparse.Namespace, argv: list[str]) -> int:
-    """Under torchrun: be one worker. Else check everything, then start ``--nproc`` local workers."""
+def _train(args: argparse.Namespace, argv: list[str]) -> Run:
+    """Under torchrun: be one worker (it checks its own flags). Else check everything, then start
+    ``--nproc`` local workers."""
     worker_argv = _without_launch_flags(argv)
     if "RANK" in os.environ:
-        return worker.main(worker_argv)
+        return lambda: worker.main(worker_argv)
     config = worker.check_worker_args(args)
     check_local_nodes(config, args.nproc, args.nproc_per_node)
-    return launch_local(args.nproc, worker_argv, elastic=bool(args.coordinator), per_node=args.nproc_per_node)
+    return lambda: launch_local(args.nproc, worker_argv, elastic=bool(args.coordinator), per_node=args.nproc_per_node)
 
 
 def check_local_nodes(config: TrainConfig, nproc: int, per_node: int) -> None:
@@ -141,18 +155,29 @@ def _without_launch_flags(argv: list[str]) -> list[str]:
     return kept
 
 
-def _methods(args: argparse.Namespace) -> int:
-    sys.stdout.write(method_listing.render(show_all=args.all) + "\n")
-    return 0
+def _methods(args: argparse.Namespace) -> Run:
+    def run() -> int:
+        sys.stdout.write(method_listing.render(show_all=args.all) + "\n")
+        return 0
+
+    return run
 
 
-def _bench(args: argparse.Namespace, extra: list[str]) -> int:
+def _bench(args: argparse.Namespace, extra: list[str]) -> Run:
     script = Path(args.repo) / "benchmarks" / f"{args.name}.py"
     if not script.is_file():
         raise UsageError(f"benchmark {script} not found: run `disttrain bench` from a disttrain checkout or pass --repo")
-    sys.argv = [str(script), *extra]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+
+    def run() -> int:
+        sys.argv = [str(script), *extra]
+        runpy.run_path(str(script), run_name="__main__")
+        return 0
+
+    return run
+
+
+def _doctor(args: argparse.Namespace) -> Run:
+    return lambda: doctor.command(args)  # it reports what it finds wrong as failed checks
 
 
 def _add_demo(commands) -> None:
@@ -243,13 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
-            return _train(args, argv[1:])
-        if args.command == "bench":
-            return _bench(args, extra)
-        return {"demo": _demo, "methods": _methods, "coordinator": _coordinator, "doctor": doctor.command}[args.command](args)
+            run = _train(args, argv[1:])
+        elif args.command == "bench":
+            run = _bench(args, extra)
+        else:
+            run = {"demo": _demo, "methods": _methods, "coordinator": _coordinator, "doctor": _doctor}[args.command](args)
     except (ValueError, FileNotFoundError) as error:
         sys.stderr.write(f"disttrain {args.command}: error: {error}\n")
         return 2
+    return run()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from disttrain.logs import set_tag, setup_logging
 from disttrain.methods import get_method
 from disttrain.train.config import TrainConfig
 from disttrain.train.flags import OneLineParser, add_config_flags, config_from_args
-from disttrain.train.trainer import RunSummary, Trainer
+from disttrain.train.trainer import ConfigMismatch, RunSummary, Trainer
 
 log = logging.getLogger("disttrain.worker")
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.INFO if args.coordinator or static_rank == "0" else logging.WARNING,
     )
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    membership = None
+    membership, started = None, False
     try:
         config = check_worker_args(args)
         local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -160,11 +160,17 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config, membership=membership)
         if trainer.rank != 0 and not args.log_all_ranks:
             logging.getLogger().setLevel(logging.WARNING)
+        started = True
         summary = trainer.run()  # under a coordinator, the session tells it the job finished, and leaves
     except JobFinished as finished:
         log.info("%s", finished)
         return 0
-    except (ValueError, FileNotFoundError, NotLaunched, WorkerRefused, CoordinatorUnreachable, GenerationTimeout) as error:
+    except (ConfigMismatch, NotLaunched, WorkerRefused, CoordinatorUnreachable, GenerationTimeout) as error:
+        log.error("%s", error)
+        return 2
+    except (ValueError, FileNotFoundError) as error:
+        if started:
+            raise  # not bad input but a failure while training: its traceback says where
         log.error("%s", error)
         return 2
     finally:

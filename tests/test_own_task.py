@@ -70,6 +70,27 @@ def test_a_task_function_returning_no_task_stops_the_workers_with_exit_2(tmp_pat
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
+FAILING_TASK = """
+from dataclasses import replace
+from disttrain.train.task import load_task_function
+
+def build_task(config):
+    task = load_task_function("{example}:build_task")(config)
+    def train_batch(step, rank, world_size):
+        if step == 2:
+            raise ValueError("the data ran dry at step 2")
+        return task.train_batch(step, rank, world_size)
+    return replace(task, train_batch=train_batch)
+"""
+
+
+def test_an_error_while_training_keeps_its_traceback_and_is_not_called_bad_input(tmp_path):
+    (tmp_path / "failing_task.py").write_text(FAILING_TASK.format(example=EXAMPLE))
+    result = run("disttrain", "train", "--nproc", "1", "--task", f"{tmp_path}/failing_task.py:build_task", "--steps", "4")
+    assert result.returncode not in (0, 2), result.stderr
+    assert "Traceback" in result.stderr and "ValueError: the data ran dry at step 2" in result.stderr
+
+
 # Task functions that get one thing wrong, for the checks at task build (this module is importable by name).
 def example(config: TrainConfig) -> UserTask:
     return load_task_function(TASK)(config)
