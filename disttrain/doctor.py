@@ -331,7 +331,7 @@ def check_network(config: DoctorConfig, secret_ok: bool) -> list[Check]:
     reachable = check_coordinator(host, port, config.timeout_s)
     checks = [reachable, check_store(host, config.store_port or port + 1, config.timeout_s)]
     if reachable.status == OK and secret_ok:
-        key = curve.coordinator_public_key(config.coordinator_key) if config.coordinator_key else None
+        key = curve.resolve_coordinator_key(config.coordinator_key)
         answer = ask_coordinator(config.coordinator, load_secret(config.secret_file), config.job, config.timeout_s, key)
         checks += [check_handshake(answer, config.coordinator, config.job), check_clock_skew(answer)]
     return checks
@@ -365,7 +365,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store-port", type=int, default=0, help="its rendezvous store port (default: its port + 1)")
     parser.add_argument("--job", default="disttrain", help="the job id to present to the coordinator")
     parser.add_argument("--secret-file", help=f"file holding the job secret (default: ${SECRET_ENV})")
-    parser.add_argument("--coordinator-key", metavar="FILE|KEY", help="its CURVE public key, when it runs with --curve-keys")
+    parser.add_argument(
+        "--coordinator-key", metavar="FILE|KEY",
+        help=f"its CURVE public key, when it runs with --curve-keys (default: ${curve.COORDINATOR_KEY_ENV})",
+    )
     parser.add_argument("--timeout-s", type=float, default=2.0, help="for each network check")
 
 

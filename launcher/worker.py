@@ -17,7 +17,7 @@ from disttrain.comm.device import resolve_device
 from disttrain.comm.layout import NODE_MODES
 from disttrain.comm.process_group import close_process_group
 from disttrain.elastic.agent import CoordinatorUnreachable, GenerationTimeout, JobFinished, WorkerRefused
-from disttrain.elastic.curve import coordinator_public_key
+from disttrain.elastic.curve import COORDINATOR_KEY_ENV, resolve_coordinator_key
 from disttrain.elastic.membership import ElasticConfig
 from disttrain.exchange.membership import ElasticGroup
 from disttrain.elastic.protocol import SECRET_ENV, check_address, load_secret
@@ -54,7 +54,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     elastic.add_argument(
         "--coordinator-key", metavar="FILE|KEY",
         help="the coordinator's CURVE public key (its --curve-keys folder's coordinator.key, or the key in Z85) "
-        "when it encrypts the control plane (default: plain text)",
+        f"when it encrypts the control plane (default: ${COORDINATOR_KEY_ENV}, else plain text)",
     )
     elastic.add_argument("--heartbeat-s", type=float, metavar="S", default=0.25, help="seconds between heartbeats (default: 0.25)")
     elastic.add_argument("--sync-every", type=int, metavar="N", default=5, help="steps between membership checks (default: 5)")
@@ -79,8 +79,7 @@ def check_worker_args(args: argparse.Namespace) -> TrainConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.coordinator:
         check_address(args.coordinator)
-    if args.coordinator_key:
-        coordinator_public_key(args.coordinator_key)
+        resolve_coordinator_key(args.coordinator_key)
     config = config_from_args(args)
     if args.coordinator:
         get_method(config.method_name).require_elastic()
@@ -127,7 +126,7 @@ def elastic_membership(args: argparse.Namespace, config: TrainConfig, backend: s
     settings = ElasticConfig(sync_every=args.sync_every, collective_timeout_s=args.timeout_s, backend=backend)
     members = ElasticGroup.connect(
         args.coordinator, args.job, load_secret(args.secret_file), config.fingerprint(), args.heartbeat_s,
-        args.connect_timeout_s, settings, coordinator_public_key(args.coordinator_key) if args.coordinator_key else None,
+        args.connect_timeout_s, settings, resolve_coordinator_key(args.coordinator_key),
     )
     set_tag(lambda: members.agent.name)
     return members

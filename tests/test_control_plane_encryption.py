@@ -155,6 +155,16 @@ def test_train_refuses_a_missing_coordinator_key_before_starting_any_worker(tmp_
     assert result.stderr.count("\n") == 1 and "--coordinator-key" in result.stderr and "coordinator.key" in result.stderr
 
 
+def test_train_reads_the_coordinator_key_from_the_environment_and_refuses_a_bad_one_before_starting(tmp_path):
+    env = {**os.environ, curve.COORDINATOR_KEY_ENV: str(tmp_path / "nope.key")}
+    result = subprocess.run(
+        ["disttrain", "train", "--nproc", "2", "--coordinator", f"tcp://127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "nope.key" in result.stderr, result.stderr
+
+
 def test_a_coordinator_given_a_file_for_its_key_folder_refuses_to_start(tmp_path):
     (tmp_path / "file").write_text("x")
     result = subprocess.run(

@@ -20,6 +20,7 @@ KEY_NAME = "coordinator"
 PUBLIC_KEY_FILE = f"{KEY_NAME}.key"
 SECRET_KEY_FILE = f"{KEY_NAME}.key_secret"
 Z85_KEY_LENGTH = 40
+COORDINATOR_KEY_ENV = "DISTTRAIN_COORDINATOR_KEY"
 
 
 class CurveKeyError(ValueError):
@@ -50,6 +51,13 @@ def coordinator_keys(folder: str | Path) -> tuple[bytes, bytes]:
     if secret is None:
         raise CurveKeyError(f"{secret_file} holds no secret key: remove {folder} to make new keys")
     return public, secret
+
+
+def resolve_coordinator_key(value: str | None) -> bytes | None:
+    """The coordinator's public key from ``--coordinator-key`` or else ``$DISTTRAIN_COORDINATOR_KEY``;
+    None when neither is set (the control plane is plain text)."""
+    value = value or os.environ.get(COORDINATOR_KEY_ENV)
+    return coordinator_public_key(value) if value else None
 
 
 def coordinator_public_key(value: str) -> bytes:

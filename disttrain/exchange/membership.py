@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from disttrain.comm.waiting import abort_waits_when, wait_work
 from disttrain.elastic.agent import Agent
-from disttrain.elastic.curve import coordinator_public_key
+from disttrain.elastic.curve import resolve_coordinator_key
 from disttrain.elastic.membership import ElasticConfig, ElasticMembership
 from disttrain.elastic.protocol import load_secret
 from disttrain.elastic.transfer import synchronise
@@ -38,7 +38,6 @@ from disttrain.train.replica import start_from_rank0
 log = logging.getLogger(__name__)
 
 COORDINATOR_ENV = "DISTTRAIN_COORDINATOR"
-COORDINATOR_KEY_ENV = "DISTTRAIN_COORDINATOR_KEY"
 MAX_CONSECUTIVE_FAILURES = 5
 
 
@@ -267,6 +266,5 @@ def membership_for(
         return FixedGroup(group)
     if group is not None:
         raise ValueError("a Session under a coordinator trains in the generations it forms: give no group")
-    key = coordinator_key or os.environ.get(COORDINATOR_KEY_ENV)
-    public = coordinator_public_key(key) if key else None
+    public = resolve_coordinator_key(coordinator_key)
     return ElasticGroup.connect(address, job, load_secret(secret_file), fingerprint, coordinator_key=public)
