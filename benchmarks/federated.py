@@ -236,18 +236,27 @@ def caption(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(12, 6))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # one colour per run, up to 20
-    for record in results["runs"]:
-        if record.get("history"):
-            points = [p for p in record["history"] if p["total_bytes"] > 0]
-            ax.plot([p["total_bytes"] for p in points], [100 * p["accuracy"] for p in points], marker="o", label=record["label"])
-    ax.set_xscale("log")
-    ax.set_xlabel("total bytes sent per client (log scale)")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("Federated fine-tuning of MiniLM: accuracy vs bytes sent")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    """Accuracy against bytes for every run, and against local steps for the finalists' long runs."""
+    fig, (by_bytes, by_steps) = plt.subplots(1, 2, figsize=(16, 6.5), gridspec_kw={"width_ratios": [3, 2]})
+    colours = plt.cm.tab20.colors + plt.cm.tab20b.colors  # one colour per run, up to 40
+    for colour, record in zip(colours, results["runs"]):
+        if not record.get("history"):
+            continue
+        points = [p for p in record["history"] if p["total_bytes"] > 0]
+        accuracy = [100 * p["accuracy"] for p in points]
+        by_bytes.plot([p["total_bytes"] for p in points], accuracy, marker="o", markersize=3, color=colour, label=record["label"])
+        if record["steps"] == LONG:
+            by_steps.plot([p["step"] for p in points], accuracy, marker="o", markersize=3, color=colour, label=record["label"])
+    by_bytes.set_xscale("log")
+    by_bytes.set_xlabel("total bytes sent per client (log scale)")
+    by_bytes.set_title("Federated fine-tuning of MiniLM: accuracy vs bytes sent")
+    by_steps.set_xlabel("local steps per client")
+    by_steps.set_title(f"The finalists over {LONG} local steps")
+    for ax in (by_bytes, by_steps):
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+    by_bytes.legend(fontsize=6, loc="lower right", ncol=2)
+    by_steps.legend(fontsize=7, loc="lower right")
     fig.text(0.5, 0.01, caption(results), ha="center", fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
