@@ -91,6 +91,8 @@ RUNS = (
     Run("votes-k1-h13-outer1e-1", "diloco-sparse-k4-h10", 3e-4, ("--votes_per_chunk", "1", "--local_steps", "13", "--outer_lr", "1e-1")),
     Run("votes-k1-h13-outer2e-1", "fedavg-votes-k1-h13", 3e-4, ("--outer_lr", "2e-1")),
     Run("subspace-votes-k1-h13", "fedavg-subspace-votes-k1-h13", 3e-4),
+    Run("sign-1in32-h10", "fedavg-sign-1in32-h10", 3e-4),
+    Run("sign-1in32-h10-outer1e-2", "fedavg-sign-1in32-h10", 3e-4, ("--outer_lr", "1e-2")),
     Run("votes-lora-r8-k4-h10", "diloco-sparse-k4-h10", 1e-3, (*LORA8, "--outer_lr", VOTES_OUTER)),
     Run("votes-lora-r8-k16-h10", "diloco-sparse-k4-h10", 3e-3, (*LORA8, "--votes_per_chunk", "16", "--outer_lr", "1e-2")),
     Run("votes-lora-r8-k16-h10-outer3e-2", "diloco-sparse-k4-h10", 3e-3, (*LORA8, "--votes_per_chunk", "16", "--outer_lr", "3e-2")),

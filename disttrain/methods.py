@@ -288,6 +288,14 @@ register(Method("fedavg-h10", "FedAvg: 10 local AdamW steps, the fp32 pseudo-gra
 register(Method("fedavg-int8-h10", "FedAvg, the pseudo-gradient int8 (every tensor, per-row scales) with error feedback", replace(_PSEUDO_INT8, quantize_small=True), **_FEDAVG))
 register(Method("fedavg-seeded-int8-h10", "FedAvg, pseudo-gradient in a fresh seeded basis r=4 every round (0 basis bytes), everything int8, error feedback", replace(_SEEDED, rank=4, payload="int8", quantize_small=True), **_FEDAVG))
 register(Method("fedavg-subspace-int8-h10", "FedAvg, local steps inside a fresh seeded rank-4 subspace each round (frozen-A LoRA), coefficients int8 with error feedback", replace(_SEEDED, rank=4, payload="int8", quantize_small=True), "projected_adamw", galore_scale=128.0, **_FEDAVG))
+register(Method(
+    "fedavg-sign-1in32-h10",
+    "federated rounds of 10 local AdamW steps, the pseudo-gradient's Lion-style momentum sign voted on a seeded "
+    "rotating 1 in 32 coordinates (one bit each, no positions: about 1000x fewer bytes than fedavg-h10), outer SGD "
+    "lr 0.03 following the schedule",
+    CompressionSpec(basis="sign_votes", error_feedback=False, vote_every=32), engine="local_steps", local_steps=10,
+    lr=3e-4, outer_lr=0.03, outer_momentum=0.0, outer_lr_scheduled=True,
+))
 _SUBSPACE_ROUNDS = replace(_SEEDED, rank=4)
 register(Method(
     "fedavg-subspace-votes-k1-h13",
