@@ -68,6 +68,9 @@ class Run:
 
 
 LORA8 = ("--lora.rank", "8")
+# MiniLM's pooler (the dense layer under the head) gets no gradient in sentence-transformers' mean-pooled
+# training: frozen under an adapter, it holds LoRA back (31% against 59% when trained whole).
+LORA8_POOLER = (*LORA8, "--lora.train-whole", "classifier,pooler")
 VOTES_OUTER = "3e-3"  # the vote's outer lr: a voted coordinate moves by this much at the schedule's peak
 RUNS = (
     Run("dense", "fedavg-h10", 3e-4),
@@ -82,7 +85,8 @@ RUNS = (
     Run("lora-r8-lr1e-2", "fedavg-h10", 1e-2, LORA8),
     Run("lora-r8-int8", "fedavg-int8-h10", 1e-3, LORA8),
     Run("lora-r8-lr3e-4", "fedavg-h10", 3e-4, LORA8),
-    Run("lora-r8-pooler", "fedavg-h10", 1e-3, (*LORA8, "--lora.train-whole", "classifier,pooler")),
+    Run("lora-r8-pooler", "fedavg-h10", 1e-3, LORA8_POOLER),
+    Run("lora-r8-int8-pooler", "fedavg-int8-h10", 1e-3, LORA8_POOLER),
     Run("votes-k4-h10", "diloco-sparse-k4-h10", 3e-4, ("--outer_lr", VOTES_OUTER)),
     Run("votes-k4-h10-outer1e-2", "diloco-sparse-k4-h10", 3e-4, ("--outer_lr", "1e-2")),
     Run("votes-k4-h10-outer3e-2", "diloco-sparse-k4-h10", 3e-4, ("--outer_lr", "3e-2")),
@@ -103,7 +107,7 @@ RUNS = (
     Run("votes-k1-h13-8-clients", "fedavg-votes-k1-h13", 3e-4, clients=8),
     Run(f"dense-{LONG}", "fedavg-h10", 3e-4, steps=LONG),
     Run(f"votes-k1-h13-{LONG}", "fedavg-votes-k1-h13", 3e-4, steps=LONG),
-    Run(f"lora-r8-{LONG}", "fedavg-h10", 1e-3, LORA8, steps=LONG),
+    Run(f"lora-r8-pooler-{LONG}", "fedavg-h10", 1e-3, LORA8_POOLER, steps=LONG),
     Run(f"dense-a0.1-{LONG}", "fedavg-h10", 3e-4, alpha=0.1, steps=LONG),
     Run(f"votes-k1-h13-a0.1-{LONG}", "fedavg-votes-k1-h13", 3e-4, alpha=0.1, steps=LONG),
 )
