@@ -11,6 +11,7 @@ rounds and one-byte zeroth-order steps: a sweep at 200 local steps, the finalist
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -67,10 +68,12 @@ class Run:
         return int(flags[flags.index("--local_steps") + 1]) if "--local_steps" in flags else get_method(self.method).local_steps
 
 
-LORA8 = ("--lora.rank", "8")
+HEAD_ONLY = ("--lora.train-whole", "classifier")  # the pooler frozen under an adapter, as the first LoRA rows ran
+LORA8 = ("--lora.rank", "8", *HEAD_ONLY)
 # MiniLM's pooler (the dense layer under the head) gets no gradient in sentence-transformers' mean-pooled
-# training: frozen under an adapter, it holds LoRA back (31% against 59% when trained whole).
-LORA8_POOLER = (*LORA8, "--lora.train-whole", "classifier,pooler")
+# training: frozen under an adapter, it holds LoRA back (31% against 59% when trained whole). `auto`, the
+# default of --lora.train-whole, trains it.
+LORA8_POOLER = ("--lora.rank", "8", "--lora.train-whole", "classifier,pooler")
 VOTES_OUTER = "3e-3"  # the vote's outer lr: a voted coordinate moves by this much at the schedule's peak
 RUNS = (
     Run("dense", "fedavg-h10", 3e-4),
@@ -79,7 +82,7 @@ RUNS = (
     Run("subspace-r4-h10", "fedavg-subspace-int8-h10", 3e-4),
     Run("subspace-r4-h20", "fedavg-subspace-int8-h10", 3e-4, ("--local_steps", "20")),
     Run("zeroth-order", "zo-1byte", 3e-4, ("--zeroth_order.lr", "2e-3", "--zeroth_order.eps", "1e-3")),
-    Run("lora-r4", "fedavg-h10", 1e-3, ("--lora.rank", "4")),
+    Run("lora-r4", "fedavg-h10", 1e-3, ("--lora.rank", "4", *HEAD_ONLY)),
     Run("lora-r8", "fedavg-h10", 1e-3, LORA8),
     Run("lora-r8-lr3e-3", "fedavg-h10", 3e-3, LORA8),
     Run("lora-r8-lr1e-2", "fedavg-h10", 1e-2, LORA8),
@@ -189,6 +192,7 @@ def dense_of(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str,
 def add_ratios(records: list[dict[str, Any]]) -> None:
     """Bytes and accuracy of every run relative to dense FedAvg's on the same setting."""
     for record in records:
+        record.pop("bytes_ratio", None), record.pop("accuracy_gap_points", None)  # a merged record's may be stale
         dense = dense_of(record, records)
         if dense is not None and "total_bytes" in record:
             record["bytes_ratio"] = dense["total_bytes"] / max(1, record["total_bytes"])
@@ -244,7 +248,7 @@ def caption(results: dict[str, Any]) -> str:
 def plot(results: dict[str, Any], path: Path) -> None:
     """Accuracy against bytes for every run, and against local steps for the finalists' long runs."""
     fig, (by_bytes, by_steps) = plt.subplots(1, 2, figsize=(16, 6.5), gridspec_kw={"width_ratios": [3, 2]})
-    colours = plt.cm.tab20.colors + plt.cm.tab20b.colors  # one colour per run, up to 40
+    colours = itertools.cycle(plt.cm.tab20.colors + plt.cm.tab20b.colors)  # one colour per run, up to 40
     for colour, record in zip(colours, results["runs"]):
         if not record.get("history"):
             continue
@@ -278,7 +282,7 @@ def table_row(record: dict[str, Any]) -> list[str]:
         f"`{record['method']}` lr {record['lr']:g} {' '.join(record['flags'])}".strip(),
         f"{record['clients']}, {record['alpha']:g}, {record['steps']}",
         f"{100 * record['accuracy']:.1f}%",
-        "—" if "accuracy_gap_points" not in record else f"{-record['accuracy_gap_points']:+.1f}",
+        "—" if "accuracy_gap_points" not in record else f"{0.0 - record['accuracy_gap_points']:+.1f}",
         common.human_bytes(record["total_bytes"]),
         common.human_bytes(record["bytes_per_round"]) if "bytes_per_round" in record else "—",
         "—" if ratio is None else f"{ratio:,.0f}x",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from disttrain import doctor, method_listing
-from disttrain.elastic.coordinator import Coordinator, CoordinatorConfig
+from disttrain.elastic.coordinator import Coordinator, CoordinatorConfig, PortError
 from disttrain.elastic.protocol import SECRET_ENV, load_secret
 from disttrain.launcher import worker
 from disttrain.launcher.local import free_port, launch_local
@@ -114,7 +114,11 @@ def _coordinator(args: argparse.Namespace) -> Run:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        coordinator.serve(stop)
+        try:
+            coordinator.serve(stop)
+        except PortError as error:  # found when it binds: a port in use is the user's to change
+            sys.stderr.write(f"disttrain coordinator: error: {error}\n")
+            return 2
         return 0
 
     return run
@@ -170,7 +174,11 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> Run:
 
     def run() -> int:
         sys.argv = [str(script), *extra]
-        runpy.run_path(str(script), run_name="__main__")
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except ValueError as error:  # a benchmark checks some of its flags only as it reads them
+            sys.stderr.write(f"disttrain bench: error: {error}\n")
+            return 2
         return 0
 
     return run

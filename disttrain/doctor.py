@@ -331,7 +331,10 @@ def check_network(config: DoctorConfig, secret_ok: bool) -> list[Check]:
     reachable = check_coordinator(host, port, config.timeout_s)
     checks = [reachable, check_store(host, config.store_port or port + 1, config.timeout_s)]
     if reachable.status == OK and secret_ok:
-        key = curve.resolve_coordinator_key(config.coordinator_key)
+        try:
+            key = curve.resolve_coordinator_key(config.coordinator_key)
+        except curve.CurveKeyError as error:
+            return [*checks, Check("coordinator key", FAIL, str(error), "give the coordinator's coordinator.key, or unset the variable")]
         answer = ask_coordinator(config.coordinator, load_secret(config.secret_file), config.job, config.timeout_s, key)
         checks += [check_handshake(answer, config.coordinator, config.job), check_clock_skew(answer)]
     return checks

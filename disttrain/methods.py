@@ -147,6 +147,8 @@ METHODS: dict[str, Method] = {}
 def register(method: Method) -> Method:
     if method.name in METHODS:
         raise ValueError(f"method {method.name!r} is already registered")
+    if method.local_subspace is not None and (method.optimizer != "projected_adamw" or not method.traits.rounds):
+        raise ValueError(f"method {method.name!r}: a local_subspace is for local-step rounds with projected_adamw")
     METHODS[method.name] = method
     return method
 

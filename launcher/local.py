@@ -120,8 +120,8 @@ class OutputRelay:
 
 def python_module(module: str, *args: str) -> list[str]:
     """The command running ``python -m module args`` in this interpreter, the working directory kept off
-    sys.path (-P): in a checkout's root, its disttrain/ (without the launcher and kernels sub-packages
-    that pyproject.toml maps in) would hide the installed disttrain."""
+    sys.path (-P): in a checkout's root, its disttrain/ folder would come before the installed package,
+    which a non-editable install leaves without the launcher and kernels sub-packages mapped in."""
     return [sys.executable, "-P", "-m", module, *args]
 
 

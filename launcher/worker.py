@@ -17,7 +17,7 @@ from disttrain.comm.device import resolve_device
 from disttrain.comm.layout import NODE_MODES
 from disttrain.comm.process_group import close_process_group
 from disttrain.elastic.agent import CoordinatorUnreachable, GenerationTimeout, JobFinished, WorkerRefused
-from disttrain.elastic.curve import COORDINATOR_KEY_ENV, resolve_coordinator_key
+from disttrain.elastic.curve import COORDINATOR_KEY_ENV, coordinator_public_key, resolve_coordinator_key
 from disttrain.elastic.membership import ElasticConfig
 from disttrain.exchange.membership import ElasticGroup
 from disttrain.elastic.protocol import SECRET_ENV, check_address, load_secret
@@ -80,6 +80,8 @@ def check_worker_args(args: argparse.Namespace) -> TrainConfig:
     if args.coordinator:
         check_address(args.coordinator)
         resolve_coordinator_key(args.coordinator_key)
+    elif args.coordinator_key:
+        coordinator_public_key(args.coordinator_key)
     config = config_from_args(args)
     if args.coordinator:
         get_method(config.method_name).require_elastic()

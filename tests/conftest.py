@@ -2,8 +2,8 @@ import os
 import sys
 from pathlib import Path
 
-# The tests import the installed disttrain, never the checkout's disttrain/ folder, which lacks the
-# launcher and kernels sub-packages that pyproject.toml maps in from the repository's top level.
+# The tests import the installed disttrain, never the checkout's disttrain/ folder, which (under a
+# non-editable install) lacks the launcher and kernels sub-packages pyproject.toml maps in.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
 # Make tests/distributed.py importable from the spawned worker processes too.

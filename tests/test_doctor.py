@@ -11,6 +11,7 @@ import pytest
 from disttrain import doctor
 from disttrain.doctor import FAIL, OK, WARN, Answer, DoctorConfig
 from disttrain.elastic.coordinator import Coordinator, CoordinatorConfig
+from disttrain.elastic.curve import COORDINATOR_KEY_ENV
 from disttrain.elastic.protocol import SECRET_ENV
 from disttrain.launcher.local import free_port
 
@@ -51,6 +52,14 @@ def test_a_running_coordinator_passes_every_network_check(coordinator, monkeypat
     checks = doctor.run_checks(DoctorConfig(coordinator.bind, coordinator.store_port, coordinator.job))
     network = {name: status for name, status in statuses(checks).items() if name in ("coordinator", "store", "handshake", "clock skew")}
     assert network == {"coordinator": OK, "store": OK, "handshake": OK, "clock skew": OK}
+
+
+def test_a_bad_coordinator_key_in_the_environment_is_a_failed_check_not_a_crash(coordinator, monkeypatch, tmp_path):
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    monkeypatch.setenv(COORDINATOR_KEY_ENV, str(tmp_path / "nope.key"))
+    checks = doctor.run_checks(DoctorConfig(coordinator.bind, coordinator.store_port, coordinator.job))
+    (key,) = [check for check in checks if check.name == "coordinator key"]
+    assert key.status == FAIL and f"${COORDINATOR_KEY_ENV}" in key.detail and "nope.key" in key.detail
 
 
 def test_a_coordinator_with_another_secret_fails_the_handshake_and_says_to_share_it(coordinator):

@@ -57,4 +57,4 @@ def test_the_table_shows_each_runs_setting_its_gap_and_bytes_per_round():
     results = {"machine": {"cpu": "test CPU", "cores": 2, "torch": "2.13.0+cpu"}, "command": "python federated.py",
                "settings": federated.run_settings(), "runs": records}
     table = federated.render_table(results)
-    assert "| lora-r8 | `fedavg-h10` lr 0.001 --lora.rank 8 | 4, 0.5, 200 | 61.0% | -2.0 | 27.3 MB | 1.36 MB | 32x |" in table
+    assert "| lora-r8 | `fedavg-h10` lr 0.001 --lora.rank 8 --lora.train-whole classifier | 4, 0.5, 200 | 61.0% | -2.0 | 27.3 MB | 1.36 MB | 32x |" in table

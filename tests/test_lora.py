@@ -66,6 +66,26 @@ def test_replicas_with_the_same_seed_draw_the_same_adapters_and_other_seeds_othe
     assert digests[0] == digests[1] != digests[2]
 
 
+class PooledClassifier(Classifier):
+    """A Hugging Face-style classifier: a pooler between the encoder and the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.pooler = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+
+def test_auto_trains_in_full_every_usual_head_module_the_model_has_the_pooler_included():
+    model = PooledClassifier()
+    assert add_lora(model, rank=2) == ["encoder.0", "encoder.2"]
+    whole = {name for name, p in model.named_parameters() if p.requires_grad and "lora" not in name}
+    assert whole == {"classifier.weight", "classifier.bias", "pooler.0.weight", "pooler.0.bias"}
+
+
+def test_auto_on_a_model_without_a_usual_head_asks_to_name_one():
+    with pytest.raises(ValueError, match="auto: the model has none of the usual head modules.*or '' for adapters only"):
+        add_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), rank=2)
+
+
 def test_a_head_the_model_does_not_have_is_named_in_the_error():
     with pytest.raises(ValueError, match=r"train-whole.*\['head'\]"):
         add_lora(Classifier(), rank=2, train_whole=("head",))

@@ -56,13 +56,15 @@ def coordinator_keys(folder: str | Path) -> tuple[bytes, bytes]:
 def resolve_coordinator_key(value: str | None) -> bytes | None:
     """The coordinator's public key from ``--coordinator-key`` or else ``$DISTTRAIN_COORDINATOR_KEY``;
     None when neither is set (the control plane is plain text)."""
-    value = value or os.environ.get(COORDINATOR_KEY_ENV)
-    return coordinator_public_key(value) if value else None
+    if value:
+        return coordinator_public_key(value)
+    from_env = os.environ.get(COORDINATOR_KEY_ENV)
+    return coordinator_public_key(from_env, f"${COORDINATOR_KEY_ENV}") if from_env else None
 
 
-def coordinator_public_key(value: str) -> bytes:
-    """The coordinator's public key from ``--coordinator-key``: the path of its ``coordinator.key``
-    (or of the key folder), or the key itself in Z85 (40 characters)."""
+def coordinator_public_key(value: str, where: str = "--coordinator-key") -> bytes:
+    """The coordinator's public key from ``where`` (the flag, or the variable): the path of its
+    ``coordinator.key`` (or of the key folder), or the key itself in Z85 (40 characters)."""
     _require_curve()
     path = Path(value)
     if path.is_dir():
@@ -71,7 +73,7 @@ def coordinator_public_key(value: str) -> bytes:
         try:
             public, _ = zmq.auth.load_certificate(path)
         except (OSError, ValueError) as error:
-            raise CurveKeyError(f"--coordinator-key {value}: not a CURVE key file ({error}); give the coordinator's {PUBLIC_KEY_FILE}") from None
+            raise CurveKeyError(f"{where} {value}: not a CURVE key file ({error}); give the coordinator's {PUBLIC_KEY_FILE}") from None
         return public
     if len(value) == Z85_KEY_LENGTH:
         try:
@@ -81,7 +83,7 @@ def coordinator_public_key(value: str) -> bytes:
         else:
             return value.encode()
     raise CurveKeyError(
-        f"--coordinator-key {value}: no such file, and not a {Z85_KEY_LENGTH}-character Z85 key; give the "
+        f"{where} {value}: no such file, and not a {Z85_KEY_LENGTH}-character Z85 key; give the "
         f"{PUBLIC_KEY_FILE} from the coordinator's --curve-keys folder"
     )
 

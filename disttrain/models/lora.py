@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from disttrain.options import option
+
+# What a Hugging Face classifier puts on top of its encoder; "auto" trains those a model has in full. The
+# pooler is among them: frozen, a pooler that never learned (as MiniLM's, which sentence-transformers
+# trains with mean pooling) holds the adapters back (31% against 59% in the federated benchmark).
+HEAD_MODULES = ("pre_classifier", "classifier", "pooler", "score")
+TrainWhole = tuple[str, ...] | Literal["auto"]
 
 
 class LoRALinear(nn.Module):
@@ -34,12 +41,11 @@ class LoRALinear(nn.Module):
         return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
 
 
-def add_lora(
-    model: nn.Module, rank: int, alpha: float = 16.0, train_whole: tuple[str, ...] = ("classifier",), seed: int = 0
-) -> list[str]:
+def add_lora(model: nn.Module, rank: int, alpha: float = 16.0, train_whole: TrainWhole = "auto", seed: int = 0) -> list[str]:
     """Freeze ``model`` and put a LoRA adapter on each of its linear layers, except the modules named in
-    ``train_whole`` (a name or the end of a dotted one), which are trained in full. Every replica given the
-    same seed draws the same adapters. Returns the names of the adapted layers."""
+    ``train_whole`` (a name or the end of a dotted one; "auto": those of HEAD_MODULES the model has),
+    which are trained in full. Every replica given the same seed draws the same adapters. Returns the
+    names of the adapted layers."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     targets, whole = lora_targets(model, train_whole)
@@ -53,13 +59,22 @@ def add_lora(
     return [name for name, _ in targets]
 
 
-def lora_targets(model: nn.Module, train_whole: tuple[str, ...]) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
+def lora_targets(model: nn.Module, train_whole: TrainWhole) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
     """The linear layers that get an adapter and the full names of the modules trained whole; a clear
-    error where ``train_whole`` names a module the model does not have, or nothing is left to adapt."""
+    error where ``train_whole`` names a module the model does not have (or "auto" finds none), or
+    nothing is left to adapt."""
     def named(name: str, short: str) -> bool:
         return name == short or name.endswith("." + short)
 
-    whole = [name for name, _ in model.named_modules() if any(named(name, w) for w in train_whole)]
+    names = [name for name, _ in model.named_modules()]
+    if train_whole == "auto":
+        train_whole = tuple(head for head in HEAD_MODULES if any(named(name, head) for name in names))
+        if not train_whole:
+            raise ValueError(
+                f"lora.train-whole auto: the model has none of the usual head modules ({', '.join(HEAD_MODULES)}); "
+                "name the modules to train in full (a new head), or '' for adapters only"
+            )
+    whole = [name for name in names if any(named(name, w) for w in train_whole)]
     missing = [w for w in train_whole if not any(named(name, w) for name in whole)]
     if missing:
         raise ValueError(f"lora.train-whole names modules the model does not have: {missing}; name a module of the model or ''")
@@ -78,7 +93,11 @@ class LoraConfig:
 
     rank: int = option(0, "LoRA rank of an adapter on every linear layer; only adapters and train-whole are trained and sent (0: off)")
     alpha: float = option(16.0, "an adapter adds (alpha / rank) B A x")
-    train_whole: str = option("classifier", "comma-separated modules trained in full beside the adapters (the new head)")
+    train_whole: str = option(
+        "auto",
+        "comma-separated modules trained in full beside the adapters (a new head); auto: those of "
+        f"{', '.join(HEAD_MODULES)} that the model has",
+    )
 
     def validate(self) -> None:
         if self.rank < 0:
@@ -87,8 +106,10 @@ class LoraConfig:
             raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
 
     @property
-    def whole(self) -> tuple[str, ...]:
-        """The modules trained in full, as a tuple of names."""
+    def whole(self) -> TrainWhole:
+        """The modules trained in full: a tuple of names, or "auto"."""
+        if self.train_whole.strip() == "auto":
+            return "auto"
         return tuple(name.strip() for name in self.train_whole.split(",") if name.strip())
 
     def check(self, model: nn.Module) -> None:

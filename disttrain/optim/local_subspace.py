@@ -2,10 +2,10 @@
 
 With a seeded basis P per projected weight, refreshed every round, a worker's local optimizer
 reads P^T G of its own gradients and moves the weight by P times its update: every local step
-stays in span(P), so the round's pseudo-gradient is P U and the exchange, which projects on the
-same P, sends U almost exactly (P^T P is close to the identity) instead of the 1% of a full
-update that a rank-r projection keeps. This is LoRA with the A matrix frozen at a fresh random
-draw each round, and it costs no bytes to agree on A.
+stays in span(P), so the round's pseudo-gradient is P U; an exchange that projects on the same P
+sends U almost exactly (P^T P is close to the identity) instead of the 1% of a full update that a
+rank-r projection keeps, and any other exchange (sparse votes, say) sends P U its own way. This is
+LoRA with the A matrix frozen at a fresh random draw each round, and it costs no bytes to agree on A.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class LocalSubspace:
                 f"local steps in a subspace need a seeded basis (every worker draws it for free), not {spec.basis!r}"
             )
         plain = replace(spec, payload="fp32", error_feedback=False)
-        # Parameter ids as CompressedAllReduce numbers them, so both draw the same P.
+        # Parameter ids as CompressedAllReduce numbers them, so that an exchange on this spec draws the same P.
         self._projected: dict[int, tuple[torch.nn.Parameter, Compressor]] = {
             id(p): (p, build_compressor(plain, p.shape, index, seed))
             for index, p in enumerate(params)
@@ -37,7 +37,7 @@ class LocalSubspace:
         self.refresh_every = spec.refresh_every
 
     def begin_round(self, round_index: int) -> list[torch.nn.Parameter]:
-        """Draw the bases of round ``round_index`` (the exchange's compressors draw the same);
+        """Draw the bases of round ``round_index`` (an exchange on the same spec draws the same);
         returns the parameters whose basis differs from the previous round's."""
         for _, compressor in self._projected.values():
             compressor.begin_step(round_index)
