@@ -103,6 +103,7 @@ RUNS = (
     Run("votes-lora-r8-k4-h10", "diloco-sparse-k4-h10", 1e-3, (*LORA8, "--outer_lr", VOTES_OUTER)),
     Run("votes-lora-r8-k16-h10", "diloco-sparse-k4-h10", 3e-3, (*LORA8, "--votes_per_chunk", "16", "--outer_lr", "1e-2")),
     Run("votes-lora-r8-k16-h10-outer3e-2", "diloco-sparse-k4-h10", 3e-3, (*LORA8, "--votes_per_chunk", "16", "--outer_lr", "3e-2")),
+    Run("votes-lora-r8-pooler-k16-h10", "diloco-sparse-k4-h10", 1e-3, (*LORA8_POOLER, "--votes_per_chunk", "16", "--outer_lr", "3e-2")),
     Run("dense-a0.1", "fedavg-h10", 3e-4, alpha=0.1),
     Run("votes-k1-h13-a0.1", "fedavg-votes-k1-h13", 3e-4, alpha=0.1),
     Run("votes-k1-h13-quorum0.75", "fedavg-votes-k1-h13", 3e-4, ("--round_quorum", "0.75")),
