@@ -25,7 +25,8 @@ from disttrain.train.replica import tensors_digest
 
 DILOCO_METHODS = [
     "diloco-h10", "diloco-int8-h30", "diloco-int1-h40", "diloco-sparse-k4-h5", "diloco-svd-int8-h10", "fedavg-subspace-int8-h10",
-    "fedavg-subspace-votes-k1-h13", "fedavg-sign-1in32-h10",
+    # Compositions of parts the default set checks on their own (subspace local steps, votes, sign votes).
+    pytest.param("fedavg-subspace-votes-k1-h13", marks=pytest.mark.slow), pytest.param("fedavg-sign-1in32-h10", marks=pytest.mark.slow),
 ]
 
 
