@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from disttrain.integrations.hf import DisttrainCallback, compress_gradients  # noqa: E402
+from disttrain.methods import DEFAULT_METHOD, MEMORY_LEAN_METHOD  # noqa: E402
 from disttrain.train.replica import parameter_digest  # noqa: E402
 
 
@@ -50,7 +51,7 @@ class _Recorder(TrainerCallback):
             control.should_training_stop = True
 
 
-def _train(steps: int, output_dir: str, stop_at: int | None = None) -> dict:
+def _train(steps: int, output_dir: str, stop_at: int | None = None, method: str = DEFAULT_METHOD) -> dict:
     torch.manual_seed(0)
     data = [{"x": torch.randn(4), "labels": torch.tensor(i % 2)} for i in range(40)]
     model = _Tiny()
@@ -59,14 +60,14 @@ def _train(steps: int, output_dir: str, stop_at: int | None = None) -> dict:
         use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data)
-    exchange = compress_gradients(trainer)
+    exchange = compress_gradients(trainer, method)
     recorder = _Recorder(model, exchange, stop_at)
     trainer.add_callback(recorder)
     trainer.train()
     return {
         "exchanges": exchange.exchanges, "bytes_sent": exchange.bytes_sent, "dense_bytes": exchange.dense_bytes,
         "bytes_by_step": recorder.bytes_sent, "digests": recorder.digests, "own_gradient": recorder.own_gradient,
-        "final": parameter_digest(model).hex(),
+        "final": parameter_digest(model).hex(), "optimizer": type(trainer.optimizer.optimizer).__name__,
     }
 
 
@@ -75,6 +76,7 @@ def _rounds(rank: int, world_size: int, output_dir: str) -> dict[str, dict]:
         "10 steps": _train(10, f"{output_dir}/full"),
         "7 steps": _train(7, f"{output_dir}/short"),
         "stopped at 7": _train(10, f"{output_dir}/stopped", stop_at=7),
+        "lean": _train(10, f"{output_dir}/lean", method=MEMORY_LEAN_METHOD),
     }
 
 
@@ -123,6 +125,21 @@ def test_a_round_open_when_training_stops_early_is_exchanged_at_train_end(rounds
     assert first["exchanges"] == second["exchanges"] == 2
     assert first["bytes_sent"] > first["bytes_by_step"][-1]  # sent after the last step, at on_train_end
     assert first["digests"][-1] != second["digests"][-1] and first["final"] == second["final"]
+
+
+def test_the_memory_lean_method_steps_with_lean_adamw_in_rounds_and_ends_with_identical_replicas(rounds):
+    first, second = (result["lean"] for result in rounds)
+    assert first["optimizer"] == second["optimizer"] == "LeanAdamW"
+    assert _sending_steps(first["bytes_by_step"]) == [5, 10]
+    assert first["digests"][2] != second["digests"][2] and first["final"] == second["final"]
+
+
+def test_a_lean_method_refuses_an_optimizer_given_to_trainer_that_is_not_lean_adamw(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    model = _Tiny()
+    trainer = Trainer(model=model, args=args, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    with pytest.raises(ValueError, match="keeps Adam's moments lean: give Trainer no optimizer.*not a SGD"):
+        compress_gradients(trainer, MEMORY_LEAN_METHOD)
 
 
 @pytest.mark.parametrize("method", ["fedavg-subspace-int8-h10", "zo-1byte", "ddp"])

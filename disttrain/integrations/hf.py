@@ -12,7 +12,10 @@ an exchange done in the optimizer step would come after Trainer has clipped the 
 the clip would see local gradients instead of the average. So ``DisttrainCallback`` registers a
 comm hook on the DDP model that Trainer built, at ``on_train_begin``, before the first backward.
 Everything else stays Trainer's: ``no_sync`` while gradients accumulate, clipping, the optimizer
-and the schedule. Hence only methods whose optimizer is AdamW run here:
+and the schedule. Hence only methods whose optimizer is AdamW run here, or its lean version (the
+``*-lean`` methods: ``compress_gradients`` gives Trainer a ``disttrain.optim.LeanAdamW`` with
+Trainer's own hyper-parameters and weight-decay groups, which Trainer then uses instead of
+building AdamW):
 
 - per-step methods (``*-reconstruct``, ``power-*``, ``ddp-hook``, ``dense``): ``disttrain_hook``
   sends each DDP bucket as one collective of compressed payload instead of DDP's dense
@@ -53,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 from disttrain.comm.ddp_hook import DisttrainHookState, disttrain_hook
 from disttrain.methods import DEFAULT_METHOD, METHODS, Method, get_method
 from disttrain.models.pretrained import INSTALL
+from disttrain.optim.lean_adamw import LeanAdamW
 from disttrain.train.outer import OuterStep
 
 try:
@@ -64,9 +68,32 @@ log = logging.getLogger(__name__)
 
 
 def runs_in_trainer(method: Method) -> bool:
-    """Whether Trainer's AdamW can apply the method: a per-step exchange or local-step rounds (not overlapped ones)."""
+    """Whether Trainer's AdamW (or a LeanAdamW given to it) can apply the method: a per-step exchange or
+    local-step rounds (not overlapped ones)."""
     traits = method.traits
-    return traits.user_optimizer and traits.compresses and not traits.overlaps and method.optimizer == "adamw"
+    return traits.user_optimizer and traits.compresses and not traits.overlaps and method.optimizer in ("adamw", "lean_adamw")
+
+
+def give_lean_adamw(trainer: Trainer, method: Method) -> None:
+    """Make Trainer step with LeanAdamW (Trainer builds its AdamW only when it has no optimizer yet)."""
+    if isinstance(trainer.optimizer, LeanAdamW):
+        return
+    if trainer.optimizer is not None:
+        raise ValueError(
+            f"method {method.name!r} keeps Adam's moments lean: give Trainer no optimizer (it is then given a "
+            f"disttrain.optim.LeanAdamW), or a LeanAdamW, not a {type(trainer.optimizer).__name__}"
+        )
+    args, model = trainer.args, trainer.model
+    decayed = set(trainer.get_decay_parameter_names(model))
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for name, p in trained if name in decayed], "weight_decay": args.weight_decay},
+        {"params": [p for name, p in trained if name not in decayed], "weight_decay": 0.0},
+    ]
+    trainer.optimizer = LeanAdamW(
+        [group for group in groups if group["params"]], lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
 
 
 class DisttrainCallback(TrainerCallback):
@@ -175,9 +202,11 @@ def compress_gradients(trainer: Trainer, method: str = DEFAULT_METHOD) -> Disttr
     if not runs_in_trainer(chosen):
         usable = ", ".join(name for name, m in METHODS.items() if runs_in_trainer(m))
         raise ValueError(
-            f"method {method!r} does not run inside Trainer, which keeps its own AdamW and takes either one "
+            f"method {method!r} does not run inside Trainer, which keeps its own AdamW (or a LeanAdamW) and takes either one "
             f"exchanged gradient per step or local steps with round-end exchanges; choose one of: {usable}"
         )
+    if chosen.optimizer == "lean_adamw":
+        give_lean_adamw(trainer, chosen)
     callback = DisttrainCallback(trainer, chosen)
     # First in line, so that the byte counts it adds to a log reach the printers and reporters.
     trainer.callback_handler.callbacks.insert(0, callback)
