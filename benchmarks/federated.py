@@ -194,7 +194,8 @@ def dense_of(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str,
 def add_ratios(records: list[dict[str, Any]]) -> None:
     """Bytes and accuracy of every run relative to dense FedAvg's on the same setting."""
     for record in records:
-        record.pop("bytes_ratio", None), record.pop("accuracy_gap_points", None)  # a merged record's may be stale
+        for derived in ("bytes_ratio", "accuracy_gap_points"):  # a merged record's may be stale
+            record.pop(derived, None)
         dense = dense_of(record, records)
         if dense is not None and "total_bytes" in record:
             record["bytes_ratio"] = dense["total_bytes"] / max(1, record["total_bytes"])
