@@ -118,7 +118,9 @@ def fine_tune_with_lora(rank: int, world: int) -> dict:
 def test_federated_lora_rounds_send_only_the_adapters_and_the_head_and_keep_replicas_identical():
     results = run_workers(fine_tune_with_lora, 2)
     summary, sent = results[0]["summary"], results[0]["sent"]
-    assert all(name.endswith(("lora_a", "lora_b")) or name.startswith("classifier.") for name in sent)
+    # The head that train-whole "auto" picks on MiniLM: the classifier and the pooler under it.
+    assert all(name.endswith(("lora_a", "lora_b")) or name.startswith(("classifier.", "bert.pooler.")) for name in sent)
+    assert any(name.startswith("bert.pooler.") for name in sent)
     rounds = 24 // 4
     assert summary.total_bytes == rounds * 4 * sum(sent.values())  # fp32 FedAvg of the trainable tensors, every round
     assert len({r["digest"] for r in results}) == 1 and summary.replicas_identical
