@@ -3,13 +3,18 @@
 For each shape (4096x4096, 4096x11008, 11008x4096; the longer side is the one projected, as the
 compressors do) and rank (32, 128, 512) it times:
 
-- seeded projection R = P^T G, G in fp32 and in bf16: fused (P made in registers, never stored)
-  against materialised torch (P built by the torch reference generator, then a matmul) and
+- seeded projection R = P^T G, G in fp32 and in bf16: fused (P made in registers, never stored),
+  generated (P made once by the Triton generator into a transient buffer, then the same kernel
+  reads it: what ``kernels.project`` does for bf16), generated + cuBLAS (the generator, then a torch
+  matmul) against materialised torch (P built by the torch reference generator, then a matmul) and
   against torch with an explicit P computed beforehand;
 - seeded reconstruction out += alpha P R (fp32 out), the same three ways;
 - SVD-mode error feedback with an explicit P (fp32): R = P^T (G + e) then e' = (G + e) - P R, two
   fused kernels against torch (add, matmul, addmm);
-- int8 quantisation of R, to show what fusing it into the projection could save.
+- int8 quantisation of R, to show what fusing it into the projection could save;
+- the default method's hot path on the whole tensor: the chunked top-4 votes of a momentum
+  (``kernels.top_votes``) and the mean of 4 workers' votes (``kernels.vote_mean``), Triton
+  against the torch reference.
 
 Time is the median of ``triton.testing.do_bench``. GB/s counts the bytes the operation has to
 move at the least (G read once, R written once, ...), the same for every implementation, and
@@ -32,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 from disttrain import kernels
-from disttrain.kernels import seeded
+from disttrain.kernels import projection, seeded, votes
 from disttrain.kernels.basis import SeededMatrix
 
 sys.path.append(str(Path(__file__).resolve().parent))  # `common` also when run via `disttrain bench`
@@ -46,7 +51,8 @@ RANKS = (32, 128, 512)
 H100_SXM_TBPS = 3.35
 ALPHA = 1e-3  # small, so that hundreds of repeated in-place adds stay finite
 DEVICE = "cuda"
-IMPLEMENTATIONS = ("fused", "materialised", "explicit")
+IMPLEMENTATIONS = ("fused", "generated", "generated_cublas", "materialised", "explicit")
+VOTE_WORKERS = 4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -110,9 +116,14 @@ def seeded_rows(shape: tuple[int, int], rank: int, side: str, dtype: torch.dtype
     def materialise() -> torch.Tensor:
         return seeded.seeded_matrix(key, reduced, rank, device=DEVICE).to(dtype)
 
+    def generate() -> torch.Tensor:
+        return seeded.seeded_matrix_triton(key, reduced, rank, device=DEVICE)
+
     size = grad.element_size()
     rows = [measure("seeded project", shape, rank, dtype, m * n * size + rank * length * 4, {
-        "fused": lambda: kernels.project(grad, basis, side),
+        "fused": lambda: projection.project_in_registers_triton(grad, basis, side),
+        "generated": lambda: projection.project_in_registers_triton(grad, generate(), side),
+        "generated_cublas": lambda: torch_project(generate().to(dtype)),
         "materialised": lambda: torch_project(materialise()),
         "explicit": lambda: torch_project(explicit),
     }, {"explicit": explicit.numel() * size})]
@@ -163,16 +174,35 @@ def feedback_row(shape: tuple[int, int], rank: int, side: str) -> dict[str, Any]
                    {"fused": fused, "explicit": in_torch}, {"explicit": basis.numel() * 4})
 
 
-def run_all(ranks: list[int]) -> list[dict[str, Any]]:
-    """Every row, shape by shape and rank by rank."""
+def vote_rows(shape: tuple[int, int]) -> list[dict[str, Any]]:
+    """The default's hot path on one weight: its votes (fp32 momentum), then 4 workers' mean."""
+    numel = shape[0] * shape[1]
+    grad, momentum = torch.randn(numel, device=DEVICE), torch.randn(numel, device=DEVICE)
+    picks = numel // 256 * 4
+    encode = {name: (lambda fn=fn: fn(grad, momentum, 0.9, 256, 4)) for name, fn in
+              (("fused", votes.top_votes_triton), ("explicit", votes.top_votes_torch))}
+    rows = [measure("votes top-4 of 256", shape, 0, torch.float32, numel * 12 + 2 * picks, encode, {})]
+    positions, codes, _ = votes.top_votes_triton(grad, momentum, 0.9, 256, 4)
+    positions, codes = positions.expand(VOTE_WORKERS, -1, -1), codes.expand(VOTE_WORKERS, -1, -1)
+    mean = {name: (lambda fn=fn: fn(positions, codes, 256, numel, VOTE_WORKERS)) for name, fn in
+            (("fused", votes.vote_mean_triton), ("explicit", votes.vote_mean_torch))}
+    rows.append(measure(f"mean of {VOTE_WORKERS} workers' votes", shape, 0, torch.float32,
+                        numel * 4 + VOTE_WORKERS * 2 * picks, mean, {}))
+    return rows
+
+
+def run_all(ranks: list[int], save: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """Every row, shape by shape and rank by rank; ``save`` gets the rows so far after each shape."""
     rows: list[dict[str, Any]] = []
     for shape in SHAPES:
+        rows += vote_rows(shape)
         side = "left" if shape[0] >= shape[1] else "right"
         for rank in ranks:
             for dtype in (torch.float32, torch.bfloat16):
                 rows += seeded_rows(shape, rank, side, dtype)
             rows.append(feedback_row(shape, rank, side))
             torch.cuda.empty_cache()
+        save(rows)
     return rows
 
 
@@ -190,8 +220,9 @@ def render_table(results: dict[str, Any], results_file: Path = common.RESULTS_DI
     """The table (int8 quantisation summarised below it), with a line saying what was measured and how."""
     peak = results["peak_tbps"] * 1e12
     headers = [
-        "operation", "shape", "rank", "dtype", "fused", "GB/s (% of HBM)", "materialised torch", "explicit-P torch",
-        "fused speed-up vs materialised / explicit", "extra memory: fused / materialised / explicit",
+        "operation", "shape", "rank", "dtype", "fused", "GB/s (% of HBM)", "generated / + cuBLAS", "materialised torch",
+        "explicit-P torch (votes: the torch reference)", "fused speed-up vs materialised / explicit",
+        "extra memory: fused / generated / + cuBLAS / materialised / explicit",
     ]
     table_rows = []
     for row in results["rows"]:
@@ -201,10 +232,11 @@ def render_table(results: dict[str, Any], results_file: Path = common.RESULTS_DI
         table_rows.append([
             row["operation"],
             "x".join(map(str, row["shape"])),
-            str(row["rank"]),
+            str(row["rank"]) if row["rank"] else "—",
             row["dtype"],
             f"{row['fused']['ms']:.3f} ms",
             f"{rate / 1e9:.0f} ({100 * rate / peak:.0f}%)",
+            " / ".join(f"{row[name]['ms']:.3f} ms" if name in row else "—" for name in ("generated", "generated_cublas")),
             *(f"{row[name]['ms']:.3f} ms" if name in row else "—" for name in ("materialised", "explicit")),
             f"{_speedup(row, 'materialised')} / {_speedup(row, 'explicit')}",
             " / ".join(_extra_memory(row, name) for name in IMPLEMENTATIONS),
@@ -244,9 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         "peak_tbps": args.peak_tbps,
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "rows": run_all([int(rank) for rank in args.ranks.split(",")]),
     }
-    common.save_results(args.out, results)
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        common.save_results(args.out, {**results, "rows": rows})
+
+    results["rows"] = run_all([int(rank) for rank in args.ranks.split(",")], save)
     return 0 if common.publish_table(render_table(results, args.out), MARKER, args.doc, args.out.parent) else 1
 
 

@@ -35,7 +35,7 @@ log = logging.getLogger("disttrain")
 DEMO_WORKERS = 4
 DEMO_STEPS = 200
 DEMO_LINK_MBIT = 20.0
-BENCHMARKS = ("convergence", "memory", "chaos", "kernels", "cluster")
+BENCHMARKS = ("convergence", "memory", "chaos", "kernels", "cluster", "gpu")
 
 
 class UsageError(ValueError):

@@ -26,6 +26,7 @@ import zmq
 
 from disttrain.elastic import curve, protocol
 from disttrain.elastic.protocol import SECRET_ENV, Message, ProtocolError, load_secret
+from disttrain import kernels
 from disttrain.kernels import dispatch
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -120,11 +121,37 @@ def check_triton() -> Check:
     return Check("triton", OK, f"triton is not installed, and a CPU-only machine does not need it; {where}")
 
 
+def gpu_probe(device: torch.device) -> str:
+    """A bf16 autocast matmul and the default method's vote kernels on ``device``, checked against the
+    torch reference; what ran, or a RuntimeError saying what went wrong."""
+    x = torch.randn(256, 256, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        product = x @ x
+    if not torch.isfinite(product).all():
+        raise RuntimeError("a bf16 autocast matmul gave non-finite values")
+    grad = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(device)
+    got = kernels.top_votes(grad, None, 0.9, 256, 4)
+    with kernels.backend("torch"):
+        expected = kernels.top_votes(grad, None, 0.9, 256, 4)
+    if not all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(got, expected)):
+        raise RuntimeError(f"the vote kernels disagree with their torch reference on {device}")
+    return "Triton" if dispatch.use_triton(device) else "torch reference"
+
+
 def check_cuda() -> Check:
-    """Which device `--device auto` (the default) trains on here: a GPU when torch sees one, else the CPU."""
+    """Which device `--device auto` (the default) trains on here, and, with a GPU, that training's
+    pieces run on it: a bf16 matmul and the default's vote kernels (checked against the reference)."""
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        found = f"{len(names)} device(s): {', '.join(names)}; --device auto trains on them (LOCAL_RANK picks each worker's)"
+        device = torch.device("cuda", 0)
+        try:
+            kernels_used = gpu_probe(device)
+        except RuntimeError as error:
+            return Check("cuda", FAIL, f"{', '.join(names)}: a bf16 step failed on {names[0]}: {error}",
+                         f"check the driver with nvidia-smi; {dispatch.ENV_VAR}=torch sidesteps the Triton kernels")
+        found = (f"{len(names)} device(s): {', '.join(names)}; --device auto trains on them (LOCAL_RANK picks each "
+                 f"worker's); a bf16 matmul and the vote kernels ({kernels_used}) ran on {names[0]}; --backend auto: "
+                 "NCCL with a GPU per local worker, Gloo when workers share one")
         return Check("cuda", OK, found)
     if torch.version.cuda:
         found = f"torch is built for CUDA {torch.version.cuda} but sees no device: --device auto trains on the CPU"

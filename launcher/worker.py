@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from disttrain.comm.device import resolve_device
+from disttrain.comm.device import device_type, resolve_device
 from disttrain.comm.layout import NODE_MODES
 from disttrain.comm.process_group import close_process_group
 from disttrain.elastic.agent import CoordinatorUnreachable, GenerationTimeout, JobFinished, WorkerRefused
@@ -83,6 +83,7 @@ def check_worker_args(args: argparse.Namespace) -> TrainConfig:
     elif args.coordinator_key:
         coordinator_public_key(args.coordinator_key)
     config = config_from_args(args)
+    resolve_backend(args.backend, torch.device(device_type(config.device)))
     if args.coordinator:
         get_method(config.method_name).require_elastic()
         if config.inner in NODE_MODES:

@@ -16,13 +16,17 @@ import torch.multiprocessing as mp
 from disttrain.launcher.local import free_port
 
 
-def _entry(fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple, per_node: int) -> None:
+def _entry(
+    fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple, per_node: int, backend: str
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     # torchrun's view of nodes: ranks numbered node by node
     os.environ.update(LOCAL_RANK=str(rank % per_node), LOCAL_WORLD_SIZE=str(per_node), GROUP_RANK=str(rank // per_node))
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank % per_node)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
         # Serialise to bytes: tensors sent as-is would point at this process's shared memory.
         buffer = io.BytesIO()
         torch.save(fn(rank, world_size, *args), buffer)
@@ -41,18 +45,20 @@ def run_workers(
     timeout_s: float = 180,
     vanishing_ranks: tuple[int, ...] = (),
     per_node: int = 1,
+    backend: str = "gloo",
 ) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` processes; returns results by rank.
 
     ``fn`` must be a module-level function. Any worker's exception fails the call with its
     traceback. Ranks in ``vanishing_ranks`` are expected to exit without a result (None).
-    ``per_node`` processes share a node, as torchrun's --nproc-per-node sets them up.
+    ``per_node`` processes share a node, as torchrun's --nproc-per-node sets them up. ``backend``:
+    the process group's (NCCL gives every process the GPU of its LOCAL_RANK).
     """
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
     procs = [
-        context.Process(target=_entry, args=(fn, rank, world_size, port, results, args, per_node))
+        context.Process(target=_entry, args=(fn, rank, world_size, port, results, args, per_node, backend))
         for rank in range(world_size)
     ]
     for proc in procs:

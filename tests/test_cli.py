@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from distributed import run_workers
 from tiny import TINY_FLAGS
 
@@ -107,6 +108,7 @@ BAD_INPUTS = {
     "zero link rate": (["train", "--link-mbit", "0"], "--link-mbit is a rate in Mbit/s and must be > 0"),
     "not a boolean": (["train", "--overlap", "maybe"], "expected true or false, got 'maybe'"),
     "unknown choice": (["train", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
+    "nccl for CPU training": (["train", "--device", "cpu", "--backend", "nccl"], "--backend nccl moves CUDA tensors only"),
     "unknown flag": (["train", "--no-such-flag", "1"], "unrecognised arguments: --no-such-flag 1"),
     "malformed address": (["train", "--coordinator", "localhost:29400"], "use tcp://HOST:PORT"),
     "missing corpus": (["train", "--data.corpus", "/no/such/corpus.txt"], "corpus '/no/such/corpus.txt' not found"),
@@ -130,6 +132,11 @@ BAD_INPUTS = {
         ["train", "--inner", "ddp", "--coordinator", "tcp://127.0.0.1:29400"], "use --inner flat there",
     ),
 }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused_once_before_any_worker_starts(capsys, monkeypatch):
+    assert "torch sees no CUDA GPU: use --device cpu" in cli_error(["train", "--nproc", "4", "--device", "cuda"], capsys, monkeypatch)
 
 
 def cli_error(argv: list[str], capsys, monkeypatch) -> str:

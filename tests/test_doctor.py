@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from disttrain import doctor
 from disttrain.doctor import FAIL, OK, WARN, Answer, DoctorConfig
@@ -150,5 +151,23 @@ def test_the_cuda_check_says_where_device_auto_trains(monkeypatch):
     monkeypatch.setattr(doctor.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(doctor.torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(doctor.torch.cuda, "get_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(doctor, "gpu_probe", lambda device: "Triton")
     check = doctor.check_cuda()
     assert check.status == OK and check.detail.startswith("1 device(s): NVIDIA H200; --device auto trains on them")
+    assert "the vote kernels (Triton) ran on NVIDIA H200" in check.detail
+
+
+def test_a_gpu_that_fails_the_probe_is_a_failed_check(monkeypatch):
+    def broken(device):
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    monkeypatch.setattr(doctor.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(doctor.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(doctor.torch.cuda, "get_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(doctor, "gpu_probe", broken)
+    check = doctor.check_cuda()
+    assert check.status == FAIL and "no kernel image" in check.detail and "DISTTRAIN_KERNELS=torch" in check.fix
+
+
+def test_the_gpu_probe_runs_a_bf16_step_and_the_vote_kernels_on_the_cpu_too():
+    assert doctor.gpu_probe(torch.device("cpu")) == "torch reference"

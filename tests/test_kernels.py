@@ -28,7 +28,7 @@ import torch
 
 from disttrain import kernels
 from disttrain.compress import CompressionSpec, build_compressor
-from disttrain.kernels import _triton, dispatch, projection, quant, reconstruction, seeded
+from disttrain.kernels import _triton, dispatch, projection, quant, reconstruction, seeded, votes
 from disttrain.kernels.basis import SeededMatrix, dense
 from test_seeded_basis import GAUSSIAN_DIGEST, RADEMACHER_DIGEST
 
@@ -278,6 +278,64 @@ def test_int8_quantisation_is_bit_identical_to_the_reference(device, shape):
     assert torch.equal(restored.cpu(), quant.dequantize_rows_torch(expected_values, expected_scales))
 
 
+# --- the default method's votes --------------------------------------------------------------
+
+
+@kernel_case
+@pytest.mark.parametrize("numel, per_chunk", [(1000, 4), (100, 7), (513, 1), (256, 16)])
+@pytest.mark.parametrize("momentum_dtype", [None, torch.float32, torch.bfloat16])
+def test_top_votes_are_bit_identical_to_the_reference(device, numel, per_chunk, momentum_dtype):
+    """Distinct magnitudes, so the picks are the same positions in the same (descending) order."""
+    chunk = min(256, numel)
+    grad = randn(numel, seed=30)
+    momentum = None if momentum_dtype is None else randn(numel, seed=31, dtype=momentum_dtype)
+    got = kernels.top_votes(grad.to(device), None if momentum is None else momentum.to(device), 0.9, chunk, per_chunk)
+    expected = votes.top_votes_torch(grad, momentum, 0.9, chunk, per_chunk)
+    for actual, wanted in zip(got, expected):
+        assert torch.equal(actual.cpu(), wanted)
+
+
+@kernel_case
+def test_top_votes_send_a_zero_code_for_an_exact_zero(device):
+    grad = torch.zeros(300)
+    grad[7], grad[290] = -2.0, 3.0
+    positions, codes, rest = kernels.top_votes(grad.to(device), None, 0.9, 256, 2)
+    assert positions[:, 0].tolist() == [7, 290 - 256] and codes[:, 0].tolist() == [0, 2]
+    assert codes[:, 1].tolist() == [1, 1]  # the second pick of each chunk is a zero: no vote
+    assert not rest.cpu().any()
+
+
+def random_votes(workers: int, chunks: int, per_chunk: int, chunk: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct positions per worker and chunk (as a top-k sends them), codes 0, 1 or 2."""
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.stack([
+        torch.stack([torch.randperm(chunk, generator=generator)[:per_chunk] for _ in range(chunks)])
+        for _ in range(workers)
+    ]).to(torch.uint8)
+    codes = torch.randint(0, 3, positions.shape, generator=generator, dtype=torch.uint8)
+    return positions, codes
+
+
+@kernel_case
+@pytest.mark.parametrize("numel, per_chunk, workers", [(1000, 4, 3), (100, 7, 2), (256, 1, 5)])
+def test_vote_mean_is_bit_identical_to_the_reference(device, numel, per_chunk, workers):
+    chunk = min(256, numel)
+    positions, codes = random_votes(workers, -(-numel // chunk), per_chunk, chunk, seed=32)
+    mean = kernels.vote_mean(positions.to(device), codes.to(device), chunk, numel, workers)
+    assert torch.equal(mean.cpu(), votes.vote_mean_torch(positions, codes, chunk, numel, workers))
+
+
+@kernel_case
+def test_vote_mean_reads_workers_from_strided_rows_of_a_gather(device):
+    """Each worker's votes sit in its own row of the all_gather output, between other parameters' bytes."""
+    positions, codes = random_votes(3, 4, 4, 256, seed=33)
+    rows = torch.zeros(3, 100, dtype=torch.uint8)
+    rows[:, 10:26], rows[:, 40:56] = positions.view(3, 16), codes.view(3, 16)
+    rows = rows.to(device)
+    mean = kernels.vote_mean(rows[:, 10:26].view(3, 4, 4), rows[:, 40:56].view(3, 4, 4), 256, 1000, 3)
+    assert torch.equal(mean.cpu(), votes.vote_mean_torch(positions, codes, 256, 1000, 3))
+
+
 # --- the compressors, end to end on the kernels ----------------------------------------------
 
 COMPRESSOR_SPECS = [
@@ -286,6 +344,7 @@ COMPRESSOR_SPECS = [
     CompressionSpec(basis="svd", rank=4, dense_threshold=1),
     CompressionSpec(basis="svd", rank=3, payload="int8", error_feedback=False, dense_threshold=1),
     CompressionSpec(basis="power", rank=3, payload="int8", dense_threshold=1),
+    CompressionSpec(basis="sparse_momentum", per_chunk=4, error_feedback=False, dense_threshold=1),  # its momentum is its feedback
 ]
 
 

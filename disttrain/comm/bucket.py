@@ -120,23 +120,14 @@ class Bucket:
         means = []
         for c, lo, hi in zip(self.compressors, offsets, offsets[1:]):
             if self.summable:
-                total = c.decode(output[lo:hi])
+                means.append(c.decode(output[lo:hi]) / divisor)
             else:
-                per_worker = output.view(world_size, -1)[:, lo:hi]
-                total = c.decode(_as_wire(per_worker[0], c))
-                for payload in per_worker[1:]:
-                    total = total + c.decode(_as_wire(payload, c))
-            means.append(total / divisor)
+                means.append(c.mean_of_payloads(output.view(world_size, -1)[:, lo:hi], divisor))
             c.accept_mean(means[-1])
         return means
 
 
 BucketFactory = Callable[[list[int], list[Compressor]], Bucket]
-
-
-def _as_wire(raw: torch.Tensor, compressor: Compressor) -> torch.Tensor:
-    """Bytes of one payload back into the compressor's wire dtype."""
-    return raw.clone().view(compressor.wire_dtype)
 
 
 def plan_buckets(compressors: list[Compressor], cap_bytes: int, make: BucketFactory = Bucket) -> list[Bucket]:

@@ -56,6 +56,14 @@ class Compressor(ABC):
     def reconstruct(self, coeffs: torch.Tensor) -> torch.Tensor:
         """Coefficients -> a full-size tensor in the parameter's shape."""
 
+    def mean_of_payloads(self, payloads: torch.Tensor, divisor: int) -> torch.Tensor:
+        """The workers' decoded coefficients summed in rank order, over ``divisor``; ``payloads`` holds one
+        worker's wire bytes per row (an all_gather's output)."""
+        total = self.decode(_as_wire(payloads[0], self))
+        for payload in payloads[1:]:
+            total = total + self.decode(_as_wire(payload, self))
+        return total / divisor
+
     def coeff_numel(self) -> int:
         numel = 1
         for size in self.coeff_shape:
@@ -202,3 +210,8 @@ def load_compressor_states(compressors: list[Compressor], saved: list[dict[str, 
         )
     for compressor, entry in zip(compressors, saved):
         compressor.load_state_dict(entry)
+
+
+def _as_wire(raw: torch.Tensor, compressor: Compressor) -> torch.Tensor:
+    """Bytes of one payload back into the compressor's wire dtype."""
+    return raw.clone().view(compressor.wire_dtype)

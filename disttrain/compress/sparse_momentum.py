@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from disttrain import kernels
 from disttrain.compress.base import check_gradient
 from disttrain.compress.lowbit import pack_codes, unpack_codes
 from disttrain.compress.votes import VoteCompressor
@@ -41,22 +42,10 @@ class SparseMomentum(VoteCompressor):
     def wire_numel(self) -> int:
         return self._picks() + -(-self._picks() // 4)
 
-    def _chunked(self, flat: torch.Tensor) -> torch.Tensor:
-        """``flat`` zero-padded to whole chunks, one chunk per row."""
-        padded = torch.zeros(self.chunks * self.chunk, dtype=flat.dtype, device=flat.device)
-        padded[: flat.numel()] = flat
-        return padded.view(self.chunks, self.chunk)
-
     def encode(self, grad: torch.Tensor) -> torch.Tensor:
         check_gradient(grad, self.shape)
-        grad = grad.detach().float().reshape(-1)
-        momentum = grad + self.decay * self.momentum_or_zeros(grad)
-        chunks = self._chunked(momentum)
-        positions = chunks.abs().topk(self.per_chunk, dim=1).indices
-        signs = (chunks.gather(1, positions).sign() + 1).to(torch.uint8)  # 0: -, 1: zero, 2: +
-        chunks.scatter_(1, positions, 0.0)  # what is sent leaves the momentum
-        self._pending = chunks.reshape(-1)[: self.shape.numel()].clone()
-        return torch.cat([positions.to(torch.uint8).reshape(-1), pack_codes(signs, 2)])
+        positions, codes, self._pending = kernels.top_votes(grad, self.momentum, self.decay, self.chunk, self.per_chunk)
+        return torch.cat([positions.reshape(-1), pack_codes(codes, 2)])
 
     def votes(self, wire: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One payload's (positions, votes of -1, 0 or +1), one row per chunk."""
@@ -72,4 +61,13 @@ class SparseMomentum(VoteCompressor):
         return dense[:, : self.chunk].reshape(-1)[: self.shape.numel()].reshape(self.shape)
 
     def decode(self, wire: torch.Tensor) -> torch.Tensor:
-        return self.scatter(*self.votes(wire))
+        return self.mean_of_payloads(wire.view(1, -1), 1)
+
+    def mean_of_payloads(self, payloads: torch.Tensor, divisor: int) -> torch.Tensor:
+        """The mean of every worker's votes in one pass over the wire (``kernels.vote_mean``)."""
+        picks, workers = self._picks(), payloads.shape[0]
+        packed = payloads[:, picks:]
+        codes = unpack_codes(packed.reshape(-1), 2, packed.numel() * 4).view(workers, -1)[:, :picks]
+        rows = (workers, self.chunks, self.per_chunk)
+        positions, codes = payloads[:, :picks].reshape(rows), codes.reshape(rows)
+        return kernels.vote_mean(positions, codes, self.chunk, self.shape.numel(), divisor).reshape(self.shape)

@@ -23,7 +23,7 @@ def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
     aligned, which matters because Adam moments carry over a refresh.
     """
     largest = vectors.abs().argmax(dim=0)
-    signs = torch.sign(vectors[largest, torch.arange(vectors.shape[1])])
+    signs = torch.sign(vectors[largest, torch.arange(vectors.shape[1], device=vectors.device)])
     return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 

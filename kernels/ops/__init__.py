@@ -8,7 +8,8 @@ the choice (see ``dispatch``). One module per operation, kernel and reference to
 - ``basis``: a basis as kernels read it, a stored P or a ``SeededMatrix`` made in registers;
 - ``projection``: R = P^T (G + e), the residual e optional;
 - ``reconstruction``: A + e + alpha P R, behind reconstruct, reconstruct_add_ and feedback_residual;
-- ``quant``: int8 with one scale per row.
+- ``quant``: int8 with one scale per row;
+- ``votes``: the default method's chunked top-k votes of a momentum, and the mean of every worker's votes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from disttrain.kernels import projection as _project
 from disttrain.kernels import quant as _quant
 from disttrain.kernels import reconstruction as _reconstruct
 from disttrain.kernels import seeded as _seeded
+from disttrain.kernels import votes as _votes
 from disttrain.kernels.basis import Basis, SeededMatrix, Side, reduced_dim
 from disttrain.kernels.dispatch import backend, dispatched
 from disttrain.kernels.seeded import Distribution, StreamKey
@@ -30,6 +32,8 @@ reconstruct_add_ = dispatched(_reconstruct.reconstruct_add_torch, _reconstruct.r
 feedback_residual = dispatched(_reconstruct.feedback_residual_torch, _reconstruct.feedback_residual_triton)
 quantize_rows = dispatched(_quant.quantize_rows_torch, _quant.quantize_rows_triton)
 dequantize_rows = dispatched(_quant.dequantize_rows_torch, _quant.dequantize_rows_triton)
+top_votes = dispatched(_votes.top_votes_torch, _votes.top_votes_triton)
+vote_mean = dispatched(_votes.vote_mean_torch, _votes.vote_mean_triton)
 
 
 def seeded_project(
@@ -75,4 +79,6 @@ __all__ = [
     "seeded_matrix",
     "seeded_project",
     "seeded_reconstruct_add_",
+    "top_votes",
+    "vote_mean",
 ]

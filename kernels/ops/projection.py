@@ -19,6 +19,7 @@ import torch
 from disttrain.kernels._triton import autotune, jit, tl, triton
 from disttrain.kernels.basis import (
     Basis,
+    SeededMatrix,
     Side,
     basis_block,
     basis_shape,
@@ -29,6 +30,7 @@ from disttrain.kernels.basis import (
     oriented,
 )
 from disttrain.kernels.precision import dot_acc, dot_dtype
+from disttrain.kernels.seeded import seeded_matrix_triton
 
 # A tile of R should not hold more than this many fp32 accumulators per thread of its program.
 _ACCUMULATORS_PER_THREAD = 64
@@ -138,7 +140,19 @@ def _splits(meta: dict[str, Any], tiles: int, device: torch.device) -> int:
 
 
 def project_triton(grad: torch.Tensor, basis: Basis, side: Side, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``project_torch`` as one fused Triton kernel: G and e are read once, a seeded P never exists."""
+    """``project_torch`` in Triton: G and e are read once. A seeded P of 16-bit data is generated once
+    into a transient fp32 buffer (R/L of G's size) and read as a stored one, the same bits as making it
+    in registers: there the tile products run at full tensor-core rate and regenerating P's tiles for
+    every tile of G would dominate (benchmarks/kernels.py measures both). Otherwise P never exists."""
+    if isinstance(basis, SeededMatrix) and grad.dtype in (torch.bfloat16, torch.float16):
+        basis = seeded_matrix_triton(basis.key, basis.rows, basis.rank, basis.distribution, device=grad.device)
+    return project_in_registers_triton(grad, basis, side, residual)
+
+
+def project_in_registers_triton(
+    grad: torch.Tensor, basis: Basis, side: Side, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``project_torch`` as one fused Triton kernel: G and e are read once, a seeded P is made tile by tile in registers."""
     g = oriented(grad, side)
     check_rows(basis, g.shape[0], "the gradient")
     check_same_shape(residual, grad, "the residual")
