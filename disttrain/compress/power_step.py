@@ -89,20 +89,27 @@ class PowerStepCompressor(Compressor):
         matrix = grad.detach().reshape(self.dims)
         return matrix.t() if self.transposed else matrix
 
+    def _factor_on(self, device: torch.device) -> torch.Tensor:
+        """The factor, moved once to the device the data lives on (it starts on the CPU)."""
+        if self.factor.device != device:
+            self.factor = self.factor.to(device)
+        return self.factor
+
     def encode(self, grad: torch.Tensor) -> torch.Tensor:
         check_gradient(grad, self.shape)
-        return kernels.project(self._oriented(grad), self.factor, "left").reshape(-1).to(self._wire_dtype)
+        return kernels.project(self._oriented(grad), self._factor_on(grad.device), "left").reshape(-1).to(self._wire_dtype)
 
     def decode(self, wire: torch.Tensor) -> torch.Tensor:
         return wire.float().reshape(self.coeff_shape)
 
     def reconstruct(self, coeffs: torch.Tensor) -> torch.Tensor:
-        oriented = kernels.reconstruct(coeffs, self.factor, "left")
+        oriented = kernels.reconstruct(coeffs, self._factor_on(coeffs.device), "left")
         return (oriented.t() if self.transposed else oriented).reshape(self.shape)
 
     def captured_energy(self, grad: torch.Tensor) -> tuple[float, float]:
         oriented = self._oriented(grad).float()
-        return kernels.project(oriented, self.factor, "left").square().sum().item(), oriented.square().sum().item()
+        factor = self._factor_on(oriented.device)
+        return kernels.project(oriented, factor, "left").square().sum().item(), oriented.square().sum().item()
 
     def basis_matrix(self) -> torch.Tensor:
         return self.factor
