@@ -107,8 +107,8 @@ class Method:
     def overrides(self) -> frozenset[str]:
         """The config overrides this method takes: rank, refresh_every, votes_per_chunk, local_steps, outer_lr."""
         spec, taken = self.compression, set()
-        if self.compresses and spec.projects:
-            taken.add("rank")
+        if self.compresses and (spec.projects or self.local_subspace is not None):
+            taken.add("rank")  # of the local steps' subspace, where the method has one of its own
         if self.compresses and spec.basis in REFRESHED_BASES:
             taken.add("refresh_every")
         if self.compresses and spec.basis == "sparse_momentum":
@@ -116,6 +116,20 @@ class Method:
         if self.traits.rounds:
             taken.update(("local_steps", "outer_lr"))
         return frozenset(taken)
+
+    def why_no_nodes(self) -> str | None:
+        """Why a node of several processes cannot be one worker of this method (None: it can)."""
+        if not self.traits.nodes:
+            return "a node of several processes is one worker of local-step rounds only: pick a diloco-* or fedavg-* method without overlap"
+        if self.optimizer in PROJECTED_OPTIMIZERS:
+            return (f"its inner {self.optimizer} keeps moments in a per-worker subspace, which a node's processes cannot share: "
+                    "pick a method without a projected optimizer (e.g. diloco-sparse-k4-h5)")
+        return None
+
+    @property
+    def makes_nodes(self) -> bool:
+        """Whether a node of several processes can be one worker (inner 'ddp' or 'fsdp')."""
+        return self.why_no_nodes() is None
 
     def require_elastic(self) -> None:
         """Refuse a method whose engine keeps its group, before it joins a coordinator's job."""
@@ -163,8 +177,11 @@ def get_method(name: str) -> Method:
 
 
 def with_overrides(method: Method, **compression: object) -> Method:
-    """The method with some compression fields replaced (None values are ignored)."""
+    """The method with some compression fields replaced (None values are ignored); a method whose local
+    steps keep to a subspace of their own takes the rank there."""
     changes = {k: v for k, v in compression.items() if v is not None}
+    if method.local_subspace is not None and "rank" in changes:
+        method = replace(method, local_subspace=replace(method.local_subspace, rank=changes.pop("rank")))
     return replace(method, compression=replace(method.compression, **changes)) if changes else method
 
 

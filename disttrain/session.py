@@ -204,7 +204,7 @@ class Session:
         self.check_every = check_every
         self.on_step = on_step
         # auto makes nodes the workers only where they can be: fixed membership, a method that runs that way
-        chosen = "flat" if inner == "auto" and (self.members.elastic or not self.method.traits.nodes) else inner
+        chosen = "flat" if inner == "auto" and (self.members.elastic or not self.method.makes_nodes) else inner
         self.layout: Layout = layout_for(chosen, group)
         self.members.join(self.layout.replica_tensors(model) + list(model.buffers()), self.layout.replica_group)
         self.fingerprint = model_fingerprint(model, {**dataclasses.asdict(self.method), **self.layout.fingerprint_fields()}, seed)

@@ -119,6 +119,10 @@ BAD_INPUTS = {
         ["train", "--nproc", "4", "--nproc-per-node", "2", "--inner", "ddp", "--method", "power-int4-r16"],
         "pick a diloco-* or fedavg-* method without overlap, or --inner flat",
     ),
+    "nodes with a per-worker subspace": (
+        ["train", "--nproc", "4", "--nproc-per-node", "2", "--inner", "ddp", "--method", "fedavg-subspace-int8-h10"],
+        "keeps moments in a per-worker subspace, which a node's processes cannot share",
+    ),
     "LoRA on a projected method": (
         ["train", "--mode", "federated", "--method", "fedavg-subspace-int8-h10", "--lora.rank", "8"],
         "pick a method without a projected optimizer",

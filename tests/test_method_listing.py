@@ -95,3 +95,8 @@ def test_the_measured_file_is_package_data():
 def test_round_and_vote_overrides_reach_the_method_the_run_trains_with():
     method = TrainConfig(method="diloco-sparse-k4-h10", votes_per_chunk=16, local_steps=20, outer_lr=0.01).resolved_method()
     assert (method.compression.per_chunk, method.local_steps, method.outer_lr) == (16, 20, 0.01)
+
+
+def test_rank_reaches_the_subspace_of_a_method_whose_local_steps_keep_to_one():
+    method = TrainConfig(method="fedavg-subspace-votes-k1-h13", rank=8).resolved_method()
+    assert (method.local_subspace.rank, method.compression.basis) == (8, "sparse_momentum")

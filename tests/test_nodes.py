@@ -12,6 +12,7 @@ from tiny import TINY_DATA, TINY_MODEL
 import disttrain
 from disttrain.comm.layout import balanced_shares
 from disttrain.data.corpus import ByteCorpus
+from disttrain.methods import get_method
 from disttrain.models.gpt import GPT
 
 METHOD = "diloco-sparse-k4-h5"
@@ -188,7 +189,7 @@ def refused(rank: int, world: int, options: dict) -> str:
     "per_node, options, message",
     [
         (1, {"inner": "ddp"}, "needs several processes per node: launch with torchrun --nproc-per-node"),
-        (2, {"inner": "ddp", "method": "power-int4-r16"}, "local-step methods without overlap can"),
+        (2, {"inner": "ddp", "method": "power-int4-r16"}, "pick a diloco-* or fedavg-* method without overlap, or inner 'flat'"),
         (2, {"inner": "ddp", "round_quorum": 0.5}, "use inner 'flat' with them"),
         (2, {"inner": "nodes"}, "inner must be one of auto, flat, ddp, fsdp"),
         (2, {"inner": "fsdp"}, "call disttrain.shard_within_node(model, blocks) first"),
@@ -207,6 +208,12 @@ def per_step_auto(rank: int, world: int) -> dict:
 def test_auto_keeps_every_process_a_worker_for_a_method_that_cannot_make_nodes_workers():
     summary = run_workers(per_step_auto, 4, per_node=2)[0]
     assert (summary["workers"], summary["processes_per_worker"]) == (4, 1)
+
+
+def test_only_local_step_methods_without_a_per_worker_subspace_make_nodes_workers():
+    assert get_method("diloco-sparse-k4-h5").makes_nodes
+    assert "local-step rounds only" in get_method("power-int4-r16").why_no_nodes()
+    assert "per-worker subspace" in get_method("fedavg-subspace-int8-h10").why_no_nodes()
 
 
 def test_one_machine_of_several_processes_stays_a_worker_per_process():

@@ -18,11 +18,8 @@ from disttrain.methods import Method
 def build_exchange(model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions) -> Exchange:
     """The exchange of ``method`` for ``model`` trained by ``optimizer``."""
     if isinstance(options.layout, NodeLayout):
-        if not method.traits.nodes:
-            raise ValueError(
-                f"method {method.name!r} cannot make a node of several processes one worker (inner 'ddp' or 'fsdp'); local-step "
-                "methods without overlap can (e.g. diloco-sparse-k4-h5), or use inner 'flat'"
-            )
+        if not method.makes_nodes:
+            raise ValueError(f"inner 'ddp' or 'fsdp' cannot run method {method.name!r}: {method.why_no_nodes()}, or inner 'flat'")
         return node_rounds(model, optimizer, method, options, options.layout)
     if method.engine == "disttrain":
         return PerStepExchange(model, optimizer, method, options)

@@ -120,11 +120,8 @@ class TrainConfig:
                 f"--lora.rank trains low-rank adapters, and {self.method_name!r} projects its updates onto a low-rank basis "
                 "too: pick a method without a projected optimizer (e.g. fedavg-h10, diloco-sparse-k4-h10) or drop --lora.rank"
             )
-        if self.inner in NODE_MODES and not method.traits.nodes:
-            raise ValueError(
-                f"--inner {self.inner} makes a node of several processes one worker of local-step rounds, and {self.method_name!r} "
-                "cannot run that way: pick a diloco-* or fedavg-* method without overlap, or --inner flat"
-            )
+        if self.inner in NODE_MODES and not method.makes_nodes:
+            raise ValueError(f"--inner {self.inner} cannot run {self.method_name!r}: {method.why_no_nodes()}, or --inner flat")
         if self.inner in NODE_MODES and (self.round_quorum < 1 or self.round_deadline_s is not None):
             raise ValueError("round-quorum and round-deadline-s need every process to be a worker: drop them or use --inner flat")
         if (self.round_quorum < 1 or self.round_deadline_s is not None) and not method.traits.closes_early:
