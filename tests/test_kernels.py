@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from disttrain.compress import CompressionSpec, build_compressor
 from disttrain.kernels import _triton, dispatch, projection, quant, reconstruction, seeded, votes
 from disttrain.kernels.basis import SeededMatrix, dense
 from test_seeded_basis import GAUSSIAN_DIGEST, RADEMACHER_DIGEST
+from tiny import TINY_FLAGS
 
 INTERPRETED = _triton.interpreted()
 COMPILES = _triton.available() and torch.cuda.is_available()
@@ -384,6 +386,21 @@ def test_compressors_on_the_kernels_match_the_torch_path(device, spec, shape):
         grad_total += grad
     if spec.error_feedback:  # what was sent plus what is still owed is every gradient
         assert torch.allclose(sent_total + on_kernels.residual.cpu(), grad_total, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED, reason="the parent run checks this")
+def test_the_default_trains_to_the_same_bits_on_the_vote_kernels_as_on_torch():
+    """Two workers of the default method, its hot path forced onto the Triton kernels (interpreted, on
+    CPU tensors) and onto the torch references: the same parameters, bit for bit."""
+    digests = {}
+    for backend, extra in (("triton", {"TRITON_INTERPRET": "1"}), ("torch", {})):
+        env = {key: value for key, value in os.environ.items() if key not in ("RANK", "TRITON_INTERPRET")}
+        command = ["disttrain", "train", "--nproc", "2", "--steps", "5", "--eval-every", "5", *TINY_FLAGS]  # one round
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240, env={**env, dispatch.ENV_VAR: backend, **extra})
+        assert result.returncode == 0, result.stderr[-3000:]
+        digests[backend] = json.loads(result.stdout.strip().splitlines()[-1])["parameter_digest"]
+    assert digests["triton"] == digests["torch"]
 
 
 # --- dispatch, and the library without triton ------------------------------------------------
