@@ -82,6 +82,17 @@ def machine_description() -> dict[str, Any]:
     }
 
 
+def gpu_problem(script: str) -> str | None:
+    """Why ``script`` cannot measure here (no CUDA GPU, or no triton), or None when it can."""
+    if not torch.cuda.is_available():
+        return f"{script} needs a CUDA GPU, and torch.cuda.is_available() is False: nothing measured"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return f"{script} needs triton: pip install 'disttrain[gpu]'"
+    return None
+
+
 def machine_line(machine: dict[str, Any]) -> str:
     """One short phrase naming the machine, for captions."""
     return f"{machine['cores']}-core {machine['cpu']} CPU, torch {machine['torch']}"

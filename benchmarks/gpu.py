@@ -204,27 +204,30 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def measure_all(runs: list[Run], out: Path) -> dict[str, Any]:
+    """Every run's row, saved to ``out`` after each, so that a cut-short lease keeps what it measured."""
+    import triton
+
+    results = {
+        "machine": common.machine_description(), "card": torch.cuda.get_device_name(), "triton": triton.__version__,
+        "method": DEFAULT_METHOD, "command": shlex.join([Path(sys.executable).name, *sys.argv]), "rows": [],
+    }
+    for run in runs:
+        results["rows"].append(measure(run))
+        common.save_results(out, results)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     args = parse_args(argv)
-    if args.render_only:
-        results = common.read_results(args.out)
-        if results is None:
-            return 2
-    else:
-        if not torch.cuda.is_available():
-            log.error("benchmarks/gpu.py needs a CUDA GPU, and torch.cuda.is_available() is False: nothing measured")
-            return 2
-        import triton
-
-        chosen = RUNS if args.runs == "all" else [RUNS[int(i)] for i in args.runs.split(",")]
-        results = {
-            "machine": common.machine_description(), "card": torch.cuda.get_device_name(), "triton": triton.__version__,
-            "method": DEFAULT_METHOD, "command": shlex.join([Path(sys.executable).name, *sys.argv]), "rows": [],
-        }
-        for run in chosen:  # saved after every run, so that a cut-short lease keeps what it measured
-            results["rows"].append(measure(run))
-            common.save_results(args.out, results)
+    if not args.render_only and (problem := common.gpu_problem("benchmarks/gpu.py")):
+        log.error("%s", problem)
+        return 2
+    runs = list(RUNS) if args.runs == "all" else [RUNS[int(i)] for i in args.runs.split(",")]
+    results = common.run_or_reread(args.render_only, args.out, lambda: measure_all(runs, args.out))
+    if results is None:
+        return 2
     plot(results, args.plot)
     return 0 if common.publish_table(render_table(results, args.out), MARKER, args.doc, args.out.parent) else 1
 

@@ -261,14 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         if results is None:
             return 2
         return 0 if common.publish_table(render_table(results, args.out), MARKER, args.doc, args.out.parent) else 1
-    if not torch.cuda.is_available():
-        log.error("benchmarks/kernels.py needs a CUDA GPU, and torch.cuda.is_available() is False: nothing measured")
+    problem = common.gpu_problem("benchmarks/kernels.py")
+    if problem:
+        log.error("%s", problem)
         return 2
-    try:
-        import triton
-    except ImportError:
-        log.error("benchmarks/kernels.py needs triton: pip install 'disttrain[gpu]'")
-        return 2
+    import triton
+
     results = {
         "machine": common.machine_description(),
         "card": torch.cuda.get_device_name(),
