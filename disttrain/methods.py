@@ -268,7 +268,7 @@ register(Method(
 ))
 _SPARSE_ROUNDS = dict(engine="local_steps", lr=3e-3, outer_lr=0.05, outer_momentum=0.0, outer_lr_scheduled=True)
 _SPARSE_OUTER = "outer SGD lr 0.05 following the schedule, no outer momentum"
-for _votes, _rounds in ((4, 5), (4, 10), (8, 10)):
+for _votes, _rounds in ((4, 5), (4, 10), (8, 10), (2, 5)):
     register(Method(
         f"diloco-sparse-k{_votes}-h{_rounds}",
         f"DiLoCo: {_rounds} local AdamW steps, the pseudo-gradient sent as sparse momentum votes ({_votes} per 256), {_SPARSE_OUTER}",
