@@ -81,7 +81,7 @@ def _top_votes_kernel(
         merged = merged + decay * tl.load(m_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     # Padding outside the chunk can never be picked; padding inside it (past numel) is a zero, as in the reference.
     magnitude = tl.where(cols[None, :] < CHUNK, tl.abs(merged), -1.0)
-    for k in tl.static_range(PER_CHUNK):
+    for k in range(PER_CHUNK):  # a loop, not unrolled: --votes-per-chunk may be up to 256
         pick = tl.argmax(magnitude, axis=1, tie_break_left=True)
         hit = cols[None, :] == pick[:, None]
         value = tl.sum(tl.where(hit, merged, 0.0), axis=1)
@@ -123,7 +123,7 @@ def _vote_mean_kernel(
     cols = tl.arange(0, BLOCK)
     total = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     for w in range(workers):
-        for k in tl.static_range(PER_CHUNK):
+        for k in range(PER_CHUNK):  # a loop, not unrolled: --votes-per-chunk may be up to 256
             pick = rows * PER_CHUNK + k
             position = tl.load(pos_ptr + w * stride_pw + pick, mask=rows < chunks, other=0).to(tl.int32)
             code = tl.load(code_ptr + w * stride_cw + pick, mask=rows < chunks, other=1).to(tl.float32)
