@@ -8,11 +8,12 @@ positions, summed over the workers and divided by ``divisor``.
 
 The Triton kernels read g and m once and write the remainder once (one program per block of
 chunks, the k picks made by k arg-max passes in registers), and read the wire once to write the
-mean once, so both run at the memory roofline rather than in the reference's dozen passes. The
-mean is the same bits as the reference's (sums of +-1 are exact in fp32, the division is
-correctly rounded). The remainder is too: fp fusion is off, so g + decay * m rounds twice as
-torch's does. Positions can differ only where |m| ties at the k-th pick; the votes then differ
-only by where a zero lands (never where a nonzero does, for distinct values).
+mean once: the fewest bytes the operations allow, where the references make a dozen passes
+(``benchmarks/kernels.py`` measures how close to the roofline they get). The mean is the same
+bits as the reference's (sums of +-1 are exact in fp32, the division is correctly rounded). So are
+the picks and the remainder: fp fusion is off, so g + decay * m rounds twice as torch's does.
+Where magnitudes tie, the kernel picks the lower position and torch's topk may pick another; a
+worker's payload is its own, so replicas stay identical either way (the tests use distinct values).
 """
 
 from __future__ import annotations
