@@ -82,6 +82,9 @@ class Method:
     outer_momentum: float = 0.9
     outer_lr_scheduled: bool = False  # the outer lr follows the inner lr's warm-up and decay (for vote payloads)
     drain_every: int = 10  # overlapped rounds: every this many rounds the exchange is waited for and replicas agree
+    # Overlapped rounds: while the exchange is in flight, take the outer step with this worker's own update
+    # (what it sent, decoded alone) and correct it to the mean when that arrives ("eager updates").
+    eager: bool = False
     round_start: RoundStart = "fp32"  # local-step rounds: "bf16" keeps each matrix's round start in half the memory
     # Local-step rounds with "projected_adamw": the seeded subspace local steps stay in, where it is not the
     # exchange's own basis (e.g. votes on a subspace round update).
@@ -161,6 +164,11 @@ METHODS: dict[str, Method] = {}
 def register(method: Method) -> Method:
     if method.name in METHODS:
         raise ValueError(f"method {method.name!r} is already registered")
+    if method.eager and (not method.traits.overlaps or method.outer_momentum > 0 or method.compression.vote_reduction != "all_gather"):
+        raise ValueError(
+            f"method {method.name!r}: eager outer steps are for overlapped rounds with a plain outer SGD (no momentum) "
+            "and payloads every worker decodes (not owner-summed votes)"
+        )
     if method.local_subspace is not None and (method.optimizer != "projected_adamw" or not method.traits.rounds):
         raise ValueError(f"method {method.name!r}: a local_subspace is for local-step rounds with projected_adamw")
     METHODS[method.name] = method
@@ -299,6 +307,12 @@ register(Method(
     "diloco-sparse-k4-h5 with each round's exchange running behind the next round's local steps "
     "(its outer step lands one round late; every 10 rounds replicas agree)",
     replace(_VOTES, per_chunk=4), local_steps=5, **_OVERLAPPED,
+))
+register(Method(
+    "diloco-sparse-k4-h5-overlap-eager",
+    "diloco-sparse-k4-h5-overlap whose worker, while the exchange is in flight, starts its next round from the "
+    "outer step of its own votes, corrected to the mean's when it arrives (eager updates)",
+    replace(_VOTES, per_chunk=4), local_steps=5, eager=True, **_OVERLAPPED,
 ))
 register(Method("ddp-hook", "torch DDP + disttrain_hook (seeded basis r=8, int8, error feedback)", replace(_SEEDED, payload="int8"), engine="ddp_hook"))
 

@@ -10,12 +10,13 @@ from test_training import interrupted_and_resumed, train_and_digest
 from tiny import TINY_MODEL
 
 import disttrain
-from disttrain.methods import Method, get_method
+from disttrain.methods import Method, get_method, register
 from disttrain.models.gpt import GPT
 from disttrain.train.config import TrainConfig
 from disttrain.train.replica import parameter_digest
 
 OVERLAPPED = "diloco-sparse-k4-h5-overlap"
+EAGER = "diloco-sparse-k4-h5-overlap-eager"
 
 
 def digests_after_each_round(rank: int, world: int, method: Method, rounds: int) -> list[tuple[bytes, bytes, bool]]:
@@ -33,12 +34,13 @@ def digests_after_each_round(rank: int, world: int, method: Method, rounds: int)
     return seen
 
 
-def overlapped(drain_every: int) -> Method:
-    return dataclasses.replace(get_method(OVERLAPPED), local_steps=2, drain_every=drain_every)
+def overlapped(drain_every: int, name: str = OVERLAPPED) -> Method:
+    return dataclasses.replace(get_method(name), local_steps=2, drain_every=drain_every)
 
 
-def test_global_weights_agree_at_every_round_end_and_models_at_every_drain():
-    per_worker = run_workers(digests_after_each_round, 3, overlapped(drain_every=3), 6)
+@pytest.mark.parametrize("name", [OVERLAPPED, EAGER])
+def test_global_weights_agree_at_every_round_end_and_models_at_every_drain(name):
+    per_worker = run_workers(digests_after_each_round, 3, overlapped(drain_every=3, name=name), 6)
     for round_index, seen in enumerate(zip(*per_worker)):
         globals_, models, in_sync = zip(*seen)
         assert len(set(globals_)) == 1
@@ -65,6 +67,20 @@ def test_a_rounds_outer_step_lands_at_the_next_round_end():
     for start, after_one_round, after_two in run_workers(global_digest_before_any_outer_step, 2):
         assert after_one_round == start
         assert after_two != start
+
+
+@pytest.mark.parametrize("name, lands_where_it_started", [(EAGER, True), (OVERLAPPED, False)])
+def test_an_eager_worker_starts_its_next_round_where_its_own_outer_step_puts_the_global_weights(name, lands_where_it_started):
+    """Alone, a worker's own update is the mean: the eager start of round 2 is exactly where the global
+    weights land when round 1's exchange completes (an overlapped worker goes on from its own weights)."""
+    (seen,) = run_workers(digests_after_each_round, 1, overlapped(drain_every=100, name=name), 2)
+    (_, model_after_round_1, _), (global_after_round_2, _, _) = seen
+    assert (model_after_round_1 == global_after_round_2) == lands_where_it_started
+
+
+def test_eager_outer_steps_are_refused_where_they_do_not_apply():
+    with pytest.raises(ValueError, match="eager outer steps are for overlapped rounds"):
+        register(dataclasses.replace(get_method(EAGER), name="eager-with-momentum", outer_momentum=0.9))
 
 
 def test_an_overlapped_run_ends_with_bit_identical_replicas_and_a_falling_loss():

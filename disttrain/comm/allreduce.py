@@ -76,6 +76,8 @@ class CompressedAllReduce:
         self._pending: list[tuple[PendingExchange, float] | None] = [None] * len(self.buckets)
         self._next_launch = 0
         self._means: list[torch.Tensor | None] = [None] * len(self.params)
+        self.keep_own = False  # decode this worker's own payloads too (``own_updates``), for eager outer steps
+        self._own: list[torch.Tensor | None] = [None] * len(self.params)
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._hook_for(i)) for i, p in enumerate(self.params)
         ] if overlap else []
@@ -141,7 +143,11 @@ class CompressedAllReduce:
                 self._energy = (self._energy[0] + part, self._energy[1] + whole)
         if basis_bytes:
             LinkEmulator.wait_until(self._count(basis_bytes, ring_wire_bytes("broadcast", basis_bytes, self.world_size)))
-        pending = bucket.launch(bucket.encode(grads), self.group)
+        flat = bucket.encode(grads)
+        if self.keep_own:  # before the collective, which may reduce ``flat`` in place
+            for index, own in zip(bucket.param_indices, bucket.own_coefficients(flat)):
+                self._own[index] = own
+        pending = bucket.launch(flat, self.group)
         self._pending[b] = (pending, self._count(pending.payload_bytes, pending.wire_bytes))
 
     def launch_all(self) -> None:
@@ -176,6 +182,13 @@ class CompressedAllReduce:
         if index is None or self._means[index] is None:
             return None
         return self._means[index], self.compressors[index]
+
+    def own_updates(self) -> list[torch.Tensor]:
+        """What this worker sent in the launched exchange, reconstructed alone (needs ``keep_own``), by parameter."""
+        own, self._own = self._own, [None] * len(self.params)
+        if any(coeffs is None for coeffs in own):
+            raise RuntimeError("own_updates() needs keep_own set before the exchange was launched")
+        return [compressor.reconstruct(coeffs) for compressor, coeffs in zip(self.compressors, own)]
 
     def write_gradients(self) -> None:
         """Replace every parameter's gradient with the reconstructed average."""

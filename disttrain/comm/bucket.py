@@ -113,6 +113,13 @@ class Bucket:
         work = all_gather_flat(output, flat, group=group, async_op=True)
         return PendingExchange(work, output, self.payload_bytes, self.wire_bytes(world))
 
+    def own_coefficients(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """This worker's payload ``flat`` decoded alone, as if it were the only worker (shown to no compressor)."""
+        offsets = self.offsets
+        if self.summable:
+            return [c.decode(flat[lo:hi]) for c, lo, hi in zip(self.compressors, offsets, offsets[1:])]
+        return [c.mean_of_payloads(flat[lo:hi].view(1, -1), 1) for c, lo, hi in zip(self.compressors, offsets, offsets[1:])]
+
     def mean_coefficients(self, output: torch.Tensor, world_size: int, divisor: int) -> list[torch.Tensor]:
         """The workers' summed coefficients for each parameter over ``divisor``, from the collective's
         output; each compressor is shown its mean (a basis that follows the average prepares its next one)."""

@@ -9,6 +9,12 @@ The models are identical at drains: every ``drain_every`` rounds, and at the end
 waited for at once and every worker takes the global weights. Evaluations, checkpoints and replica
 checks happen there. Vote momentum and error feedback stay exact: a round's payload is encoded
 only after the previous one's state was committed.
+
+An eager method (``Method.eager``, after "eager updates" for overlapped DiLoCo) does not go on from
+its own weights: it starts the next round from the global weights moved by the outer step of its
+own update (its payload decoded alone), and when the mean arrives it swaps that for the mean's, so
+its local steps run near where the global weights will be rather than a whole round of its own
+progress away.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ class OverlappedRoundsExchange(LocalRoundsExchange):
             self.outer.complete(lr, keep_progress=True)
         launched = self.round_open
         if launched:
-            self.outer.launch()
+            self.outer.launch(inner_lr=lr)
             self.round_open = False
             self.payload_bytes_last_step = self.reducer.payload_bytes_last_step
             self.wire_bytes_last_step = self.reducer.wire_bytes_last_step

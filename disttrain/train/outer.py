@@ -75,6 +75,8 @@ class OuterStep:
         )
         self.rounds = 0
         self.overlap = overlap
+        self.eager = method.eager
+        self.reducer.keep_own = method.eager
         # Where this worker's current round started: the global weights, unless an exchange overlaps.
         self.round_start = [t.clone() for t in self.global_params] if overlap else self.global_params
         self.pending = False  # an exchange was launched and is not completed yet
@@ -92,8 +94,10 @@ class OuterStep:
         self.launch(contributors)
         self.complete(inner_lr)
 
-    def launch(self, contributors: int | None = None) -> None:
-        """Encode this worker's pseudo-gradient (round start minus current weights) and start its exchange."""
+    def launch(self, contributors: int | None = None, inner_lr: float | None = None) -> None:
+        """Encode this worker's pseudo-gradient (round start minus current weights) and start its exchange.
+        Under overlap the next round starts from this worker's weights, or, eager, from the outer step of
+        its own update at the outer lr that ``inner_lr`` gives."""
         with torch.no_grad():
             for p, start in zip(self.params, self.round_start):
                 p.grad = start - p
@@ -105,8 +109,18 @@ class OuterStep:
         if self.overlap:
             self._in_flight = InBackground(lambda: self.reducer.finish(contributors), "disttrain-outer-exchange")
             with torch.no_grad():
-                for p, start in zip(self.params, self.round_start):
-                    start.copy_(p)
+                if self.eager:
+                    lr = self._scheduled_lr(self.peak_lr if inner_lr is None else inner_lr)
+                    for p, start, current, own in zip(self.params, self.global_params, self.round_start, self.reducer.own_updates()):
+                        current.copy_(start).sub_(own.to(current.dtype), alpha=lr)
+                        p.copy_(current)
+                else:
+                    for p, current in zip(self.params, self.round_start):
+                        current.copy_(p)
+
+    def _scheduled_lr(self, inner_lr: float) -> float:
+        """The outer lr, following the inner one's schedule when the method says so."""
+        return self.outer_lr * inner_lr / self.peak_lr if self.lr_scheduled else self.outer_lr
 
     def complete(self, inner_lr: float, keep_progress: bool = False) -> None:
         """Wait for the launched exchange and take the outer step on the global weights; this worker's
@@ -119,8 +133,7 @@ class OuterStep:
             self.reducer.finish(self._contributors)
         self.pending = False
         self.reducer.write_gradients()
-        if self.lr_scheduled:
-            self.outer.param_groups[0]["lr"] = self.outer_lr * inner_lr / self.peak_lr
+        self.outer.param_groups[0]["lr"] = self._scheduled_lr(inner_lr)
         for index, (p, start) in enumerate(zip(self.params, self.global_params)):
             if start.dtype == torch.bfloat16 and p.dtype != torch.bfloat16:
                 self._step_halved(index, start, p.grad)
