@@ -11,7 +11,9 @@ local-step engine and ``disttrain.Session`` in a user's loop share it.
 With ``overlap`` the exchange runs on a thread while the worker's next round computes (launch(),
 later complete()). The pseudo-gradient is then taken from where this worker's own round started
 (``round_start``), and complete() moves the worker's weights by as much as the global ones moved,
-so that the local progress made meanwhile is kept and sent with the next exchange.
+so that the local progress made meanwhile is kept and sent with the next exchange. An eager
+method instead starts the next round from the outer step of this worker's own update, and
+complete() swaps that step for the mean's (see ``exchange/overlapped_rounds.py``).
 
 A method with ``round_start="bf16"`` keeps the round's start of every matrix in bf16, half the
 memory: the outer step is taken in fp32 and rounded stochastically with a key every replica
@@ -107,12 +109,13 @@ class OuterStep:
             p.grad = None
         self.pending, self._contributors = True, contributors
         if self.overlap:
+            own = self.reducer.own_updates() if self.eager else None  # on this thread, before the exchange's own starts
             self._in_flight = InBackground(lambda: self.reducer.finish(contributors), "disttrain-outer-exchange")
             with torch.no_grad():
-                if self.eager:
+                if own is not None:
                     lr = self._scheduled_lr(self.peak_lr if inner_lr is None else inner_lr)
-                    for p, start, current, own in zip(self.params, self.global_params, self.round_start, self.reducer.own_updates()):
-                        current.copy_(start).sub_(own.to(current.dtype), alpha=lr)
+                    for p, start, current, update in zip(self.params, self.global_params, self.round_start, own):
+                        current.copy_(start).sub_(update.to(current.dtype), alpha=lr)
                         p.copy_(current)
                 else:
                     for p, current in zip(self.params, self.round_start):
