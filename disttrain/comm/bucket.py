@@ -113,24 +113,24 @@ class Bucket:
         work = all_gather_flat(output, flat, group=group, async_op=True)
         return PendingExchange(work, output, self.payload_bytes, self.wire_bytes(world))
 
-    def own_coefficients(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """This worker's payload ``flat`` decoded alone, as if it were the only worker (shown to no compressor)."""
+    def _decoded_means(self, output: torch.Tensor, world_size: int, divisor: int) -> list[torch.Tensor]:
+        """Each parameter's coefficients summed over the ``world_size`` payloads in ``output``, over ``divisor``."""
         offsets = self.offsets
         if self.summable:
-            return [c.decode(flat[lo:hi]) for c, lo, hi in zip(self.compressors, offsets, offsets[1:])]
-        return [c.mean_of_payloads(flat[lo:hi].view(1, -1), 1) for c, lo, hi in zip(self.compressors, offsets, offsets[1:])]
+            return [c.decode(output[lo:hi]) / divisor for c, lo, hi in zip(self.compressors, offsets, offsets[1:])]
+        rows = output.view(world_size, -1)
+        return [c.mean_of_payloads(rows[:, lo:hi], divisor) for c, lo, hi in zip(self.compressors, offsets, offsets[1:])]
+
+    def own_coefficients(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """This worker's payload ``flat`` decoded alone, as if it were the only worker (shown to no compressor)."""
+        return self._decoded_means(flat, 1, 1)
 
     def mean_coefficients(self, output: torch.Tensor, world_size: int, divisor: int) -> list[torch.Tensor]:
         """The workers' summed coefficients for each parameter over ``divisor``, from the collective's
         output; each compressor is shown its mean (a basis that follows the average prepares its next one)."""
-        offsets = self.offsets
-        means = []
-        for c, lo, hi in zip(self.compressors, offsets, offsets[1:]):
-            if self.summable:
-                means.append(c.decode(output[lo:hi]) / divisor)
-            else:
-                means.append(c.mean_of_payloads(output.view(world_size, -1)[:, lo:hi], divisor))
-            c.accept_mean(means[-1])
+        means = self._decoded_means(output, world_size, divisor)
+        for compressor, mean in zip(self.compressors, means):
+            compressor.accept_mean(mean)
         return means
 
 
