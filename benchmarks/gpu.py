@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from disttrain.launcher.local import free_port
-from disttrain.methods import DEFAULT_METHOD
+from disttrain.methods import DEFAULT_METHOD, get_method
 from disttrain.models.gpt import GPTConfig
 from disttrain.train.config import DataConfig, TrainConfig
 from disttrain.train.trainer import Trainer
@@ -52,6 +52,7 @@ MODELS = {
     "gpt-124m": (GPTConfig(vocab_size=50304, block_size=256, n_layer=12, n_head=12, n_embd=768), DataConfig(block_size=256)),
 }
 Kernels = Literal["triton", "torch"]
+ROUND_STEPS = get_method(DEFAULT_METHOD).local_steps
 
 
 @dataclass(frozen=True)
@@ -127,14 +128,13 @@ def _worker(rank: int, run: Run, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def summarise(run: Run, records: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
+def summarise(run: Run, records: list[dict[str, Any]], per_round: int) -> dict[str, Any]:
     """Rank 0's step times as medians per kind of step, and every worker's peak memory."""
     times, exchanged = records[0]["step_s"], records[0]["exchanged"]
     first_round_end = exchanged.index(True)
     steady = list(zip(times, exchanged))[first_round_end + 1 :]
     local = [t for t, ends in steady if not ends]
     round_end = [t for t, ends in steady if ends]
-    per_round = len(times) // rounds
     round_s = statistics.median(sum(times[i : i + per_round]) for i in range(per_round, len(times) - per_round + 1, per_round))
     exchange_s = statistics.median(round_end) - statistics.median(local)
     summary = records[0]["summary"]
@@ -155,8 +155,7 @@ def measure(run: Run) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(_worker, args=(run, free_port(), folder), nprocs=run.workers, join=True)
         records = [json.loads(Path(folder, f"{rank}.json").read_text()) for rank in range(run.workers)]
-    local_steps = 5  # the default's round length
-    row = summarise(run, records, run.steps // local_steps)
+    row = summarise(run, records, ROUND_STEPS)
     log.info("%s: local step %.1f ms, round %.1f ms, exchange %.1f ms (%.0f%%), peak %s per worker", run.label,
              row["local_step_ms"], row["round_ms"], row["exchange_ms"], 100 * row["exchange_share"],
              common.human_bytes(row["peak_allocated_bytes"]))
@@ -164,7 +163,7 @@ def measure(run: Run) -> dict[str, Any]:
 
 
 def render_table(results: dict[str, Any], results_file: Path) -> str:
-    headers = ["run", "parameters", "local step", "round (5 steps)", "exchange per round (share)", "peak GPU memory per worker",
+    headers = ["run", "parameters", "local step", f"round ({ROUND_STEPS} steps)", "exchange per round (share)", "peak GPU memory per worker",
                "payload per round", "replicas identical", "val loss"]
     rows = [[
         row["label"], f"{row['parameters'] / 1e6:.1f} M", f"{row['local_step_ms']:.1f} ms", f"{row['round_ms']:.1f} ms",
@@ -194,7 +193,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     local = [row["round_ms"] - row["exchange_ms"] for row in rows]
     ax.barh(labels, local, label="local steps")
     ax.barh(labels, [row["exchange_ms"] for row in rows], left=local, label="exchange at the round's end")
-    ax.set_xlabel("milliseconds per round of 5 steps")
+    ax.set_xlabel(f"milliseconds per round of {ROUND_STEPS} steps")
     ax.set_title(f"{results['method']} on one {results['card']}, bf16")
     ax.invert_yaxis()
     ax.legend(fontsize=8)
