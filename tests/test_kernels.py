@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import os
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from disttrain import kernels
 from disttrain.compress import CompressionSpec, build_compressor
 from disttrain.kernels import _triton, dispatch, projection, quant, reconstruction, seeded, votes
 from disttrain.kernels.basis import SeededMatrix, dense
+from test_cli import last_json_line
 from test_seeded_basis import GAUSSIAN_DIGEST, RADEMACHER_DIGEST
 from tiny import TINY_FLAGS
 
@@ -399,7 +399,7 @@ def test_the_default_trains_to_the_same_bits_on_the_vote_kernels_as_on_torch():
         command = ["disttrain", "train", "--nproc", "2", "--steps", "5", "--eval-every", "5", *TINY_FLAGS]  # one round
         result = subprocess.run(command, capture_output=True, text=True, timeout=240, env={**env, dispatch.ENV_VAR: backend, **extra})
         assert result.returncode == 0, result.stderr[-3000:]
-        digests[backend] = json.loads(result.stdout.strip().splitlines()[-1])["parameter_digest"]
+        digests[backend] = last_json_line(result.stdout)["parameter_digest"]
     assert digests["triton"] == digests["torch"]
 
 
