@@ -42,7 +42,7 @@ ENGINES: dict[Engine, EngineTraits] = {
     "local_steps": EngineTraits(
         compresses=True, rounds=True, elastic=True, user_optimizer=True, federated=True, closes_early=True, nodes=True
     ),
-    "overlapped_rounds": EngineTraits(compresses=True, rounds=True, user_optimizer=True, overlaps=True),
+    "overlapped_rounds": EngineTraits(compresses=True, rounds=True, elastic=True, user_optimizer=True, overlaps=True),
     "zeroth_order": EngineTraits(federated=True),
     "ddp": EngineTraits(user_optimizer=True, torch_ddp=True),
     "ddp_powersgd": EngineTraits(user_optimizer=True, torch_ddp=True),
@@ -139,7 +139,7 @@ class Method:
         if not self.traits.elastic:
             raise ValueError(
                 f"method {self.name!r} cannot change membership ({self.engine} keeps its group): pick a disttrain "
-                "per-step or local-step method without overlap for elastic training (see `disttrain methods`)"
+                "per-step or local-step method for elastic training (see `disttrain methods`)"
             )
 
     def why_not(self, override: str) -> str:

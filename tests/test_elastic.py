@@ -231,3 +231,25 @@ def test_local_step_rounds_survive_a_kill_and_admit_a_joiner_at_a_round_start(tm
         assert [job.log(i).count(b"regrouping") for i in (0, 1, 3)] == [1, 1, 0]
     finally:
         job.close()
+
+
+@pytest.mark.parametrize("method", [
+    "diloco-sparse-k4-h5-overlap-eager", pytest.param("diloco-sparse-k4-h5-overlap", marks=pytest.mark.slow),
+])
+def test_overlapped_rounds_survive_a_kill_and_admit_a_joiner_at_a_drain(tmp_path, method):
+    """The survivors drop the exchange in flight and go on from the global weights; the joiner comes in
+    where every member holds them (a drain: every 10 rounds)."""
+    job = ElasticJob(tmp_path, [*TINY_FLAGS, "--method", method, "--local_steps", "2"], steps=160, link_mbit=0.03)
+    try:
+        start(job)
+        job.wait_for_step(0, 30)
+        job.signal(2, signal.SIGKILL)
+        job.start_worker()
+        assert job.wait_for_exit([0, 1, 3]) == [0, 0, 0]
+        summaries = job.assert_finished_identically([0, 1, 3])
+        assert summaries[0]["workers"] == 3
+        assert [job.log(i).count(b"regrouping") for i in (0, 1, 3)] == [1, 1, 0]
+        joined_at = int(re.search(rb"state of step (\d+) received", job.log(3)).group(1))
+        assert 30 < joined_at < 160  # mid-run, at a drain (drains count rounds; the dropped one shifted them)
+    finally:
+        job.close()

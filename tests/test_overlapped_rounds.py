@@ -100,11 +100,32 @@ def test_checkpoints_are_taken_at_drains_and_a_resumed_run_ends_bit_identical(tm
         assert straight == resumed
 
 
-def test_an_overlapped_method_under_a_coordinator_is_refused_before_joining(monkeypatch):
-    monkeypatch.setenv("DISTTRAIN_SECRET", "s" * 32)
-    model = torch.nn.Linear(4, 2)
-    with pytest.raises(ValueError, match="cannot change membership.*without overlap"):
-        disttrain.Session(model, torch.optim.AdamW(model.parameters()), OVERLAPPED, coordinator="tcp://127.0.0.1:1")
+def drop_the_exchange_in_flight(rank: int, world: int) -> tuple[bytes, bytes, bytes, bool, bytes]:
+    """Two rounds (the second's exchange in flight), then what a failed generation does to this worker,
+    then one more round and the end: (global before, model after, global after, in_sync, final model)."""
+    torch.manual_seed(0)
+    model = GPT(TINY_MODEL)
+    session = disttrain.Session(model, torch.optim.AdamW(model.parameters(), lr=3e-3), overlapped(drain_every=100))
+    generator = torch.Generator().manual_seed(rank)
+    tokens = torch.randint(0, TINY_MODEL.vocab_size, (2, TINY_MODEL.block_size + 1), generator=generator)
+    for _ in range(4):
+        session.step(lambda: model(tokens[:, :-1], tokens[:, 1:])[1])
+    before = session.replica_digest()
+    session.exchange.generation_failed()
+    seen = (before, parameter_digest(model), session.replica_digest(), session.in_sync)
+    for _ in range(2):
+        session.step(lambda: model(tokens[:, :-1], tokens[:, 1:])[1])
+    session.finish()
+    return (*seen, parameter_digest(model))
+
+
+def test_a_failed_generation_drops_the_exchange_in_flight_and_every_worker_restarts_from_the_global_weights():
+    results = run_workers(drop_the_exchange_in_flight, 2)
+    for before, model_after, global_after, in_sync, _ in results:
+        assert global_after == before  # the dropped round's outer step never lands
+        assert model_after == global_after and in_sync  # nor does this worker's local progress behind it stay
+    assert len({r[1] for r in results}) == 1
+    assert len({r[4] for r in results}) == 1  # the rounds after it end identical too
 
 
 def test_a_round_quorum_with_an_overlapped_method_is_refused_with_the_fix():

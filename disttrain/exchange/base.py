@@ -85,6 +85,9 @@ class Exchange(Protocol):
     def load_shared_state_dict(self, state: dict[str, Any]) -> None:
         """Take a donor's shared_state_dict()."""
 
+    def generation_failed(self) -> None:
+        """The elastic generation broke (a member died): drop what depended on it, before the regroup."""
+
 
 class EveryStepAgrees:
     """What exchanges whose replicas agree after every step share: no rounds, the model is the only copy."""
@@ -111,6 +114,9 @@ class EveryStepAgrees:
 
     def load_shared_state_dict(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state)
+
+    def generation_failed(self) -> None:
+        pass  # a failed step left nothing behind: the redo starts from its gradients
 
 
 def peak_lr_of(optimizer: torch.optim.Optimizer) -> float:

@@ -132,6 +132,9 @@ class LocalRoundsExchange:
     def membership_may_change(self, steps: int, sync_every: int) -> bool:
         return self.in_sync  # at round starts, where every member holds the global weights
 
+    def generation_failed(self) -> None:
+        pass  # the redone step exchanges again what it kept (``exchange_pending``)
+
     def take_rank0_replica(self) -> None:
         # The outer SGD's state is shared; the inner optimizer's is this worker's own.
         broadcast_from_rank0(self.model, self.outer.outer, self.reducer.group)

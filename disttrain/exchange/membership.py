@@ -229,6 +229,7 @@ class ElasticGroup:
         """Tell the coordinator, then enter the next generation and agree there."""
         log.warning("step %d failed (%s); regrouping", replica.steps, error)
         self.membership.report_failure(replica.steps)
+        replica.exchange.generation_failed()  # after the report, which breaks the generation for every wait
         self._regroup(replica)
 
     def _regroup(self, replica: Replica) -> None:

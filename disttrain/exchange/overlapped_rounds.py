@@ -10,6 +10,13 @@ waited for at once and every worker takes the global weights. Evaluations, check
 checks happen there. Vote momentum and error feedback stay exact: a round's payload is encoded
 only after the previous one's state was committed.
 
+Under a coordinator, members join at drains, where every member holds the global weights (and so
+does a joiner, from its donor's state). When a member fails, the survivors drop the exchange in
+flight and the local steps computed behind it, go back to the global weights, and redo the failed
+step from there in the next generation: at most two rounds of local work are lost, the global
+weights stay identical, and the dropped round's payload never reached vote momentum or error
+feedback (its encoding is rolled back). Checkpoints are taken at drains.
+
 An eager method (``Method.eager``, after "eager updates" for overlapped DiLoCo) does not go on from
 its own weights: it starts the next round from the global weights moved by the outer step of its
 own update (its payload decoded alone), and when the mean arrives it swaps that for the mean's, so
@@ -18,6 +25,8 @@ progress away.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -31,11 +40,6 @@ class OverlappedRoundsExchange(LocalRoundsExchange):
     """DiLoCo rounds with the exchange of round r hidden behind the local steps of round r + 1."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions):
-        if options.elastic:
-            raise ValueError(
-                f"method {method.name!r} overlaps its exchange with the next round, which needs fixed membership: "
-                "under a coordinator use a local-step method without overlap (e.g. diloco-sparse-k4-h5)"
-            )
         if options.round_quorum < 1 or options.round_deadline_s is not None:
             raise ValueError(f"method {method.name!r} waits for its exchange one round late; a round quorum or deadline does not apply to it")
         if isinstance(optimizer, ProjectedAdamW):
@@ -58,6 +62,17 @@ class OverlappedRoundsExchange(LocalRoundsExchange):
 
     def finish(self) -> bool:
         return False if self.in_sync else self._end_round(drain=True)
+
+    def generation_failed(self) -> None:
+        """Back to the global weights, which every member holds alike: the exchange in flight and the
+        local work since are dropped, and the redone step starts a round from there."""
+        self.outer.abandon()
+        self.round_open = False
+        self.in_sync = True
+
+    def load_shared_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_shared_state_dict(state)
+        self.round_open = False  # a donor's state is a drain's, or the global weights after a failure
 
     def _end_round(self, drain: bool) -> bool:
         """Complete the exchange in flight, launch this round's, and wait for it too at a drain; True if it launched."""

@@ -174,6 +174,23 @@ class OuterStep:
                 start.copy_(p)
                 current.copy_(p)
 
+    def abandon(self) -> None:
+        """Drop the exchange in flight (its waits give up once the generation is broken) and this
+        worker's work since the global weights, which become its weights and its round's start."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            try:
+                in_flight.wait()
+            except RuntimeError:
+                pass  # the broken generation's collective; its step is dropped either way
+        self.reducer.rollback()
+        self.pending = False
+        with torch.no_grad():
+            for p, start, current in zip(self.params, self.global_params, self.round_start):
+                p.copy_(start)
+                current.copy_(start)
+                p.grad = None  # a launch may have left the pseudo-gradient there
+
     def back_to_round_start(self) -> None:
         """Drop this worker's local work of the round: its weights become the round's start again."""
         with torch.no_grad():
