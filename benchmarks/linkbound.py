@@ -13,6 +13,7 @@ A second table trains the small model at 4, 8 and 16 workers on one link: wire b
 and time to target as workers are added. Needs root and iproute2, like the cluster benchmark.
 
     python benchmarks/linkbound.py --steps 120     # both tables, as in docs/benchmarks.md (about 65 minutes on 2 cores)
+    python benchmarks/linkbound.py --add diloco-sparse-k4-h5-overlap-eager   # more rows on the saved links
     python benchmarks/linkbound.py --render-only   # the tables and plots from the JSON
 """
 
@@ -61,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR / "linkbound.json")
     parser.add_argument("--doc", type=Path, default=common.DOC, help="the document the tables go into, between their markers")
     parser.add_argument("--render-only", action="store_true", help="only redraw plots and tables from --out")
+    parser.add_argument(
+        "--add", default="", metavar="METHODS",
+        help="comma-separated methods to train on the links saved in --out, next to its rows: this run measures its own "
+             "limit and their uncapped step times, and their rows compare with those",
+    )
     return parser.parse_args(argv)
 
 
@@ -111,6 +117,26 @@ def workers_table_runs(args: argparse.Namespace, run: Runner) -> dict[str, Any]:
     return {"settings": dataclasses.asdict(small), "rate_mbit": rate, "target_val_loss": target}
 
 
+def added_runs(args: argparse.Namespace, earlier: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """``methods`` on the earlier run's capped links, with a limit and uncapped runs of their own
+    (batch n: the n-th addition); they replace the earlier rows of those methods."""
+    settings = Settings(**earlier["links"]["settings"])
+    batch = 1 + max((r.get("batch", 0) for r in earlier["runs"]), default=0)
+    rates = {float(ratio): rate for ratio, rate in earlier["links"]["rates_mbit"].items()}
+    logs_dir = args.out.parent / "logs" / "linkbound"
+    with logging_redirect_tqdm():
+        run = Runner(logs_dir, args.timeout_s, 1 + len(methods) * (1 + len(rates)))
+        run(Run(LIMIT, None), settings, role="limit", batch=batch)
+        for name in methods:
+            run(Run(name, None, stop_at=PROBE_STEPS), settings, role="uncapped", batch=batch)
+            for ratio, rate in rates.items():
+                run(Run(name, rate), settings, role="capped", ratio=ratio, batch=batch)
+        run.bar.close()
+    kept = [r for r in earlier["runs"] if r["small"] or r["method"] not in methods or r["role"] == "limit"]
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    return {**earlier, "runs": kept + run.records, "additions": [*earlier.get("additions", []), {"batch": batch, "command": command}]}
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     logs_dir = args.out.parent / "logs" / "linkbound"
     logs_dir.mkdir(parents=True, exist_ok=True)
@@ -136,27 +162,30 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     """Target, time to target, x the limit and comm share of every capped run; DDP's rows computed."""
     runs = [r for r in results["runs"] if not r["small"]]
     links = results["links"]
-    limit = next(r for r in runs if r["role"] == "limit")
-    target = next(p["val_loss"] for p in limit["history"] if p["step"] == links["settings"]["target_step"])
-    limit_time = interpolate_crossing(limit["history"], target, "wall_s")
-    uncapped = {r["method"]: r for r in runs if r["role"] in ("uncapped", "limit")}
+    limits = {r.get("batch", 0): r for r in runs if r["role"] == "limit"}
+    target = next(p["val_loss"] for p in limits[0]["history"] if p["step"] == links["settings"]["target_step"])
+    limit_times = {batch: interpolate_crossing(r["history"], target, "wall_s") for batch, r in limits.items()}
+    limit_time = limit_times[0]
+    uncapped = {(r.get("batch", 0), r["method"]): r for r in runs if r["role"] in ("uncapped", "limit")}
     rows = []
     for record in (r for r in runs if r["role"] == "capped"):
+        batch = record.get("batch", 0)
         time = interpolate_crossing(record["history"], target, "wall_s")
         rows.append({
             "method": record["method"], "ratio": record["ratio"], "rate_mbit": record["rate_mbit"], "workers": record["workers"],
-            "computed": False, "time_to_target_s": time, "x_limit": None if time is None else time / limit_time,
+            "batch": batch, "computed": False, "time_to_target_s": time,
+            "x_limit": None if time is None else time / limit_times[batch],
             "final_val_loss": record["final_val_loss"], "steps_run": record["steps_run"],
             "counted_wire_bytes_per_step": record["counted_wire_bytes_per_step"], "tx_bytes_per_step": record["wire_bytes_per_step"],
-            "comm_share": max(0.0, 1 - uncapped[record["method"]]["step_s"] / record["step_s"]),
+            "comm_share": max(0.0, 1 - uncapped[batch, record["method"]]["step_s"] / record["step_s"]),
             "step_s": record["step_s"],
         })
     for ratio, rate in links["rates_mbit"].items():
-        rows += [computed_row(uncapped[name], target, limit_time, float(ratio), rate) for name in COMPUTED]
+        rows += [computed_row(uncapped[0, name], target, limit_time, float(ratio), rate) for name in COMPUTED]
     for row in rows:
         if row["method"] == DEFAULT_METHOD:
-            row["measured_ratio"] = row["step_s"] / uncapped[DEFAULT_METHOD]["step_s"] - 1
-    results.update(target_val_loss=target, limit_time_to_target_s=limit_time, link_rows=rows)
+            row["measured_ratio"] = row["step_s"] / uncapped[row["batch"], DEFAULT_METHOD]["step_s"] - 1
+    results.update(target_val_loss=target, limit_time_to_target_s=limit_time, limit_times_s=limit_times, link_rows=rows)
     if "workers" in results:
         results["worker_rows"] = worker_rows(results)
     return results
@@ -169,7 +198,7 @@ def computed_row(uncapped: dict[str, Any], target: float, limit_time: float, rat
     steps = steps_to(uncapped["history"], target)
     time = None if steps is None else steps * step
     return {
-        "method": uncapped["method"], "ratio": ratio, "rate_mbit": rate, "workers": uncapped["workers"], "computed": True,
+        "method": uncapped["method"], "ratio": ratio, "rate_mbit": rate, "workers": uncapped["workers"], "batch": 0, "computed": True,
         "time_to_target_s": time, "x_limit": None if time is None else time / limit_time,
         "final_val_loss": uncapped["final_val_loss"], "steps_run": 0, "counted_wire_bytes_per_step": uncapped["counted_wire_bytes_per_step"],
         "tx_bytes_per_step": None, "comm_share": 1 - uncapped["step_s"] / step, "step_s": step,
@@ -200,7 +229,7 @@ def render_link_table(results: dict[str, Any], out: Path) -> str:
     rows = []
     for row in sorted(results["link_rows"], key=lambda r: (r["ratio"], r["method"] != LIMIT, r["method"])):
         ratio = f"{row['ratio']:g}x" + (f" (measured {row['measured_ratio']:.2f}x)" if "measured_ratio" in row else "")
-        time = _number(row["time_to_target_s"], ".0f", "not reached") + ("*" if row["computed"] else "")
+        time = _number(row["time_to_target_s"], ".0f", "not reached") + ("*" if row["computed"] else "") + "†" * row["batch"]
         rows.append([
             ratio, f"{row['rate_mbit']:.3g} Mbit/s", row["method"], time, _number(row["x_limit"], ".2f"),
             _number(row["final_val_loss"], ".3f"), common.human_bytes(row["counted_wire_bytes_per_step"]),
@@ -218,7 +247,16 @@ def render_link_table(results: dict[str, Any], out: Path) -> str:
         "capped step time. \\* Computed, not run on the capped link: DDP's and PowerSGD's curves do not depend on the link, so "
         "their time is their uncapped steps to target x (their uncapped step time + their counted ring wire bytes per step at "
         "the rate; PowerSGD's include powerSGD_hook's two dense warm-up steps); their loss is the uncapped run's. "
-        f"{common.generated_by(results['command'], out)}"
+        f"{added_note(results)}{common.generated_by(results['command'], out)}"
+    )
+
+
+def added_note(results: dict[str, Any]) -> str:
+    """Which rows were added later on the same links, and the limit each is compared with."""
+    return "".join(
+        f"{'†' * a['batch']} Added later on the same links by `{a['command']}`, against that run's own uncapped DDP limit "
+        f"(target reached in {results['limit_times_s'][a['batch']]:.0f} s). "
+        for a in results.get("additions", [])
     )
 
 
@@ -277,7 +315,18 @@ def main(argv: list[str] | None = None) -> int:
         get_method(name)
     if not args.render_only and not ready_for("link-bound benchmark"):
         return 0
-    results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args))
+    added = [name.strip() for name in args.add.split(",") if name.strip()]
+    for name in added:
+        get_method(name)
+    if added:
+        earlier = common.read_results(args.out)
+        if earlier is None or not common.same_machine(earlier["machine"], common.machine_description()):
+            log.error("--add trains on the links saved in %s, measured on this machine: run the whole benchmark first", args.out)
+            return 2
+        results = added_runs(args, earlier, added)
+        common.save_results(args.out, results)
+    else:
+        results = common.run_or_reread(args.render_only, args.out, lambda: run_all(args))
     if results is None:
         return 2
     return 0 if render(derive(results), args.doc, args.out) else 1

@@ -56,3 +56,30 @@ def test_the_table_has_a_row_for_every_method_at_every_rate(tmp_path):
     table = linkbound.render_link_table(linkbound.derive(results()), tmp_path / "linkbound.json")
     for name in (*linkbound.TRAINED, *linkbound.COMPUTED):
         assert table.count(f"| {name} |") == len(RATES)
+
+
+def with_an_added_method(limit_wall_per_step: float) -> dict:
+    """results() plus a later run on the same links: its own limit (slower machine that day) and one method."""
+    earlier = results()
+    added = [run_record("ddp", "limit", batch=1, history=[{**p, "wall_s": p["step"] * limit_wall_per_step} for p in history((0, 5.0), (60, 2.6), (120, 2.3))])]
+    added += [run_record("eager", "uncapped", batch=1, step_s=0.8)]
+    added += [run_record("eager", "capped", batch=1, ratio=float(ratio), rate_mbit=rate, step_s=1.0,
+                         history=[{**p, "wall_s": p["step"] * 1.0} for p in history((0, 5.0), (60, 2.6), (120, 2.3))])
+              for ratio, rate in RATES.items()]
+    return {**earlier, "runs": earlier["runs"] + added, "additions": [{"batch": 1, "command": "python benchmarks/linkbound.py --add eager"}]}
+
+
+def test_a_method_added_later_is_compared_with_the_limit_measured_in_its_own_run():
+    derived = linkbound.derive(with_an_added_method(limit_wall_per_step=0.8))
+    row = next(r for r in derived["link_rows"] if r["method"] == "eager" and r["ratio"] == 1.0)
+    assert row["x_limit"] == pytest.approx(60.0 / 48.0)  # its own limit, not the first run's 30 s
+    assert row["comm_share"] == pytest.approx(1 - 0.8 / 1.0)
+    default = next(r for r in derived["link_rows"] if r["method"] == linkbound.DEFAULT_METHOD and r["ratio"] == 1.0)
+    assert default["x_limit"] == pytest.approx(60.0 / 30.0)
+
+
+def test_rows_added_later_are_marked_and_their_command_and_limit_are_named(tmp_path):
+    table = linkbound.render_link_table(linkbound.derive(with_an_added_method(0.8)), tmp_path / "linkbound.json")
+    assert table.count("| eager | 60† |") == len(RATES)
+    assert "† Added later on the same links by `python benchmarks/linkbound.py --add eager`" in table
+    assert "(target reached in 48 s)" in table
