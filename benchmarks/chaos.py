@@ -325,7 +325,7 @@ def flood_frames(count: int, job: ElasticJob, incarnation: str, rng: random.Rand
         elif roll < 0.46:
             frames.append(("oversized", rng.randbytes(protocol.MAX_FRAME_BYTES + 1)))
         elif roll < 0.70:
-            message = Message("join", "disttrain", f"flood-{index}", 0, {"host": "x", "pid": 1, "config": "c", "claim_gen": 0, "claim_roster": [], "refresh_epoch": 0})
+            message = Message("join", "disttrain", f"flood-{index}", 0, protocol.join_body("c"))
             frames.append(("wrong-secret", protocol.encode(message, b"not-the-secret-of-this-job-0123")))
         elif roll < 0.85:
             message = Message("heartbeat", "disttrain", f"flood-{index}", 0, {"step": 0}, ts=time.time() - 3600, incarnation=incarnation)

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.allreduce import DEFAULT_BUCKET_CAP_BYTES
-from disttrain.comm.layout import INNER_MODES, NODE_MODES, Inner, Layout, layout_for, tensors_bytes
+from disttrain.comm.layout import INNER_MODES, Inner, Layout, check_elastic_inner, layout_for, tensors_bytes
 from disttrain.comm.waiting import wait_work
 from disttrain.compress.factory import CompressionSpec
 from disttrain.exchange import Exchange, ExchangeOptions, build_exchange
@@ -193,20 +193,20 @@ class Session:
             raise ValueError(f"round_quorum is a share of the workers in (0, 1], got {round_quorum}")
         job_fingerprint = model_fingerprint(model, dataclasses.asdict(self.method), seed)  # what an elastic job's members share
         self.members: Membership = membership or membership_for(
-            group, coordinator, job, secret_file, job_fingerprint, coordinator_key
+            group, coordinator, job, secret_file, job_fingerprint, coordinator_key, inner
         )
         if self.members.elastic:
             self.method.require_elastic()
-            if inner in NODE_MODES:
-                raise ValueError(f"inner {inner!r} (a node as one worker) keeps its nodes fixed: under a coordinator use inner 'flat'")
+            check_elastic_inner(inner)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.group = group
         self.check_every = check_every
         self.on_step = on_step
+        self.members.enter()
         # auto makes nodes the workers only where they can be: fixed membership, a method that runs that way
         chosen = "flat" if inner == "auto" and (self.members.elastic or not self.method.makes_nodes) else inner
-        self.layout: Layout = layout_for(chosen, group)
-        self.members.join(self.layout.replica_tensors(model) + list(model.buffers()), self.layout.replica_group)
+        self.layout: Layout = layout_for(chosen, group, elastic=self.members.elastic)
+        self.members.start(self.layout.replica_tensors(model) + list(model.buffers()), self.layout.replica_group)
         self.fingerprint = model_fingerprint(model, {**dataclasses.asdict(self.method), **self.layout.fingerprint_fields()}, seed)
         options = ExchangeOptions(
             seed=seed, group=group, link_mbit=link_mbit, bucket_cap_bytes=bucket_cap_bytes, overlap=overlap,

@@ -80,9 +80,20 @@ class ElasticJob:
             env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )
 
-    def start_worker(self, secret: str | None = None, extra: list[str] | None = None) -> subprocess.Popen:
+    def start_node(self, processes: int) -> list[int]:
+        """A node of ``processes`` workers, started as torchrun would start one node on its own; their indices."""
+        run_id = secrets.token_hex(4)
+        indices = []
+        for local_rank in range(processes):
+            node = {"LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(processes), "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": run_id}
+            self.start_worker(env=node)
+            indices.append(len(self.workers) - 1)
+        return indices
+
+    def start_worker(self, secret: str | None = None, extra: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """A worker process; ``env`` adds to its environment (a node's variables, say)."""
         index = len(self.workers)
-        env = self.env if secret is None else {**self.env, SECRET_ENV: secret}
+        env = {**self.env, **(env or {}), **({} if secret is None else {SECRET_ENV: secret})}
         log = open(self.workdir / f"worker-{index}.log", "wb")
         slot = self._free_slot()
         proc = subprocess.Popen(

@@ -35,7 +35,7 @@ def send(coord: Coordinator, kind: str, sender: str, body: dict, now: float, gen
 
 
 def join(coord: Coordinator, sender: str, now: float) -> Message:
-    body = {"host": "h", "pid": 1, "config": "cfg", "claim_gen": 0, "claim_roster": [], "refresh_epoch": 0}
+    body = protocol.join_body("cfg")
     return send(coord, "join", sender, body, now)
 
 
@@ -168,7 +168,7 @@ def test_once_finished_no_join_changes_membership(joiners):
     coord = running(A)
     leave(coord, A, now=1.0, finished=True)
     for now, (sender, config) in enumerate(joiners, start=2):
-        body = {"host": "h", "pid": 1, "config": config, "claim_gen": 5, "claim_roster": [sender], "refresh_epoch": 0}
+        body = protocol.join_body(config, claim_gen=5, claim_roster=[sender])
         assert send(coord, "join", sender, body, now=float(now)).type == "finished"
     assert (coord.gen, coord.roster, coord.members) == (1, [A], {})
 
@@ -187,7 +187,7 @@ def test_generations_name_workers_by_short_names(caplog):
     with caplog.at_level(logging.INFO, "disttrain.elastic.coordinator"):
         running(A, B)
     assert "generation 1: 2 workers (wa1b2, wc3d4)" in messages(caplog)
-    assert "worker wa1b2 (h, pid 1) asks to join" in messages(caplog)
+    assert f"worker wa1b2 ({socket.gethostname()}, pid {os.getpid()}) asks to join" in messages(caplog)
 
 
 def test_a_flood_of_bad_frames_logs_one_line_then_one_summary(caplog):
@@ -248,3 +248,82 @@ def test_a_worker_that_does_not_fit_in_a_full_generation_waits_without_replacing
     send(coord, "heartbeat", C, {"step": 0}, now=22.2)
     coord.tick(now=22.3)
     assert coord.gen == 2 and coord.roster == [A, C]
+
+
+# --- nodes of several processes -----------------------------------------------------
+def join_node(coord: Coordinator, node: str, local_rank: int, now: float, local_size: int = 2) -> Message:
+    body = protocol.join_body("cfg", node=node, local_rank=local_rank, local_size=local_size)
+    return send(coord, "join", process_of(node, local_rank), body, now)
+
+
+def process_of(node: str, local_rank: int) -> str:
+    return f"{node}{local_rank}".ljust(32, "0")
+
+
+def nodes_running(*nodes: str, **overrides) -> Coordinator:
+    coord = coordinator(**overrides)
+    for node in nodes:
+        for local_rank in (1, 0):
+            join_node(coord, node, local_rank, now=0.0)
+    coord.tick(now=0.6)
+    return coord
+
+
+def test_a_node_enters_a_generation_once_all_its_processes_joined_ranked_together_by_local_rank():
+    coord = coordinator()
+    join_node(coord, "n1", 1, now=0.0)
+    coord.tick(now=1.0)
+    assert coord.gen == 0
+    join_node(coord, "n1", 0, now=1.0)
+    coord.tick(now=2.0)
+    assert coord.gen == 1 and coord.roster == [process_of("n1", 0), process_of("n1", 1)]
+
+
+def test_worker_counts_count_nodes_not_processes():
+    coord = nodes_running("n1", "n2", start_workers=2)
+    assert coord.gen == 1 and len(coord.roster) == 4
+    view = join_node(coord, "n3", 0, now=1.0)
+    assert view.body["joined"] == 2  # n3 is not whole yet
+
+
+def test_when_a_process_of_a_node_goes_silent_its_node_mates_are_told_the_node_was_lost():
+    coord = nodes_running("n1", "n2")
+    for now in (1.0, 2.0, 3.0):  # n2's local rank 1 falls silent
+        for worker in (process_of("n1", 0), process_of("n1", 1), process_of("n2", 0)):
+            send(coord, "heartbeat", worker, {"step": 1}, now=now, gen=coord.gen)
+    coord.tick(now=3.0)
+    mate = send(coord, "heartbeat", process_of("n2", 0), {"step": 1}, now=3.1, gen=coord.gen)
+    assert mate.body["status"] == "node_lost"
+    for worker in (process_of("n1", 0), process_of("n1", 1)):
+        send(coord, "failed", worker, {"step": 1}, now=3.2, gen=coord.gen)
+    coord.tick(now=3.3)
+    assert coord.gen == 2 and coord.roster == [process_of("n1", 0), process_of("n1", 1)]
+
+
+def test_a_node_of_another_size_is_refused_naming_the_fix():
+    coord = nodes_running("n1")
+    answer = join_node(coord, "n2", 0, now=1.0, local_size=3)
+    assert answer.type == "refused" and "--nproc-per-node" in answer.body["reason"]
+
+
+def test_two_processes_of_a_node_that_claim_the_same_local_rank_are_refused():
+    coord = coordinator()
+    join_node(coord, "n1", 0, now=0.0)
+    body = protocol.join_body("cfg", node="n1", local_rank=0, local_size=2)
+    answer = send(coord, "join", "other".ljust(32, "0"), body, now=0.1)
+    assert answer.type == "refused" and "LOCAL_RANK" in answer.body["reason"]
+
+
+@given(st.permutations([(node, rank) for node in ("n1", "n2", "n3") for rank in (0, 1)]), st.integers(1, 5))
+def test_every_roster_is_whole_nodes_each_in_local_rank_order(arrivals, ticks_between):
+    coord = coordinator(join_grace_s=0.0)
+    now = 0.0
+    for index, (node, local_rank) in enumerate(arrivals):
+        join_node(coord, node, local_rank, now=now)
+        if index % ticks_between == 0:
+            coord.tick(now=now)
+            for start in range(0, len(coord.roster), 2):
+                pair = coord.roster[start:start + 2]
+                assert len(pair) == 2 and [coord.members[w].local_rank for w in pair] == [0, 1]
+                assert coord.members[pair[0]].node == coord.members[pair[1]].node
+        now += 0.01

@@ -48,7 +48,7 @@ def served():
 
 
 def join(ts: float | None = None) -> Message:
-    body = {"host": "h", "pid": 1, "config": "cfg", "claim_gen": 0, "claim_roster": [], "refresh_epoch": 0}
+    body = protocol.join_body("cfg")
     message = Message("join", JOB, "a1b2" + "0" * 28, 0, body)
     if ts is not None:
         message.ts = ts

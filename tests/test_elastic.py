@@ -253,3 +253,25 @@ def test_overlapped_rounds_survive_a_kill_and_admit_a_joiner_at_a_drain(tmp_path
         assert 30 < joined_at < 160  # mid-run, at a drain (drains count rounds; the dropped one shifted them)
     finally:
         job.close()
+
+
+def test_nodes_leave_as_a_unit_and_a_joining_node_receives_its_state_local_rank_by_local_rank(tmp_path):
+    """2 nodes x 2 processes (torch DDP inside each): a process killed takes its node out, the other
+    node goes on, and a new node comes in, each of its processes taking the state of its own share
+    from the same local rank of the donor node."""
+    job = ElasticJob(tmp_path, [*TINY_FLAGS, "--method", "diloco-sparse-k4-h5", "--inner", "ddp"], steps=600, link_mbit=0.03)
+    try:
+        job.start_coordinator(start_workers=2)
+        first, second = job.start_node(2), job.start_node(2)
+        job.wait_for_step(first[0], 30)
+        job.signal(second[1], signal.SIGKILL)
+        joiner = job.start_node(2)
+        assert job.wait_for_exit([second[0]]) == [1]
+        assert b"left the job with its node" in job.log(second[0])
+        assert job.wait_for_exit(first + joiner) == [0, 0, 0, 0]
+        summaries = job.assert_finished_identically(first + joiner)
+        assert summaries[0]["workers"] == 2 and summaries[0]["processes_per_worker"] == 2
+        donors = [re.search(rb"received from rank (\d+)", job.log(index)).group(1) for index in joiner]
+        assert donors == [b"0", b"1"]  # the surviving node's local ranks 0 and 1 hold ranks 0 and 1
+    finally:
+        job.close()

@@ -18,10 +18,8 @@ SECRET = b"0123456789abcdef0123456789abcdef"
 JOB = "job-under-test"
 
 
-def join(sender: str = "w1", **body) -> Message:
-    fields = {"host": "h", "pid": 1, "config": "cfg", "claim_gen": 0, "claim_roster": [], "refresh_epoch": 0}
-    fields.update(body)
-    return Message("join", JOB, sender, 0, fields)
+def join(sender: str = "w1", config: str = "cfg", **body) -> Message:
+    return Message("join", JOB, sender, 0, protocol.join_body(config, **body))
 
 
 def coordinator(**overrides) -> Coordinator:

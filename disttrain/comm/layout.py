@@ -65,6 +65,13 @@ class Layout(Protocol):
     def replica_tensors(self, model: torch.nn.Module) -> list[torch.Tensor]:
         """What every member of ``replica_group`` holds bit for bit where replicas agree."""
 
+    @property
+    def transfer_group(self) -> dist.ProcessGroup | None:
+        """Among whom a joiner's state goes from a donor: each process receives its own share."""
+
+    def regroup(self) -> None:
+        """A coordinator formed a new generation: make this layout's process groups in it (collective)."""
+
 
 @dataclass(frozen=True)
 class FlatLayout:
@@ -91,6 +98,13 @@ class FlatLayout:
     def replica_tensors(self, model: torch.nn.Module) -> list[torch.Tensor]:
         return list(model.parameters())
 
+    @property
+    def transfer_group(self) -> dist.ProcessGroup | None:
+        return self.group
+
+    def regroup(self) -> None:
+        pass  # the generation's whole group, found anew at every collective
+
 
 @dataclass(frozen=True)
 class NodeGroups:
@@ -109,12 +123,14 @@ class NodeGroups:
         return self.node * self.local_size + local_rank
 
 
-@dataclass(frozen=True)
+@dataclass
 class NodeLayout:
-    """A node of several processes is one worker: torch DDP inside it (``sharded`` False) or FSDP2."""
+    """A node of several processes is one worker: torch DDP inside it (``sharded`` False) or FSDP2.
+    Under a coordinator (``elastic``) the groups are made anew in every generation, its ranks numbering the nodes."""
 
     groups: NodeGroups
     sharded: bool  # FSDP2: each process holds a shard of every parameter; else each holds all of them
+    elastic: bool = False
 
     @property
     def workers(self) -> int:
@@ -145,6 +161,13 @@ class NodeLayout:
 
     def replica_tensors(self, model: torch.nn.Module) -> list[torch.Tensor]:
         return [local_part(p) for p in model.parameters()]
+
+    @property
+    def transfer_group(self) -> dist.ProcessGroup | None:
+        return self.groups.cross_group  # the same local rank of every node holds the same share
+
+    def regroup(self) -> None:
+        self.groups = node_groups(numbered_by_rank=self.elastic)
 
 
 def balanced_shares(items: Sequence[T], sizes: Sequence[int], parts: int) -> list[list[T]]:
@@ -178,9 +201,10 @@ def spans_nodes(env: Mapping[str, str] = os.environ) -> bool:
 _NODE_GROUPS: dict[int, tuple[dist.ProcessGroup, NodeGroups]] = {}  # per default process group: made once
 
 
-def node_groups(env: Mapping[str, str] = os.environ) -> NodeGroups:
+def node_groups(env: Mapping[str, str] = os.environ, numbered_by_rank: bool = False) -> NodeGroups:
     """The node and cross-node process groups of this torchrun job, made the first time (collective then:
-    every rank makes every node's and every local rank's group, in the same order)."""
+    every rank makes every node's and every local rank's group, in the same order). ``numbered_by_rank``:
+    the nodes are numbered by the ranks a coordinator gave (each node standalone to torchrun), not GROUP_RANK."""
     world_group = dist.group.WORLD
     made = _NODE_GROUPS.get(id(world_group))
     if made is not None and made[0] is world_group:
@@ -194,7 +218,7 @@ def node_groups(env: Mapping[str, str] = os.environ) -> NodeGroups:
         )
     if world % local_size:
         raise ValueError(f"a node as one worker needs the same processes on every node: {world} processes are not nodes of {local_size}")
-    node = _env_int(env, "GROUP_RANK")
+    node = None if numbered_by_rank else _env_int(env, "GROUP_RANK")
     local_rank = _env_int(env, "LOCAL_RANK")
     node = rank // local_size if node is None else node
     local_rank = rank % local_size if local_rank is None else local_rank
@@ -245,8 +269,18 @@ def shard_within_node(model: torch.nn.Module, modules: Sequence[torch.nn.Module]
     return model
 
 
-def layout_for(inner: Inner, group: dist.ProcessGroup | None = None) -> Layout:
-    """The layout of ``inner`` for this process, from torchrun's variables (LOCAL_WORLD_SIZE, GROUP_RANK).
+def check_elastic_inner(inner: Inner) -> None:
+    """Refuse an inner mode that cannot follow a coordinator's generations (before anything joins)."""
+    if inner == "fsdp":
+        raise ValueError(
+            "inner 'fsdp' under a coordinator: FSDP2 binds its shards to one process group, and a coordinator forms a new "
+            "one in every generation; use inner 'ddp' (a node still joins and leaves as a unit) or 'flat'"
+        )
+
+
+def layout_for(inner: Inner, group: dist.ProcessGroup | None = None, elastic: bool = False) -> Layout:
+    """The layout of ``inner`` for this process, from torchrun's variables (LOCAL_WORLD_SIZE, GROUP_RANK),
+    or under a coordinator (``elastic``) from the generation's ranks.
 
     ``auto`` makes a node the worker (with DDP inside) when the job has several nodes of several
     processes each; on one machine every process stays a worker (sites emulated on one host). The
@@ -258,4 +292,4 @@ def layout_for(inner: Inner, group: dist.ProcessGroup | None = None) -> Layout:
         raise ValueError(f"inner {inner!r} builds its node and cross-node groups from the whole job: give the Session no group")
     if not dist.is_initialized():
         raise RuntimeError(f"inner {inner!r} needs torchrun's process group: call torch.distributed.init_process_group first")
-    return NodeLayout(node_groups(), sharded=inner == "fsdp")
+    return NodeLayout(node_groups(numbered_by_rank=elastic), sharded=inner == "fsdp", elastic=elastic)

@@ -12,9 +12,7 @@ coordinator of another job).
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import socket
 import threading
 import time
 import uuid
@@ -24,6 +22,7 @@ from typing import Callable
 import zmq
 
 from disttrain.elastic import curve, protocol
+from disttrain.elastic.node import NodeIdentity
 from disttrain.elastic.protocol import BadSignature, JobMismatch, Message, ProtocolError, short_id
 from disttrain.elastic.throttle import Throttle
 
@@ -84,9 +83,10 @@ class Agent:
 
     def __init__(
         self, address: str, secret: bytes, job: str, config: str, heartbeat_s: float = 0.25, connect_timeout_s: float = 60.0,
-        coordinator_key: bytes | None = None,
+        coordinator_key: bytes | None = None, node: NodeIdentity = NodeIdentity(),
     ):
         self.host, self.port = protocol.check_address(address)
+        self.node = node  # the node this process is one of, as a worker of several processes
         self.address = address
         self.secret = secret
         self.job = job
@@ -177,7 +177,7 @@ class Agent:
     def generation_broken(self) -> bool:
         """True when the coordinator says this worker's current generation cannot finish."""
         view = self._view
-        return view is not None and (view.last_break >= self.gen or view.status == "evicted")
+        return view is not None and (view.last_break >= self.gen or view.status in ("evicted", "node_lost"))
 
     def wait_for_view(self, accept: Callable[[View], bool], timeout_s: float) -> View:
         """Block until a view satisfies ``accept(view)``, saying every few seconds what it waits for.
@@ -231,14 +231,10 @@ class Agent:
 
     # --- the agent thread --------------------------------------------------------------
     def _join_body(self) -> dict:
-        return {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "config": self.config,
-            "claim_gen": self.gen if self._claim else 0,
-            "claim_roster": list(self.roster) if self._claim else [],
-            "refresh_epoch": self.refresh_epoch,
-        }
+        return protocol.join_body(
+            self.config, claim_gen=self.gen if self._claim else 0, claim_roster=self.roster if self._claim else (),
+            refresh_epoch=self.refresh_epoch, **self.node.join_fields(),
+        )
 
     def _send(self, kind: str, body: dict) -> None:
         self._outbox.put((self.worker_id, kind, body))

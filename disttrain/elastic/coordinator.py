@@ -9,6 +9,11 @@ when a failed collective is reported (then every member must confirm the failure
 silent for ``suspect_after_s``), and when new workers are waiting to join. Survivors keep
 their order, so rank 0 stays rank 0 while it lives; joiners are appended.
 
+A worker is one process, or a node of several (its processes name the same node in their
+joins): a node enters a generation once all its processes have joined, its processes ranked
+together in local-rank order, and it leaves as a unit: when one of its processes goes, the
+others are told "node_lost". Worker counts (min, max, start) count nodes then.
+
 A coordinator serves one job, ``CoordinatorConfig.job``: messages that name another job are
 refused. The job has finished once a member that completed its last step leaves saying so:
 from then on every join is answered "finished" (the step and parameter digest) instead of a
@@ -109,6 +114,14 @@ class Member:
     last_seen: float
     step: int = 0
     failed_gen: int = -1
+    node: str = ""  # the node this process is one of ("": a worker of one process)
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def unit(self) -> str:
+        """The worker this process is part of: its node, or itself."""
+        return self.node or self.worker_id
 
 
 def listening_socket(host: str, port: int) -> pysocket.socket:
@@ -156,6 +169,8 @@ class Coordinator:
         self.replays = ReplayGuard()  # in memory only: a restart forgets it, and the incarnation takes over
         self.incarnation = secrets.token_hex(8)
         self.members: dict[str, Member] = {}
+        self.node_lost: set[str] = set()  # processes removed because another process of their node went
+        self.local_size: int | None = None  # processes per worker, set by the first join
         self.roster: list[str] = []
         self.gen = 0
         self.broken = False
@@ -201,7 +216,11 @@ class Coordinator:
                     "refused",
                     {"reason": "this worker's config differs from the running job's: start it with the same flags and config file"},
                 )
+            if (refusal := self._node_refusal(message)) is not None:
+                self._note_refusal("node", f"refused worker {short_id(message.sender)}: {refusal}", now)
+                return self._reply("refused", {"reason": refusal})
             self.job_config = message.body["config"]
+            self.local_size = message.body["local_size"]
             self._on_join(identity, message, now)
         member = self.members.get(message.sender)
         if member is not None:
@@ -231,6 +250,27 @@ class Coordinator:
             log.info("worker %s (%s, pid %d) asks to join", short_id(sender), body["host"], body["pid"])
             self.members[sender] = Member(sender, identity, now)
             self.last_join = now
+        member = self.members[sender]  # a claim names the node of a member adopted above
+        member.node, member.local_rank, member.local_size = body["node"], body["local_rank"], body["local_size"]
+
+    def _node_refusal(self, message: Message) -> str | None:
+        """Why a join cannot be admitted as part of a node (None: it can)."""
+        body = message.body
+        size, local_rank = body["local_size"], body["local_rank"]
+        if self.local_size is not None and size != self.local_size and message.sender not in self.members:
+            return (
+                f"this worker has {size} process(es) per node and the job's workers have {self.local_size}: "
+                "start every node with the same --nproc-per-node (and the same --inner)"
+            )
+        if not 0 <= local_rank < size or (size > 1) != bool(body["node"]):
+            return f"local rank {local_rank} of a node of {size} processes (node {body['node']!r}) is no place in a node"
+        taken = [
+            m for m in self.members.values()
+            if body["node"] and m.node == body["node"] and m.local_rank == local_rank and m.worker_id != message.sender
+        ]
+        if taken:
+            return f"another process of node {body['node']} holds local rank {local_rank}: give each process of a node its own LOCAL_RANK"
+        return None
 
     def _on_failed(self, member: Member, message: Message) -> None:
         if message.gen != self.gen or member.worker_id not in self.roster:
@@ -272,13 +312,24 @@ class Coordinator:
         self._refusal_log.warning(kind, text, now)
 
     def _remove(self, worker_id: str, why: str) -> None:
-        self.members.pop(worker_id, None)
+        member = self.members.pop(worker_id, None)
+        if member is not None and member.node and self.finished is None:
+            for mate in [w for w, m in self.members.items() if m.node == member.node]:
+                self._lose_with_node(mate, f"of node {member.node}, whose process {short_id(worker_id)} {why}")
         if worker_id not in self.roster:
             return
         if self.finished is not None:
             log.info("worker %s %s (run finished)", short_id(worker_id), why)
         else:
             log.info("worker %s %s; generation %d must be replaced", short_id(worker_id), why, self.gen)
+            self._break()
+
+    def _lose_with_node(self, worker_id: str, why: str) -> None:
+        """A process whose node went: out of the job, told so at its next message."""
+        self.members.pop(worker_id, None)
+        self.node_lost.add(worker_id)
+        log.info("worker %s leaves with its node (%s)", short_id(worker_id), why)
+        if worker_id in self.roster and self.finished is None:
             self._break()
 
     def _break(self) -> None:
@@ -292,7 +343,7 @@ class Coordinator:
         now = time.monotonic() if now is None else now
         self._refusal_log.flush(now)
         for worker_id, member in list(self.members.items()):
-            if now - member.last_seen > self.config.heartbeat_timeout_s:
+            if worker_id in self.members and now - member.last_seen > self.config.heartbeat_timeout_s:
                 self._remove(worker_id, f"silent for {now - member.last_seen:.1f} s")
         if self.broken:
             for worker_id in self.roster:
@@ -302,34 +353,55 @@ class Coordinator:
             unresolved = [w for w in self.roster if w in self.members and self.members[w].failed_gen != self.gen]
             if not unresolved:
                 self._new_generation(now)
-        elif self._waiting() and len(self._candidates()) >= self._needed() and self._candidates() != self.roster:
+        elif self._waiting() and len(self._candidate_units()) >= self._needed() and self._candidates() != self.roster:
             # A waiting worker that does not fit (the roster is at max_workers) changes nothing.
-            if now - self.last_join >= self.config.join_grace_s or len(self._candidates()) >= self.config.max_workers:
+            if now - self.last_join >= self.config.join_grace_s or len(self._candidate_units()) >= self.config.max_workers:
                 self._new_generation(now)
 
     def _waiting(self) -> list[str]:
         return [w for w in self.members if w not in self.roster]
 
-    def _candidates(self) -> list[str]:
+    def _units(self, workers: list[str]) -> list[list[str]]:
+        """``workers`` as workers of the exchange: each node's processes together, by local rank, in order of first appearance."""
+        units: dict[str, list[str]] = {}
+        for worker_id in workers:
+            units.setdefault(self.members[worker_id].unit, []).append(worker_id)
+        return [sorted(unit, key=lambda w: self.members[w].local_rank) for unit in units.values()]
+
+    def _complete(self, unit: list[str]) -> bool:
+        return len(unit) == self.members[unit[0]].local_size
+
+    def _candidate_units(self) -> list[list[str]]:
+        """The next generation's workers: the survivors, then whole nodes (or single processes) that wait."""
         survivors = [w for w in self.roster if w in self.members]
-        return (survivors + self._waiting())[: self.config.max_workers]
+        return [u for u in self._units(survivors + self._waiting()) if self._complete(u)][: self.config.max_workers]
+
+    def _candidates(self) -> list[str]:
+        return [worker_id for unit in self._candidate_units() for worker_id in unit]
 
     def _needed(self) -> int:
         """Workers the next generation needs: the first waits for start_workers."""
         return self.config.min_workers if self.gen else self.config.start_workers or self.config.min_workers
 
     def _new_generation(self, now: float) -> None:
-        candidates = self._candidates()
-        if len(candidates) < self.config.min_workers:
+        for unit in self._units([w for w in self.roster if w in self.members]):
+            if not self._complete(unit):  # a node whose lost process the coordinator never heard of by name
+                for worker_id in unit:
+                    self._lose_with_node(worker_id, f"of node {self.members[unit[0]].node}, which is incomplete")
+        units = self._candidate_units()
+        if len(units) < self.config.min_workers:
             return  # below quorum: wait for joiners
         self.gen += 1
-        self.roster = candidates
+        self.roster = [worker_id for unit in units for worker_id in unit]
         self.broken = False
         self.store_prefix = secrets.token_hex(16)
-        log.info("generation %d: %d workers (%s)", self.gen, len(self.roster), ", ".join(map(short_id, self.roster)))
+        processes = f" of {len(self.roster) // len(units)} processes" if len(self.roster) > len(units) else ""
+        log.info("generation %d: %d workers%s (%s)", self.gen, len(units), processes, ", ".join(map(short_id, self.roster)))
 
     # --- replies ----------------------------------------------------------------------
     def status_of(self, worker_id: str) -> str:
+        if worker_id in self.node_lost:
+            return "node_lost"
         if worker_id not in self.members:
             return "evicted"
         return "active" if worker_id in self.roster and not self.broken else "waiting"
@@ -343,7 +415,7 @@ class Coordinator:
             "status": self.status_of(worker_id),
             "last_break": self.last_break,
             "refresh_epoch": self.refresh_epoch,
-            "joined": len(self._candidates()),
+            "joined": len(self._candidate_units()),
             "needed": self._needed(),
             "store_prefix": self.store_prefix if worker_id in self.roster else "",
         }

@@ -22,6 +22,7 @@ from disttrain.comm.device import collective_device
 from disttrain.comm.process_group import abandon
 from disttrain.comm.waiting import abort_waits_when, wait_work
 from disttrain.elastic.agent import Agent, View
+from disttrain.elastic.node import NodeLost
 from disttrain.elastic.signed_store import SignedStore
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class ElasticMembership:
         self.store: SignedStore | None = None
 
     def _wanted(self, view: View) -> bool:
-        if view.status == "evicted":
+        if view.status in ("evicted", "node_lost"):
             return True
         return view.status == "active" and view.gen > self.agent.gen and self.agent.worker_id in view.roster
 
@@ -60,6 +61,12 @@ class ElasticMembership:
         abort_waits_when(self.agent.generation_broken)
         while True:
             view = self.agent.wait_for_view(self._wanted, self.config.generation_wait_s)
+            if view.status == "node_lost" or (view.status == "evicted" and self.agent.node.key):
+                raise NodeLost(
+                    f"this process (local rank {self.agent.node.local_rank}) left the job with its node: a process of the "
+                    "node was lost, or the node was evicted. A node joins and leaves as a unit: start the node's "
+                    "processes again (torchrun --max-restarts does) and it joins as a new node"
+                )
             if view.status == "evicted":
                 evicted = self.agent.name
                 self.agent.rejoin()

@@ -19,6 +19,7 @@ import hmac
 import math
 import os
 import secrets
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from typing import Any
 
 import msgpack
 
-VERSION = 3  # 2: views count joined and needed workers, leaves say whether the run finished, "finished" replies;
-# 3: views carry the generation's store prefix; every message the coordinator incarnation it is for
+VERSION = 4  # 2: views count joined and needed workers, leaves say whether the run finished, "finished" replies;
+# 3: views carry the generation's store prefix; every message the coordinator incarnation it is for;
+# 4: joins name the worker's node (a node of several processes is one worker), views may say "node_lost"
 MAX_FRAME_BYTES = 64 * 1024
 MAX_CLOCK_SKEW_S = 60.0
 SECRET_ENV = "DISTTRAIN_SECRET"
@@ -36,7 +38,12 @@ UNAUTHENTICATED = msgpack.packb(["auth"])  # the whole answer to a frame that fa
 
 # Message type -> the body fields it must carry and their types.
 SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "join": {"host": str, "pid": int, "config": str, "claim_gen": int, "claim_roster": list, "refresh_epoch": int},
+    "join": {
+        "host": str, "pid": int, "config": str, "claim_gen": int, "claim_roster": list, "refresh_epoch": int,
+        "node": str,  # the node this process is one of ("": a worker of one process)
+        "local_rank": int,  # its place in the node
+        "local_size": int,  # the node's processes
+    },
     "heartbeat": {"step": int},
     "leave": {"step": int, "finished": bool, "digest": str},  # finished: this worker completed the job's last step
     "failed": {"step": int},
@@ -46,7 +53,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "gen": int,
         "roster": list,
         "store_port": int,
-        "status": str,
+        "status": str,  # active, waiting, evicted, or node_lost (another process of this worker's node was lost)
         "last_break": int,
         "refresh_epoch": int,
         "joined": int,  # workers the next generation would hold
@@ -77,6 +84,19 @@ class JobMismatch(ProtocolError):
     def __init__(self, job: str, ours: str):
         super().__init__(f"message for job {job!r}, this is job {ours!r}")
         self.job = job
+
+
+def join_body(
+    config: str, *, claim_gen: int = 0, claim_roster: tuple[str, ...] | list[str] = (), refresh_epoch: int = 0,
+    node: str = "", local_rank: int = 0, local_size: int = 1,
+) -> dict[str, Any]:
+    """A join's body from this process: its job config's fingerprint, a generation it claims to run
+    (after a coordinator restart), and its node ("": a worker of one process)."""
+    return {
+        "host": socket.gethostname(), "pid": os.getpid(), "config": config, "claim_gen": claim_gen,
+        "claim_roster": list(claim_roster), "refresh_epoch": refresh_epoch,
+        "node": node, "local_rank": local_rank, "local_size": local_size,
+    }
 
 
 def check_address(address: str, name: str = "coordinator address") -> tuple[str, int]:

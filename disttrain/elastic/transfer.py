@@ -12,6 +12,7 @@ every wait under a coordinator is, closes its connection when one poll expires, 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import time
@@ -95,15 +96,25 @@ def synchronise(
     digest: bytes,
     export: Callable[[], dict[str, Any]],
     load: Callable[[dict[str, Any]], None],
+    group: dist.ProcessGroup | None = None,
 ) -> SyncPlan:
-    """Bring every stale worker of the current process group to the donor's state."""
-    device = collective_device()
+    """Bring every stale worker of ``group`` (default: the current process group) to the donor's
+    state; the plan's ranks are ``group``'s."""
+    device = collective_device(group)
     mine = torch.tensor([step, int(fresh), *digest], dtype=torch.int64, device=device)
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     gathered = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
-    wait_work(all_gather_flat(gathered, mine, async_op=True))
+    wait_work(all_gather_flat(gathered, mine, group=group, async_op=True))
     plan = plan_sync(gathered.reshape(world, -1).cpu())
-    rank = dist.get_rank()
+    rank = dist.get_rank(group)
     if plan.receivers and (rank == plan.donor or rank in plan.receivers):
-        _transfer(plan, rank == plan.donor, export, load, device)
+        _transfer(in_global_ranks(plan, group), rank == plan.donor, export, load, device)
     return plan
+
+
+def in_global_ranks(plan: SyncPlan, group: dist.ProcessGroup | None) -> SyncPlan:
+    """The plan with ``group``'s ranks as ranks of the whole job (what new_group and broadcast take)."""
+    if group is None:
+        return plan
+    to_global = functools.partial(dist.get_global_rank, group)
+    return SyncPlan(to_global(plan.donor), tuple(map(to_global, plan.receivers)), plan.step)

@@ -88,6 +88,9 @@ class Exchange(Protocol):
     def generation_failed(self) -> None:
         """The elastic generation broke (a member died): drop what depended on it, before the regroup."""
 
+    def regrouped(self) -> None:
+        """A new elastic generation's process groups exist (the layout's too): hold them instead of the old ones."""
+
 
 class EveryStepAgrees:
     """What exchanges whose replicas agree after every step share: no rounds, the model is the only copy."""
@@ -117,6 +120,9 @@ class EveryStepAgrees:
 
     def generation_failed(self) -> None:
         pass  # a failed step left nothing behind: the redo starts from its gradients
+
+    def regrouped(self) -> None:
+        pass  # the generation's whole group is found anew at every collective
 
 
 def peak_lr_of(optimizer: torch.optim.Optimizer) -> float:

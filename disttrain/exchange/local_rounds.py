@@ -135,6 +135,9 @@ class LocalRoundsExchange:
     def generation_failed(self) -> None:
         pass  # the redone step exchanges again what it kept (``exchange_pending``)
 
+    def regrouped(self) -> None:
+        pass  # the generation's whole group is found anew at every collective
+
     def take_rank0_replica(self) -> None:
         # The outer SGD's state is shared; the inner optimizer's is this worker's own.
         broadcast_from_rank0(self.model, self.outer.outer, self.reducer.group)

@@ -1,6 +1,7 @@
 """Who trains together in a Session: the process group torchrun formed, or generations a coordinator forms.
 
-A Session asks its membership to join (before its exchange exists), to agree (every member holds
+A Session asks its membership to enter (a process group exists from then on), to start (every
+member from rank 0's weights, before the exchange exists), to agree (every member holds
 the same state), to switch to a newer generation at the start of a step where the exchange
 allows, to run collective work so that a failed one is redone from its start in the next
 generation, to take note of every committed step, and to finish.
@@ -26,10 +27,12 @@ from typing import Any, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
+from disttrain.comm.layout import NODE_MODES, Inner, Layout
 from disttrain.comm.waiting import abort_waits_when, wait_work
 from disttrain.elastic.agent import Agent
 from disttrain.elastic.curve import resolve_coordinator_key
 from disttrain.elastic.membership import ElasticConfig, ElasticMembership
+from disttrain.elastic.node import NodeIdentity
 from disttrain.elastic.protocol import load_secret
 from disttrain.elastic.transfer import synchronise
 from disttrain.exchange.base import Exchange
@@ -46,6 +49,7 @@ class Replica(Protocol):
 
     steps: int
     exchange: Exchange
+    layout: Layout
 
     def replica_digest(self) -> bytes: ...
 
@@ -63,9 +67,12 @@ T = TypeVar("T")
 class Membership(Protocol):
     elastic: bool
 
-    def join(self, start: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
-        """Take part in a process group (before the exchange is built on it); ``start`` (the model's
-        parameters and buffers, or what this process holds of them) begins as rank 0's of ``group``."""
+    def enter(self) -> None:
+        """Take part in a process group (before the layout and the exchange are built on it)."""
+
+    def start(self, start: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+        """``start`` (the model's parameters and buffers, or what this process holds of them) begins
+        as rank 0's of ``group`` (before the exchange is built)."""
 
     def agree(self, replica: Replica) -> None:
         """Bring every member to the same state (after the exchange is built)."""
@@ -103,9 +110,11 @@ class FixedGroup:
     def __init__(self, group: dist.ProcessGroup | None):
         self.group = group
 
-    def join(self, start: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
-        """Every rank starts from rank 0's parameters and buffers (sent only where they differ)."""
+    def enter(self) -> None:
         _require_process_group()
+
+    def start(self, start: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+        """Every rank starts from rank 0's parameters and buffers (sent only where they differ)."""
         start_from_rank0(start, group)
 
     def agree(self, replica: Replica) -> None:
@@ -143,17 +152,18 @@ class ElasticGroup:
     def connect(
         cls, address: str, job: str, secret: bytes, fingerprint: str, heartbeat_s: float = 0.25,
         connect_timeout_s: float = 60.0, config: ElasticConfig | None = None, coordinator_key: bytes | None = None,
+        node: NodeIdentity = NodeIdentity(),
     ) -> ElasticGroup:
         """An agent for the coordinator at ``address`` (not started yet); ``coordinator_key``: its
-        CURVE public key, when it encrypts the control plane."""
-        agent = Agent(address, secret, job, fingerprint, heartbeat_s, connect_timeout_s, coordinator_key)
+        CURVE public key, when it encrypts the control plane; ``node``: the node this process is one of."""
+        agent = Agent(address, secret, job, fingerprint, heartbeat_s, connect_timeout_s, coordinator_key, node)
         return cls(ElasticMembership(agent, config or ElasticConfig()))
 
     @property
     def agent(self) -> Agent:
         return self.membership.agent
 
-    def join(self, start: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    def enter(self) -> None:
         """Ask the coordinator for a place and wait until a generation holds this worker (a donor's state follows)."""
         log.info("asking the coordinator at %s to join job %r", self.agent.address, self.agent.job)
         self.agent.start()
@@ -162,6 +172,9 @@ class ElasticGroup:
         except BaseException:
             self.agent.stop(leave=False)  # JobFinished and refusals end this worker; the message says why
             raise
+
+    def start(self, start: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+        pass  # agree() brings every member a donor's state
 
     def agree(self, replica: Replica) -> None:
         try:
@@ -237,6 +250,8 @@ class ElasticGroup:
         while True:
             self.membership.enter()
             try:
+                replica.layout.regroup()
+                replica.exchange.regrouped()
                 self._synchronise(replica)
                 return
             except RuntimeError as error:
@@ -251,21 +266,23 @@ class ElasticGroup:
             self.agent.refresh_epoch = state.pop("refresh_epoch")
             replica.load_replica(state)
 
-        synchronise(replica.steps, self.membership.fresh, replica.replica_digest(), export, load)
+        synchronise(replica.steps, self.membership.fresh, replica.replica_digest(), export, load, replica.layout.transfer_group)
         self.membership.fresh = False
         self.agent.step = replica.steps
 
 
 def membership_for(
     group: dist.ProcessGroup | None, coordinator: str | None, job: str, secret_file: str | None, fingerprint: str,
-    coordinator_key: str | None = None,
+    coordinator_key: str | None = None, inner: Inner = "auto",
 ) -> Membership:
     """FixedGroup, or ElasticGroup when a coordinator is named (or ``$DISTTRAIN_COORDINATOR`` is set);
-    ``coordinator_key`` (or ``$DISTTRAIN_COORDINATOR_KEY``): its CURVE public key, a file or Z85 text."""
+    ``coordinator_key`` (or ``$DISTTRAIN_COORDINATOR_KEY``): its CURVE public key, a file or Z85 text;
+    under a node ``inner`` mode this process joins as part of its node (torchrun's variables say which)."""
     address = coordinator or os.environ.get(COORDINATOR_ENV)
     if not address:
         return FixedGroup(group)
     if group is not None:
         raise ValueError("a Session under a coordinator trains in the generations it forms: give no group")
     public = resolve_coordinator_key(coordinator_key)
-    return ElasticGroup.connect(address, job, load_secret(secret_file), fingerprint, coordinator_key=public)
+    node = NodeIdentity.from_torchrun() if inner in NODE_MODES else NodeIdentity()
+    return ElasticGroup.connect(address, job, load_secret(secret_file), fingerprint, coordinator_key=public, node=node)

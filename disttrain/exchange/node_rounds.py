@@ -40,16 +40,24 @@ class NodeRoundsExchange(LocalRoundsExchange):
         optimizer: torch.optim.Optimizer,
         method: Method,
         options: ExchangeOptions,
-        groups: NodeGroups,
+        layout: NodeLayout,
         exchanged: list[torch.nn.Parameter],
     ):
         if options.round_quorum < 1 or options.round_deadline_s is not None:
             raise ValueError("a round quorum or deadline needs every process to be a worker: use inner 'flat' with them")
         if isinstance(optimizer, ProjectedAdamW):
             raise ValueError(f"method {method.name!r} keeps its moments in a per-worker subspace: use inner 'flat' with it")
-        self.groups = groups
-        super().__init__(model, optimizer, method, dataclasses.replace(options, group=groups.cross_group), exchanged=exchanged)
+        self.layout = layout
+        super().__init__(model, optimizer, method, dataclasses.replace(options, group=self.groups.cross_group), exchanged=exchanged)
         self.dense_bytes_per_step = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+
+    @property
+    def groups(self) -> NodeGroups:
+        """The node and cross-node groups of the current generation."""
+        return self.layout.groups
+
+    def regrouped(self) -> None:
+        self.reducer.group = self.groups.cross_group
 
     def finish(self) -> bool:
         exchanged = super().finish()
@@ -85,7 +93,8 @@ class NodeRoundsExchange(LocalRoundsExchange):
 class DenseNodeRounds(NodeRoundsExchange):
     """torch DDP inside the node; each local rank exchanges a subset of the parameters and broadcasts it."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions, groups: NodeGroups):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions, layout: NodeLayout):
+        groups = layout.groups
         trainable = [p for p in model.parameters() if p.requires_grad]
         if len(trainable) < groups.local_size:
             raise ValueError(
@@ -93,8 +102,17 @@ class DenseNodeRounds(NodeRoundsExchange):
                 "that would each exchange a share of them: use inner 'flat' (or 'fsdp', which splits every tensor)"
             )
         self.shares = parameter_shares(trainable, groups.local_size)
-        super().__init__(model, optimizer, method, options, groups, self.shares[groups.local_rank])
-        self.module = DistributedDataParallel(model, process_group=groups.node_group, init_sync=False)
+        super().__init__(model, optimizer, method, options, layout, self.shares[groups.local_rank])
+        self.module = self._inside_the_node()
+
+    def _inside_the_node(self) -> DistributedDataParallel:
+        """torch DDP over the node's processes (it checks, collectively, that they hold the same shapes)."""
+        return DistributedDataParallel(self.model, process_group=self.groups.node_group, init_sync=False)
+
+    def regrouped(self) -> None:
+        super().regrouped()
+        del self.module  # the old DDP's hooks go with it, before the new one's are registered
+        self.module = self._inside_the_node()
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         return self.module.no_sync()  # backward passes inside accumulate without averaging over the node
@@ -119,7 +137,7 @@ class DenseNodeRounds(NodeRoundsExchange):
 class ShardedNodeRounds(NodeRoundsExchange):
     """FSDP2 inside the node: each process exchanges its own shard of every parameter."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions, groups: NodeGroups):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions, layout: NodeLayout):
         trainable = [p for p in model.parameters() if p.requires_grad]
         unsharded = [name for name, p in model.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
         if unsharded:
@@ -129,7 +147,7 @@ class ShardedNodeRounds(NodeRoundsExchange):
             )
         # Parameters aliasing each local shard: what the exchange encodes, steps and writes in place.
         shards = [torch.nn.Parameter(local_part(p).detach()) for p in trainable]
-        super().__init__(model, optimizer, method, options, groups, shards)
+        super().__init__(model, optimizer, method, options, layout, shards)
 
     def take_rank0_replica(self) -> None:
         broadcast_tensors_from_rank0(self.outer.params, self.groups.cross_group)
@@ -140,4 +158,4 @@ class ShardedNodeRounds(NodeRoundsExchange):
 def node_rounds(model: torch.nn.Module, optimizer: torch.optim.Optimizer, method: Method, options: ExchangeOptions, layout: NodeLayout) -> NodeRoundsExchange:
     """The rounds between nodes for ``layout``: FSDP2 inside a node when it is sharded, else torch DDP."""
     kind = ShardedNodeRounds if layout.sharded else DenseNodeRounds
-    return kind(model, optimizer, method, options, layout.groups)
+    return kind(model, optimizer, method, options, layout)
