@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import replace
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -78,7 +78,6 @@ class CompressedAllReduce:
         self._means: list[torch.Tensor | None] = [None] * len(self.params)
         self.keep_own = False  # decode this worker's own payloads too (``own_updates``), for eager outer steps
         self._own: list[torch.Tensor | None] = [None] * len(self.params)
-        self._gradient_of: Callable[[int], torch.Tensor] | None = None  # launch_all's source of gradients
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._hook_for(i)) for i, p in enumerate(self.params)
         ] if overlap else []
@@ -125,8 +124,6 @@ class CompressedAllReduce:
             self._next_launch += 1
 
     def _gradient(self, index: int) -> torch.Tensor:
-        if self._gradient_of is not None:
-            return self._gradient_of(index)
         grad = self.params[index].grad
         return torch.zeros_like(self.params[index]) if grad is None else grad
 
@@ -153,15 +150,9 @@ class CompressedAllReduce:
         pending = bucket.launch(flat, self.group)
         self._pending[b] = (pending, self._count(pending.payload_bytes, pending.wire_bytes))
 
-    def launch_all(self, gradient: Callable[[int], torch.Tensor] | None = None) -> None:
-        """Encode every bucket now and start its collective (for a caller that does not wait during backward).
-        ``gradient(index)``, if given, makes a parameter's gradient when its bucket is encoded (instead of
-        its ``.grad``), so that only one bucket's gradients exist at a time."""
-        self._gradient_of = gradient
-        try:
-            self._launch_ready(force=True)
-        finally:
-            self._gradient_of = None
+    def launch_all(self) -> None:
+        """Encode every bucket now and start its collective (for a caller that does not wait during backward)."""
+        self._launch_ready(force=True)
 
     def finish(self, contributors: int | None = None) -> None:
         """Launch what backward did not, wait for every collective, and decode the means: over
@@ -199,17 +190,12 @@ class CompressedAllReduce:
             raise RuntimeError("own_updates() needs keep_own set before the exchange was launched")
         return [compressor.reconstruct(coeffs) for compressor, coeffs in zip(self.compressors, own)]
 
-    def mean_update(self, index: int) -> torch.Tensor:
-        """The reconstructed average of parameter ``index``'s gradient this step, in its dtype."""
-        mean = self._means[index]
-        if mean is None:
-            raise RuntimeError("the average is read before finish()")
-        return self.compressors[index].reconstruct(mean).to(self.params[index].dtype)
-
     def write_gradients(self) -> None:
         """Replace every parameter's gradient with the reconstructed average."""
-        for index, p in enumerate(self.params):
-            p.grad = self.mean_update(index)
+        for p, compressor, mean in zip(self.params, self.compressors, self._means):
+            if mean is None:
+                raise RuntimeError("write_gradients() called before finish()")
+            p.grad = compressor.reconstruct(mean).to(p.dtype)
 
     def measure_next_step(self, on: bool) -> None:
         """Measure the captured energy while encoding the coming step (or not); a measurement starts from zero."""

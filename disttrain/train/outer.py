@@ -100,9 +100,13 @@ class OuterStep:
         """Encode this worker's pseudo-gradient (round start minus current weights) and start its exchange.
         Under overlap the next round starts from this worker's weights, or, eager, from the outer step of
         its own update at the outer lr that ``inner_lr`` gives."""
+        with torch.no_grad():
+            for p, start in zip(self.params, self.round_start):
+                p.grad = start - p
         self.reducer.start_step(self.rounds)
-        with torch.no_grad():  # one bucket's pseudo-gradients exist at a time
-            self.reducer.launch_all(lambda index: self.round_start[index] - self.params[index].detach())
+        self.reducer.launch_all()
+        for p in self.params:
+            p.grad = None
         self.pending, self._contributors = True, contributors
         if self.overlap:
             own = self.reducer.own_updates() if self.eager else None  # on this thread, before the exchange's own starts
@@ -131,15 +135,15 @@ class OuterStep:
         else:
             self.reducer.finish(self._contributors)
         self.pending = False
+        self.reducer.write_gradients()
         self.outer.param_groups[0]["lr"] = self._scheduled_lr(inner_lr)
         for index, (p, start) in enumerate(zip(self.params, self.global_params)):
-            update = self.reducer.mean_update(index)  # one parameter's average at a time
             if start.dtype == torch.bfloat16 and p.dtype != torch.bfloat16:
-                self._step_halved(index, start, update)
+                self._step_halved(index, start, p.grad)
+                p.grad = None
             else:
-                start.grad = update
-                self.outer.step()  # steps only the start with a gradient
-                start.grad = None
+                start.grad, p.grad = p.grad, None
+        self.outer.step()  # the starts kept at full precision
         with torch.no_grad():
             for p, start, current in zip(self.params, self.global_params, self.round_start):
                 if keep_progress:
@@ -148,6 +152,7 @@ class OuterStep:
                     p.copy_(start)
                 if self.overlap:
                     current.copy_(start)
+                start.grad = None
         self.reducer.commit()
         self.rounds += 1
 
@@ -184,7 +189,7 @@ class OuterStep:
             for p, start, current in zip(self.params, self.global_params, self.round_start):
                 p.copy_(start)
                 current.copy_(start)
-                p.grad = None  # no gradient of the dropped work survives
+                p.grad = None  # a launch may have left the pseudo-gradient there
 
     def back_to_round_start(self) -> None:
         """Drop this worker's local work of the round: its weights become the round's start again."""
