@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 
 from disttrain.comm.device import device_type, resolve_device
-from disttrain.comm.layout import NODE_MODES, check_elastic_inner
+from disttrain.comm.layout import check_elastic_inner
 from disttrain.comm.process_group import close_process_group
 from disttrain.elastic.agent import CoordinatorUnreachable, GenerationTimeout, JobFinished, WorkerRefused
 from disttrain.elastic.curve import COORDINATOR_KEY_ENV, coordinator_public_key, resolve_coordinator_key
 from disttrain.elastic.membership import ElasticConfig
-from disttrain.elastic.node import NodeIdentity, NodeLost
+from disttrain.elastic.node import NodeLost, node_identity
 from disttrain.exchange.membership import ElasticGroup
 from disttrain.elastic.protocol import SECRET_ENV, check_address, load_secret
 from disttrain.logs import set_tag, setup_logging
@@ -88,8 +88,7 @@ def check_worker_args(args: argparse.Namespace) -> TrainConfig:
     if args.coordinator:
         get_method(config.method_name).require_elastic()
         check_elastic_inner(config.inner)
-        if config.inner in NODE_MODES:
-            NodeIdentity.from_torchrun()  # refuses a node of one process
+        node_identity(config.inner)  # refuses a node mode without several processes per node
     return config
 
 
@@ -129,10 +128,9 @@ def init_process_group(backend: str, timeout_s: float) -> None:
 def elastic_membership(args: argparse.Namespace, config: TrainConfig, backend: str) -> ElasticGroup:
     """This worker's place in the coordinator's job (the Session joins it); the job's fingerprint is the config's."""
     settings = ElasticConfig(sync_every=args.sync_every, collective_timeout_s=args.timeout_s, backend=backend)
-    node = NodeIdentity.from_torchrun() if config.inner in NODE_MODES else NodeIdentity()
     members = ElasticGroup.connect(
         args.coordinator, args.job, load_secret(args.secret_file), config.fingerprint(), args.heartbeat_s,
-        args.connect_timeout_s, settings, resolve_coordinator_key(args.coordinator_key), node,
+        args.connect_timeout_s, settings, resolve_coordinator_key(args.coordinator_key), node_identity(config.inner),
     )
     set_tag(lambda: members.agent.name)
     return members

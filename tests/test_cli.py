@@ -132,8 +132,8 @@ BAD_INPUTS = {
     "votes per chunk on a projection": (["train", "--method", "power-int4-r16", "--votes-per-chunk", "8"], "is not sparse votes"),
     "more votes than a chunk holds": (["train", "--votes-per-chunk", "300"], "must be <= 256"),
     "outer lr on a per-step method": (["train", "--method", "power-int4-r16", "--outer-lr", "0.1"], "has no rounds"),
-    "nodes under a coordinator": (
-        ["train", "--inner", "ddp", "--coordinator", "tcp://127.0.0.1:29400"], "use --inner flat there",
+    "sharded nodes under a coordinator": (
+        ["train", "--inner", "fsdp", "--coordinator", "tcp://127.0.0.1:29400"], "FSDP2 binds its shards to one process group",
     ),
 }
 

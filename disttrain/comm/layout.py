@@ -126,11 +126,10 @@ class NodeGroups:
 @dataclass
 class NodeLayout:
     """A node of several processes is one worker: torch DDP inside it (``sharded`` False) or FSDP2.
-    Under a coordinator (``elastic``) the groups are made anew in every generation, its ranks numbering the nodes."""
+    Under a coordinator the groups are made anew in every generation (``regroup``), its ranks numbering the nodes."""
 
     groups: NodeGroups
     sharded: bool  # FSDP2: each process holds a shard of every parameter; else each holds all of them
-    elastic: bool = False
 
     @property
     def workers(self) -> int:
@@ -167,7 +166,7 @@ class NodeLayout:
         return self.groups.cross_group  # the same local rank of every node holds the same share
 
     def regroup(self) -> None:
-        self.groups = node_groups(numbered_by_rank=self.elastic)
+        self.groups = node_groups(numbered_by_rank=True)  # only a coordinator's generations change
 
 
 def balanced_shares(items: Sequence[T], sizes: Sequence[int], parts: int) -> list[list[T]]:
@@ -292,4 +291,4 @@ def layout_for(inner: Inner, group: dist.ProcessGroup | None = None, elastic: bo
         raise ValueError(f"inner {inner!r} builds its node and cross-node groups from the whole job: give the Session no group")
     if not dist.is_initialized():
         raise RuntimeError(f"inner {inner!r} needs torchrun's process group: call torch.distributed.init_process_group first")
-    return NodeLayout(node_groups(numbered_by_rank=elastic), sharded=inner == "fsdp", elastic=elastic)
+    return NodeLayout(node_groups(numbered_by_rank=elastic), sharded=inner == "fsdp")

@@ -14,6 +14,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from disttrain.comm.layout import NODE_MODES, Inner
+
 _SAME_ON_A_NODE = ("TORCHELASTIC_RUN_ID", "GROUP_RANK", "TORCHELASTIC_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -47,3 +49,9 @@ class NodeIdentity:
     def join_fields(self) -> dict[str, str | int]:
         """What a join message says of the node."""
         return {"node": self.key, "local_rank": self.local_rank, "local_size": self.local_size}
+
+
+def node_identity(inner: Inner, env: Mapping[str, str] = os.environ) -> NodeIdentity:
+    """This process's node under ``inner``: torchrun's when a node is one worker, else none (refuses a
+    node mode without several processes per node)."""
+    return NodeIdentity.from_torchrun(env) if inner in NODE_MODES else NodeIdentity()

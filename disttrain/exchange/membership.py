@@ -27,12 +27,12 @@ from typing import Any, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from disttrain.comm.layout import NODE_MODES, Inner, Layout
+from disttrain.comm.layout import Inner, Layout
 from disttrain.comm.waiting import abort_waits_when, wait_work
 from disttrain.elastic.agent import Agent
 from disttrain.elastic.curve import resolve_coordinator_key
 from disttrain.elastic.membership import ElasticConfig, ElasticMembership
-from disttrain.elastic.node import NodeIdentity
+from disttrain.elastic.node import NodeIdentity, node_identity
 from disttrain.elastic.protocol import load_secret
 from disttrain.elastic.transfer import synchronise
 from disttrain.exchange.base import Exchange
@@ -284,5 +284,6 @@ def membership_for(
     if group is not None:
         raise ValueError("a Session under a coordinator trains in the generations it forms: give no group")
     public = resolve_coordinator_key(coordinator_key)
-    node = NodeIdentity.from_torchrun() if inner in NODE_MODES else NodeIdentity()
-    return ElasticGroup.connect(address, job, load_secret(secret_file), fingerprint, coordinator_key=public, node=node)
+    return ElasticGroup.connect(
+        address, job, load_secret(secret_file), fingerprint, coordinator_key=public, node=node_identity(inner)
+    )
